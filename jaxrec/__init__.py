@@ -1,0 +1,43 @@
+"""jaxrec: TorchRec's embedding collections and FBGEMM's table-batched embeddings for JAX.
+
+>>> import jaxrec
+>>> sorted(n for n in jaxrec.__all__ if n.startswith("Embedding"))
+['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection', 'EmbeddingConfig']
+"""
+
+from jaxrec import optim
+from jaxrec.configs import (
+    BaseEmbeddingConfig,
+    DataType,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    PoolingType,
+)
+from jaxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+from jaxrec.ops import BoundsCheckMode
+from jaxrec.sparse import (
+    JaggedTensor,
+    KeyedJaggedTensor,
+    KeyedTensor,
+    capacity_bucket,
+    pad_to_capacity,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseEmbeddingConfig",
+    "BoundsCheckMode",
+    "DataType",
+    "EmbeddingBagCollection",
+    "EmbeddingBagConfig",
+    "EmbeddingCollection",
+    "EmbeddingConfig",
+    "JaggedTensor",
+    "KeyedJaggedTensor",
+    "KeyedTensor",
+    "PoolingType",
+    "capacity_bucket",
+    "optim",
+    "pad_to_capacity",
+]

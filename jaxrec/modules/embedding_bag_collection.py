@@ -1,0 +1,127 @@
+"""EmbeddingBagCollection: pooled lookups of several tables, as TorchRec's.
+
+Input: a :class:`~jaxrec.sparse.KeyedJaggedTensor` with one key per feature
+(any order). Output: a :class:`~jaxrec.sparse.KeyedTensor` of
+[B, sum of feature dims], keys in the collection's feature order (tables in
+order, each table's ``feature_names`` in order). Bag b of feature f pools
+the rows of its ids: SUM, or MEAN (divided by the bag length); an empty bag
+gives zeros; per-sample weights (``is_weighted=True``) multiply the rows.
+
+TorchRec's example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    >>> ebc = EmbeddingBagCollection(tables=[
+    ...     EmbeddingBagConfig(name="t1", embedding_dim=3, num_embeddings=10, feature_names=["f1"]),
+    ...     EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10, feature_names=["f2"])])
+    >>> features = KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([0, 1, 2, 3, 4, 5, 6, 7]),
+    ...                              offsets=jnp.array([0, 2, 2, 3, 4, 5, 8]))
+    >>> variables = ebc.init(jax.random.key(0), features)
+    >>> kt = ebc.apply(variables, features)
+    >>> kt.values().shape, kt.keys(), kt.offset_per_key()
+    ((3, 7), ['f1', 'f2'], [0, 3, 7])
+    >>> bool((kt.values()[1, :3] == 0).all())    # f1's second bag is empty
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+
+from jaxrec.configs import EmbeddingBagConfig
+from jaxrec.modules.callable_flag import CallableFlag
+from jaxrec.modules.input_checks import check_features, report_invalid_ids
+from jaxrec.modules.stacked_tables import init_groups
+from jaxrec.modules.table_state import TableStateMixin
+from jaxrec.ops.backend import BoundsCheckMode, as_bounds_check_mode, resolve_backend
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.sparse import KeyedJaggedTensor, KeyedTensor
+
+
+class EmbeddingBagCollection(TableStateMixin, nn.Module):
+    """Pooled embedding lookups over several tables (TorchRec's EBC).
+
+    Attributes:
+      tables: the :class:`~jaxrec.EmbeddingBagConfig` of each table.
+      is_weighted: whether inputs carry per-sample weights. As in TorchRec,
+        ``ebc.is_weighted()`` reads it back.
+      optimizer: a fused sparse optimizer (``jaxrec.optim.exact_rowwise_adagrad(...)``
+        etc.). When set, tables and their optimizer state are stored as
+        :class:`~jaxrec.optim.FusedTableParams` and the backward pass updates
+        the touched rows in place; train with ``jaxrec.optim.fused``.
+      backend: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"pallas"`` or ``"xla"``.
+      bounds_check_mode: what an id outside its table does inside ``jit``
+        (:class:`~jaxrec.ops.BoundsCheckMode`); outside ``jit`` it always raises.
+      output_dtype: dtype of the pooled output; default: the tables' dtype.
+    """
+
+    PARAMS_NAME: ClassVar[str] = "embedding_bags"
+
+    tables: Sequence[EmbeddingBagConfig]
+    is_weighted: bool = False
+    optimizer: Any = None
+    backend: str = "auto"
+    bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
+    output_dtype: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tables", tuple(self.tables))
+        if not isinstance(self.is_weighted, CallableFlag):
+            object.__setattr__(self, "is_weighted", CallableFlag(self.is_weighted, "is_weighted"))
+        for table in self.tables:
+            if not isinstance(table, EmbeddingBagConfig):
+                raise ValueError(
+                    f"EmbeddingBagCollection takes EmbeddingBagConfigs, got {type(table).__name__}"
+                )
+        build_plan(self.tables)  # raises on an invalid table set, at construction
+        resolve_backend(self.backend)
+        as_bounds_check_mode(self.bounds_check_mode)
+        super().__post_init__()
+
+    # TorchRec's accessors -------------------------------------------------
+    @property
+    def plan(self) -> LookupPlan:
+        """The static group layout of the tables."""
+        return build_plan(self.tables)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self.tables)
+
+    def embedding_names_by_table(self) -> list[list[str]]:
+        return [list(t.feature_names) for t in self.tables]
+
+    # Lookup ---------------------------------------------------------------
+    @nn.compact
+    def __call__(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        plan = self.plan
+        check_features(plan, features, weighted=bool(self.is_weighted))
+        groups = self.param(
+            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, self.optimizer, key)
+        )
+        mode = as_bounds_check_mode(self.bounds_check_mode)
+        spec = LookupSpec.create(
+            plan,
+            tuple(features.keys()),
+            batch_size=features.stride(),
+            bounds_check=mode,
+            backend=self.backend,
+            out_dtype=self.output_dtype,
+            optimizer=self.optimizer,
+        )
+        out, bad = lookup(
+            spec,
+            tuple(groups[g.name] for g in plan.groups),
+            features.values(),
+            features.offsets(),
+            features.weights_or_none(),
+        )
+        report_invalid_ids(self, mode, bad)
+        return KeyedTensor(
+            keys=list(plan.feature_names),
+            length_per_key=[f.dim for f in plan.features],
+            values=out,
+        )

@@ -1,0 +1,154 @@
+"""EmbeddingCollection: one embedding row per id (no pooling), as TorchRec's.
+
+Input: a :class:`~jaxrec.sparse.KeyedJaggedTensor`. Output:
+``dict[feature, JaggedTensor]`` whose values are the [rows, dim] embeddings
+of that feature's ids, with the feature's lengths (and, with
+``need_indices=True``, the ids in the JaggedTensor's ``weights``, as TorchRec
+does). Eagerly each feature's values have exactly its number of ids; inside
+``jit`` they have the KJT's static capacity, real rows first, zeros after.
+
+TorchRec's example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+    >>> ec = EmbeddingCollection(tables=[
+    ...     EmbeddingConfig(name="t1", embedding_dim=3, num_embeddings=10, feature_names=["f1"]),
+    ...     EmbeddingConfig(name="t2", embedding_dim=3, num_embeddings=10, feature_names=["f2"])])
+    >>> features = KeyedJaggedTensor.from_offsets_sync(
+    ...     keys=["f1", "f2"], values=jnp.array([0, 1, 2, 3, 4, 5, 6, 7]),
+    ...     offsets=jnp.array([0, 2, 2, 3, 4, 5, 8]))
+    >>> variables = ec.init(jax.random.key(0), features)
+    >>> out = ec.apply(variables, features)
+    >>> out["f2"].values().shape, out["f2"].lengths().tolist()
+    ((5, 3), [1, 1, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrec.configs import EmbeddingConfig
+from jaxrec.modules.callable_flag import CallableFlag
+from jaxrec.modules.input_checks import check_features, is_concrete, report_invalid_ids
+from jaxrec.modules.stacked_tables import init_groups
+from jaxrec.modules.table_state import TableStateMixin
+from jaxrec.ops.backend import BoundsCheckMode, as_bounds_check_mode, resolve_backend
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.sparse import JaggedTensor, KeyedJaggedTensor
+
+
+def _feature_rows(rows: jax.Array, start, end, capacity: int, concrete: bool) -> jax.Array:
+    """Rows [start, end) of a group's per-position output: exact eagerly, capacity-long in jit."""
+    if concrete:
+        return rows[int(start) : int(end)]
+    position = jnp.arange(capacity, dtype=jnp.int32)
+    valid = position < (end - start)
+    picked = jnp.take(rows, jnp.where(valid, start + position, 0), axis=0)
+    return jnp.where(valid[:, None], picked, jnp.zeros((), rows.dtype))
+
+
+class EmbeddingCollection(TableStateMixin, nn.Module):
+    """Unpooled embedding lookups over several tables (TorchRec's EC).
+
+    Attributes:
+      tables: the :class:`~jaxrec.EmbeddingConfig` of each table.
+      need_indices: also return each feature's ids (in the JaggedTensor's
+        weights, as TorchRec). ``ec.need_indices()`` reads it back.
+      optimizer, backend, bounds_check_mode, output_dtype: as for
+        :class:`~jaxrec.EmbeddingBagCollection`.
+    """
+
+    PARAMS_NAME: ClassVar[str] = "embeddings"
+
+    tables: Sequence[EmbeddingConfig]
+    need_indices: bool = False
+    optimizer: Any = None
+    backend: str = "auto"
+    bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
+    output_dtype: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tables", tuple(self.tables))
+        if not isinstance(self.need_indices, CallableFlag):
+            object.__setattr__(
+                self, "need_indices", CallableFlag(self.need_indices, "need_indices")
+            )
+        for table in self.tables:
+            if not isinstance(table, EmbeddingConfig):
+                raise ValueError(
+                    f"EmbeddingCollection takes EmbeddingConfigs, got {type(table).__name__}"
+                )
+        build_plan(self.tables)
+        resolve_backend(self.backend)
+        as_bounds_check_mode(self.bounds_check_mode)
+        super().__post_init__()
+
+    @property
+    def plan(self) -> LookupPlan:
+        return build_plan(self.tables)
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        return list(self.tables)
+
+    def embedding_dim(self) -> int:
+        """The common row width of the tables (TorchRec's EC requires one)."""
+        dims = sorted({t.embedding_dim for t in self.tables})
+        if len(dims) != 1:
+            raise ValueError(f"the tables of this collection have several dims: {dims}")
+        return dims[0]
+
+    def embedding_names_by_table(self) -> list[list[str]]:
+        return [list(t.feature_names) for t in self.tables]
+
+    @nn.compact
+    def __call__(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        plan = self.plan
+        check_features(plan, features, weighted=False)
+        groups = self.param(
+            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, self.optimizer, key)
+        )
+        mode = as_bounds_check_mode(self.bounds_check_mode)
+        keys = tuple(features.keys())
+        spec = LookupSpec.create(
+            plan,
+            keys,
+            batch_size=features.stride(),
+            bounds_check=mode,
+            backend=self.backend,
+            out_dtype=self.output_dtype,
+            optimizer=self.optimizer,
+        )
+        group_rows, bad = lookup(
+            spec,
+            tuple(groups[g.name] for g in plan.groups),
+            features.values(),
+            features.offsets(),
+            None,
+        )
+        report_invalid_ids(self, mode, bad)
+
+        concrete = is_concrete(features.values(), features.lengths())
+        bounds = features.offset_per_key() if concrete else features.offset_per_key_array()
+        capacity = features.capacity()
+        batch = features.stride()
+        lengths = features.lengths()
+        out: dict[str, JaggedTensor] = {}
+        for feature in plan.features:
+            k = keys.index(feature.name)
+            start, end = bounds[k], bounds[k + 1]
+            rows = _feature_rows(group_rows[feature.group], start, end, capacity, concrete)
+            ids = None
+            if self.need_indices:
+                ids = _feature_rows(features.values()[:, None], start, end, capacity, concrete)[
+                    :, 0
+                ]
+            out[feature.name] = JaggedTensor(
+                values=rows, lengths=lengths[k * batch : (k + 1) * batch], weights=ids
+            )
+        return out

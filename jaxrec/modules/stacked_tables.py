@@ -1,0 +1,122 @@
+"""Stacked group buffers and their TorchRec-named per-table views.
+
+A collection stores one buffer per group (see :mod:`jaxrec.ops.plan`). These
+functions create the buffers, and map between them and TorchRec's state-dict
+names (``embedding_bags.<table>.weight`` for bags, ``embeddings.<table>.weight``
+for sequences). The per-table arrays are views made on demand, never kept.
+
+>>> import jax
+>>> from jaxrec.configs import EmbeddingBagConfig
+>>> from jaxrec.ops.plan import build_plan
+>>> tables = [EmbeddingBagConfig(name="t1", embedding_dim=2, num_embeddings=3, feature_names=["f1"]),
+...           EmbeddingBagConfig(name="t2", embedding_dim=2, num_embeddings=4, feature_names=["f2"])]
+>>> plan = build_plan(tables)
+>>> groups = init_groups(plan, tables, None, jax.random.key(0))
+>>> {name: g.shape for name, g in groups.items()}
+{'sum_float32_d2': (7, 2)}
+>>> {k: v.shape for k, v in table_views(plan, "embedding_bags", groups).items()}
+{'embedding_bags.t1.weight': (3, 2), 'embedding_bags.t2.weight': (4, 2)}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec.configs import BaseEmbeddingConfig
+from jaxrec.ops.plan import LookupPlan
+from jaxrec.optim.fused import FusedTableParams, init_fused_table
+
+
+def init_groups(
+    plan: LookupPlan,
+    tables: Sequence[BaseEmbeddingConfig],
+    optimizer: Any,
+    key: jax.Array,
+) -> dict[str, jax.Array | FusedTableParams]:
+    """Initialise every group buffer; each table from its own config's initialiser."""
+    by_name = {t.name: t for t in tables}
+    index = {t.name: i for i, t in enumerate(tables)}
+    groups: dict[str, jax.Array | FusedTableParams] = {}
+    for group in plan.groups:
+        parts = [
+            by_name[name].initialize(jax.random.fold_in(key, index[name])) for name in group.tables
+        ]
+        weight = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        groups[group.name] = weight if optimizer is None else init_fused_table(weight, optimizer)
+    return groups
+
+
+def group_weight(entry: Any) -> jax.Array:
+    """The stacked table of a group entry (a plain array or a FusedTableParams)."""
+    return entry.weight if isinstance(entry, FusedTableParams) else entry
+
+
+def table_views(plan: LookupPlan, prefix: str, groups: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """``{"<prefix>.<table>.weight": rows of that table}`` for any group-shaped pytree."""
+    out: dict[str, jax.Array] = {}
+    for table in plan.tables:
+        weight = group_weight(groups[plan.groups[table.group].name])
+        out[f"{prefix}.{table.name}.weight"] = weight[
+            table.row_offset : table.row_offset + table.num_rows
+        ]
+    return out
+
+
+def optimizer_state_views(
+    plan: LookupPlan, prefix: str, groups: Mapping[str, Any]
+) -> dict[str, dict[str, jax.Array]]:
+    """Per-table optimizer state: ``{"<prefix>.<table>.weight": {"momentum1": rows, "step": t}}``."""
+    out: dict[str, dict[str, jax.Array]] = {}
+    for table in plan.tables:
+        entry = groups[plan.groups[table.group].name]
+        if not isinstance(entry, FusedTableParams):
+            raise ValueError(
+                f"table {table.name!r} has no fused optimizer, so it has no optimizer state"
+            )
+        rows = slice(table.row_offset, table.row_offset + table.num_rows)
+        state = {name: value[rows] for name, value in entry.state.items()}
+        state["step"] = entry.step
+        out[f"{prefix}.{table.name}.weight"] = state
+    return out
+
+
+def load_table_views(
+    plan: LookupPlan, prefix: str, groups: Mapping[str, Any], state_dict: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Groups with every table replaced by ``state_dict``'s array of the same name.
+
+    The names and shapes must match exactly; the arrays are cast to each
+    group's dtype. Optimizer state is kept as it was.
+    """
+    expected = {f"{prefix}.{t.name}.weight": t for t in plan.tables}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match the collection: missing keys {missing}, "
+            f"unexpected keys {unexpected}"
+        )
+    new_groups = dict(groups)
+    for g, group in enumerate(plan.groups):
+        parts = []
+        for table in (t for t in plan.tables if t.group == g):
+            name = f"{prefix}.{table.name}.weight"
+            array = jnp.asarray(state_dict[name])
+            if array.shape != (table.num_rows, table.dim):
+                raise ValueError(
+                    f"{name}: expected shape {(table.num_rows, table.dim)}, got {array.shape}"
+                )
+            parts.append(array.astype(group.dtype))
+        weight = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        entry = groups[group.name]
+        if isinstance(entry, FusedTableParams):
+            new_groups[group.name] = FusedTableParams(
+                weight=weight, state=entry.state, step=entry.step, uses=entry.uses
+            )
+        else:
+            new_groups[group.name] = weight
+    return new_groups

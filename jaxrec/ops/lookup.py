@@ -1,0 +1,251 @@
+"""Functional table-batched lookups with a custom VJP.
+
+One call looks up every group of a collection: one kernel launch per group
+(never per feature or table). The backward either
+
+- applies the group's fused sparse optimizer to the touched rows only and
+  hands the updated table and optimizer state out as the cotangent of the
+  group's :class:`~jaxrec.optim.FusedTableParams` (no dense gradient of a
+  table is ever built), or
+- for a plain array table, returns its true gradient (the sparse row
+  gradients scattered into a table-shaped array, as ``jax.grad`` expects).
+
+Example (the XLA backend, two tables of dim 2 stacked in one group):
+
+>>> import jax.numpy as jnp
+>>> from jaxrec.configs import EmbeddingBagConfig
+>>> from jaxrec.ops.plan import build_plan
+>>> plan = build_plan([
+...     EmbeddingBagConfig(name="a", embedding_dim=2, num_embeddings=3, feature_names=["fa"]),
+...     EmbeddingBagConfig(name="b", embedding_dim=2, num_embeddings=2, feature_names=["fb"]),
+... ])
+>>> table = jnp.arange(10.0).reshape(5, 2)   # rows 0..2: table a, rows 3..4: table b
+>>> spec = LookupSpec.create(plan, ("fa", "fb"), batch_size=2, backend="xla")
+>>> ids = jnp.array([0, 2, 1, 1], jnp.int32)  # fa: [0, 2], []; fb: [1], [1]
+>>> offsets = jnp.array([0, 2, 2, 3, 4], jnp.int32)
+>>> out, bad = lookup(spec, (table,), ids, offsets, None)
+>>> out
+Array([[ 4.,  6.,  8.,  9.],
+       [ 0.,  0.,  8.,  9.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+from jaxrec_kernels import pooled_lookup as pooled_kernels
+from jaxrec_kernels import sequence_lookup as sequence_kernels
+from jaxrec_kernels import sparse_update as update_kernels
+
+from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
+from jaxrec.ops.plan import LookupPlan
+from jaxrec.optim.fused import FusedTableParams
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What the kernels of one group need, all static."""
+
+    features: tuple[tuple[int, int, int, int], ...]
+    dim: int
+    num_rows: int
+    pooling: str  # "sum" | "mean" | "none"
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    """Static description of one collection lookup (hashable: a custom VJP argument)."""
+
+    groups: tuple[GroupSpec, ...]
+    batch_size: int
+    num_columns: int
+    pooled: bool
+    bounds_check: str
+    backend: str
+    interpret: bool
+    out_dtype: str | None
+    optimizer: Any = None  # a jaxrec.optim.SparseOptimizer for fused groups
+
+    @classmethod
+    def create(
+        cls,
+        plan: LookupPlan,
+        kjt_keys: tuple[str, ...],
+        *,
+        batch_size: int,
+        bounds_check: BoundsCheckMode | str = BoundsCheckMode.WARNING,
+        backend: str = "auto",
+        out_dtype: Any = None,
+        optimizer: Any = None,
+    ) -> LookupSpec:
+        chosen = resolve_backend(backend)
+        mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
+        groups = tuple(
+            GroupSpec(
+                plan.kernel_features(g, tuple(kjt_keys)), group.dim, group.num_rows, group.pooling
+            )
+            for g, group in enumerate(plan.groups)
+        )
+        return cls(
+            groups=groups,
+            batch_size=batch_size,
+            num_columns=plan.num_columns,
+            pooled=plan.pooled,
+            bounds_check=mode.value,
+            backend=chosen.name,
+            interpret=chosen.interpret,
+            out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
+            optimizer=optimizer,
+        )
+
+
+def _weight(param: jax.Array | FusedTableParams) -> jax.Array:
+    return param.weight if isinstance(param, FusedTableParams) else param
+
+
+def _kernel_options(spec: LookupSpec) -> dict[str, Any]:
+    return {"interpret": spec.interpret} if spec.backend == "pallas" else {}
+
+
+def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
+    """Run every group's forward kernel; returns (outputs, bad id count)."""
+    bad = jnp.zeros((), jnp.int32)
+    options = _kernel_options(spec)
+    if spec.pooled:
+        fn = (
+            pooled_kernels.pooled_lookup
+            if spec.backend == "pallas"
+            else (pooled_kernels.pooled_lookup_reference)
+        )
+        out_dtype = spec.out_dtype or jnp.result_type(*(_weight(p).dtype for p in params)).name
+        out = None
+        for group, param in zip(spec.groups, params, strict=True):
+            out, count = fn(
+                _weight(param),
+                ids,
+                offsets,
+                weights,
+                group.features,
+                batch_size=spec.batch_size,
+                num_columns=spec.num_columns,
+                pooling=group.pooling,
+                bounds_check=spec.bounds_check,
+                out=out,
+                out_dtype=out_dtype,
+                **options,
+            )
+            bad = bad + count
+        return out, bad
+    fn = (
+        sequence_kernels.sequence_lookup
+        if spec.backend == "pallas"
+        else (sequence_kernels.sequence_lookup_reference)
+    )
+    outs = []
+    for group, param in zip(spec.groups, params, strict=True):
+        rows, count = fn(
+            _weight(param),
+            ids,
+            offsets,
+            group.features,
+            batch_size=spec.batch_size,
+            bounds_check=spec.bounds_check,
+            out_dtype=spec.out_dtype,
+            **options,
+        )
+        outs.append(rows)
+        bad = bad + count
+    return tuple(outs), bad
+
+
+def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, offsets, weights):
+    """The cotangent of one group's parameter given the output cotangent."""
+    common = dict(batch_size=spec.batch_size, dim=group.dim, pooling=group.pooling)
+    if isinstance(param, FusedTableParams):
+        if spec.optimizer is None:
+            raise ValueError("a FusedTableParams group needs the lookup's optimizer")
+        step = param.step + 1
+        if spec.backend == "pallas":
+            fn = functools.partial(update_kernels.fused_sparse_update, interpret=spec.interpret)
+        else:
+            fn = update_kernels.fused_sparse_update_reference
+        new_weight, new_state = fn(
+            param.weight,
+            param.state,
+            step,
+            grad_out,
+            ids,
+            offsets,
+            weights,
+            group.features,
+            optimizer=spec.optimizer,
+            **common,
+        )
+        return FusedTableParams(
+            weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
+        )
+    rows, row_grads = update_kernels.sparse_row_gradients(
+        grad_out, ids, offsets, weights, group.features, num_rows=group.num_rows, **common
+    )
+    dense = jnp.zeros(param.shape, jnp.float32).at[rows].add(row_grads, mode="drop")
+    return dense.astype(param.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lookup(spec: LookupSpec, params: tuple, ids, offsets, weights):
+    return _forward(spec, params, ids, offsets, weights)
+
+
+def _lookup_fwd(spec: LookupSpec, params: tuple, ids, offsets, weights):
+    return _forward(spec, params, ids, offsets, weights), (params, ids, offsets, weights)
+
+
+def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
+    params, ids, offsets, weights = residuals
+    grad_out, _ = cotangents
+    grads = []
+    for g, (group, param) in enumerate(zip(spec.groups, params, strict=True)):
+        group_grad_out = grad_out if spec.pooled else grad_out[g]
+        grads.append(_group_cotangent(spec, group, param, group_grad_out, ids, offsets, weights))
+    weights_grad = None if weights is None else jnp.zeros_like(weights)
+    return tuple(grads), None, None, weights_grad
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def lookup(
+    spec: LookupSpec,
+    params: tuple,
+    ids: jax.Array,
+    offsets: jax.Array,
+    weights: jax.Array | None,
+):
+    """Look up every group of a collection.
+
+    Args:
+      spec: the static layout (``LookupSpec.create``).
+      params: one entry per group: its stacked table [rows, dim], or a
+        :class:`~jaxrec.optim.FusedTableParams` when its optimizer is fused.
+      ids: KJT values [capacity] (only the first ``offsets[-1]`` are read).
+      offsets: KJT offsets [F * B + 1].
+      weights: per-sample weights [capacity] or None. They scale the rows;
+        they are not differentiated (their cotangent is zero).
+
+    Returns:
+      ``(out, bad_id_count)``: pooled: out [B, sum of dims] in the
+      collection's feature order; sequence: a tuple with one [capacity, dim]
+      array per group (row i is the embedding of position i). Under FATAL
+      bounds checking a bad id raises (a checkify error inside ``jit``).
+    """
+    out, bad = _lookup(spec, tuple(params), ids, offsets, weights)
+    if spec.bounds_check == BoundsCheckMode.FATAL.value:
+        checkify.check(
+            bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
+        )
+    return out, bad

@@ -1,0 +1,187 @@
+"""Static layout of a collection: which tables stack into which group buffer.
+
+Tables that share (dim, dtype, pooling) are stored stacked by rows in one 2-D
+buffer per group, as FBGEMM keeps them; a feature maps to (group, row offset)
+and, for pooled lookups, to its columns of the [B, sum of dims] output. The
+plan is a frozen, hashable dataclass computed once from the configs; arrays
+never enter it.
+
+>>> from jaxrec.configs import EmbeddingBagConfig
+>>> plan = build_plan([
+...     EmbeddingBagConfig(name="t1", embedding_dim=3, num_embeddings=10, feature_names=["f1"]),
+...     EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10, feature_names=["f2"]),
+...     EmbeddingBagConfig(name="t3", embedding_dim=3, num_embeddings=5, feature_names=["f3"]),
+... ])
+>>> [(g.name, g.tables, g.num_rows) for g in plan.groups]
+[('sum_float32_d3', ('t1', 't3'), 15), ('sum_float32_d4', ('t2',), 10)]
+>>> [(f.name, f.group, f.row_offset, f.col_offset) for f in plan.features]
+[('f1', 0, 0, 0), ('f2', 1, 0, 3), ('f3', 0, 10, 7)]
+>>> plan.kernel_features(0, ("f3", "f2", "f1"))
+((2, 0, 10, 0), (0, 10, 5, 7))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from jaxrec.configs import (
+    BaseEmbeddingConfig,
+    EmbeddingBagConfig,
+    PoolingType,
+    validate_table_set,
+)
+
+
+@dataclass(frozen=True)
+class TablePlacement:
+    """Where one table lives: rows [row_offset, row_offset + num_rows) of group `group`."""
+
+    name: str
+    group: int
+    row_offset: int
+    num_rows: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class FeaturePlacement:
+    """One feature (KJT key): its table's placement and, when pooled, its output columns."""
+
+    name: str
+    table: str
+    group: int
+    row_offset: int
+    num_rows: int
+    dim: int
+    col_offset: int
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """One stacked buffer [num_rows, dim] of `dtype`, looked up with one launch."""
+
+    name: str
+    dim: int
+    dtype: str
+    pooling: str
+    tables: tuple[str, ...]
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class LookupPlan:
+    """The static layout of a collection, in the collection's feature order."""
+
+    tables: tuple[TablePlacement, ...]
+    features: tuple[FeaturePlacement, ...]
+    groups: tuple[GroupLayout, ...]
+    pooled: bool
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    @property
+    def num_columns(self) -> int:
+        """Width of the pooled output: the sum of the features' dims."""
+        return sum(f.dim for f in self.features)
+
+    def table(self, name: str) -> TablePlacement:
+        return self._tables_by_name[name]
+
+    @functools.cached_property
+    def _tables_by_name(self) -> dict[str, TablePlacement]:
+        return {t.name: t for t in self.tables}
+
+    def kernel_features(
+        self, group: int, kjt_keys: tuple[str, ...]
+    ) -> tuple[tuple[int, int, int, int], ...]:
+        """The kernels' per-feature metadata of one group for a KJT with `kjt_keys`.
+
+        One ``(kjt_feature_index, row_offset, num_rows, col_offset)`` per feature
+        of the group, in the collection's feature order.
+        """
+        return _kernel_features(self, group, tuple(kjt_keys))
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_features(
+    plan: LookupPlan, group: int, kjt_keys: tuple[str, ...]
+) -> tuple[tuple[int, int, int, int], ...]:
+    index = {key: i for i, key in enumerate(kjt_keys)}
+    return tuple(
+        (index[f.name], f.row_offset, f.num_rows, f.col_offset)
+        for f in plan.features
+        if f.group == group
+    )
+
+
+def _pooling_name(table: BaseEmbeddingConfig) -> str:
+    if isinstance(table, EmbeddingBagConfig):
+        return "mean" if table.pooling is PoolingType.MEAN else "sum"
+    return "none"
+
+
+def build_plan(tables: Sequence[BaseEmbeddingConfig]) -> LookupPlan:
+    """Group `tables` by (pooling, dtype, dim) and place tables, features and columns.
+
+    Configs are hashable, so the plan of a table set is computed once.
+    """
+    return _build_plan(tuple(tables))
+
+
+@functools.lru_cache(maxsize=128)
+def _build_plan(tables: tuple[BaseEmbeddingConfig, ...]) -> LookupPlan:
+    validate_table_set(tables)
+    pooled = isinstance(tables[0], EmbeddingBagConfig)
+    if any(isinstance(t, EmbeddingBagConfig) != pooled for t in tables):
+        raise ValueError(
+            "a collection takes either EmbeddingBagConfigs or EmbeddingConfigs, not both"
+        )
+    group_keys: list[tuple[str, str, int]] = []
+    members: dict[tuple[str, str, int], list[BaseEmbeddingConfig]] = {}
+    for table in tables:
+        key = (_pooling_name(table), jnp.dtype(table.dtype).name, table.embedding_dim)
+        if key not in members:
+            group_keys.append(key)
+            members[key] = []
+        members[key].append(table)
+
+    groups: list[GroupLayout] = []
+    placements: dict[str, TablePlacement] = {}
+    for g, key in enumerate(group_keys):
+        pooling, dtype, dim = key
+        row = 0
+        for table in members[key]:
+            placements[table.name] = TablePlacement(table.name, g, row, table.num_embeddings, dim)
+            row += table.num_embeddings
+        groups.append(
+            GroupLayout(
+                name=f"{pooling}_{dtype}_d{dim}",
+                dim=dim,
+                dtype=dtype,
+                pooling=pooling,
+                tables=tuple(t.name for t in members[key]),
+                num_rows=row,
+            )
+        )
+
+    features: list[FeaturePlacement] = []
+    col = 0
+    for table in tables:
+        p = placements[table.name]
+        for name in table.feature_names:
+            features.append(
+                FeaturePlacement(name, table.name, p.group, p.row_offset, p.num_rows, p.dim, col)
+            )
+            col += p.dim if pooled else 0
+    return LookupPlan(
+        tables=tuple(placements[t.name] for t in tables),
+        features=tuple(features),
+        groups=tuple(groups),
+        pooled=pooled,
+    )

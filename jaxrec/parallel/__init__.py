@@ -1,0 +1,1 @@
+"""Sharding of embedding collections across devices (not implemented yet)."""

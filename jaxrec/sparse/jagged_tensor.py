@@ -1,0 +1,396 @@
+"""JaggedTensor: the bags of one feature as a flat value buffer plus per-bag lengths.
+
+Layout (TorchRec's): ``values`` holds the rows of bag 0, then bag 1, ... back to back;
+``lengths[b]`` is the number of rows of bag ``b`` and ``offsets()`` is
+``concat([0], cumsum(lengths))``, so bag ``b`` is ``values[offsets[b]:offsets[b + 1]]``.
+
+Shapes are static and content is dynamic: only the first ``sum(lengths)`` rows of
+``values`` are real; any rows after them are padding that no operation reads (a
+JaggedTensor produced under ``jax.jit`` keeps the static capacity of its source).
+``values`` may be 1-D (ids, stored as int32) or N-D (e.g. ``[rows, dim]`` embeddings).
+
+This module also holds the small array helpers shared by the other ``jaxrec.sparse`` types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import GetAttrKey
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _is_traced(*arrays: Any) -> bool:
+    """True when any of ``arrays`` is a tracer, i.e. its content is unknown until run time."""
+    return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _host_array(x: Any) -> Any:
+    """``x`` as an array with a dtype; plain Python sequences become NumPy (empty -> int32)."""
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return x
+    out = np.asarray(x)
+    return out.astype(np.int32) if out.size == 0 else out
+
+
+def _as_int32(x: Any, what: str) -> jax.Array:
+    """Integer array ``x`` as int32; eagerly, a value outside int32 is a ValueError naming it."""
+    x = _host_array(x)
+    dtype = np.dtype(x.dtype)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{what} must hold integers, got dtype {dtype}")
+    if np.can_cast(dtype, np.int32):
+        return jnp.asarray(x, dtype=jnp.int32)
+    if _is_traced(x):
+        return x.astype(jnp.int32)
+    host = np.asarray(x)
+    bad = np.flatnonzero((host < _INT32.min) | (host > _INT32.max))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{what}[{i}] = {host.reshape(-1)[i]} does not fit int32 "
+            f"(range [{_INT32.min}, {_INT32.max}]); ids and lengths are stored as int32"
+        )
+    return jnp.asarray(host.astype(np.int32))
+
+
+def _as_weights(weights: Any, num_rows: int, *, floating: bool = True) -> jax.Array:
+    """Per-row weights of shape ``[num_rows]``; floating point unless ``floating=False``."""
+    weights = _host_array(weights)
+    dtype = np.dtype(weights.dtype)
+    if floating and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"weights must be floating point, got dtype {dtype}")
+    weights = jnp.asarray(weights)
+    if weights.shape != (num_rows,):
+        raise ValueError(
+            f"weights has shape {weights.shape} but values has {num_rows} rows; "
+            "weights need one entry per value"
+        )
+    return weights
+
+
+def _check_offsets(offsets: jax.Array) -> None:
+    """Eager check that offsets start at 0 and never decrease."""
+    host = np.asarray(offsets)
+    if host[0] != 0:
+        raise ValueError(f"offsets must start at 0, got offsets[0] = {host[0]}")
+    drops = np.flatnonzero(np.diff(host) < 0)
+    if drops.size:
+        i = int(drops[0])
+        raise ValueError(
+            f"offsets must be non-decreasing: offsets[{i + 1}] = {host[i + 1]} "
+            f"< offsets[{i}] = {host[i]}"
+        )
+
+
+def _lengths_from(lengths: Any, offsets: Any) -> jax.Array:
+    """int32 lengths from ``lengths`` or ``offsets`` (``diff(offsets)``); checks both agree."""
+    if lengths is None and offsets is None:
+        raise ValueError("either lengths or offsets must be given, got neither")
+    from_offsets = None
+    if offsets is not None:
+        offsets = _as_int32(offsets, "offsets")
+        if offsets.ndim != 1 or offsets.shape[0] < 1:
+            raise ValueError(
+                f"offsets must be 1-D with a leading 0, got shape {tuple(offsets.shape)}"
+            )
+        if not _is_traced(offsets):
+            _check_offsets(offsets)
+        from_offsets = jnp.diff(offsets)
+    if lengths is None:
+        return from_offsets
+    lengths = _as_int32(lengths, "lengths")
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {tuple(lengths.shape)}")
+    if from_offsets is not None:
+        if from_offsets.shape != lengths.shape:
+            raise ValueError(
+                f"offsets has {from_offsets.shape[0] + 1} entries but lengths has "
+                f"{lengths.shape[0]}; offsets need one more entry than lengths"
+            )
+        if not _is_traced(lengths, from_offsets) and not bool(jnp.all(from_offsets == lengths)):
+            raise ValueError("lengths and offsets were both given and disagree")
+    return lengths
+
+
+def _offsets_of(lengths: jax.Array) -> jax.Array:
+    """``concat([0], cumsum(lengths))`` as int32."""
+    zero = jnp.zeros((1,), jnp.int32)
+    return jnp.concatenate([zero, jnp.cumsum(lengths, dtype=jnp.int32)])
+
+
+def _gather_segments(
+    data: jax.Array, starts: jax.Array, sizes: jax.Array, out_size: int, fill: Any = 0
+) -> jax.Array:
+    """Rows ``data[starts[s] : starts[s] + sizes[s]]`` for each segment ``s`` in order, then
+    ``fill`` up to ``out_size`` rows. Vectorised (one searchsorted + one gather); works under jit
+    with traced ``starts``/``sizes`` and a static ``out_size``. Rows past ``out_size`` are dropped.
+    """
+    shape = (out_size, *data.shape[1:])
+    num_segments = sizes.shape[0]
+    if out_size == 0 or num_segments == 0 or data.shape[0] == 0:
+        return jnp.full(shape, fill, data.dtype)
+    ends = jnp.cumsum(sizes, dtype=jnp.int32)
+    pos = jnp.arange(out_size, dtype=jnp.int32)
+    seg = jnp.searchsorted(ends, pos, side="right")
+    real = seg < num_segments
+    seg = jnp.minimum(seg, num_segments - 1)
+    src = starts[seg] + pos - (ends[seg] - sizes[seg])
+    rows = jnp.take(data, src, axis=0, mode="clip")
+    mask = real.reshape((out_size,) + (1,) * (data.ndim - 1))
+    return jnp.where(mask, rows, jnp.asarray(fill, data.dtype))
+
+
+def _require_concrete(method: str, alternative: str, *arrays: Any) -> None:
+    """ValueError when ``method`` (which needs host values) is called under tracing."""
+    if _is_traced(*arrays):
+        raise ValueError(
+            f"{method}() reads lengths on the host and cannot run under jax.jit or other "
+            f"tracing; use {alternative} instead"
+        )
+
+
+def _as_values(values: Any) -> jax.Array:
+    """Values of a JaggedTensor: integer ids become int32 (checked), other dtypes pass through."""
+    values = _host_array(values)
+    if jnp.issubdtype(np.dtype(values.dtype), jnp.integer):
+        values = _as_int32(values, "values")
+    values = jnp.asarray(values)
+    if values.ndim < 1:
+        raise ValueError(f"values must have at least one dimension, got shape {values.shape}")
+    return values
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class JaggedTensor:
+    """One feature's bags: ``values`` (rows of all bags back to back), ``lengths`` [B], optional
+    per-row ``weights`` (any dtype: TorchRec's EmbeddingCollection returns the ids there).
+    Pytree leaves: values, lengths, weights (when present).
+
+    Eagerly the constructor checks lengths >= 0 and ``sum(lengths) <= len(values)``; rows past
+    ``sum(lengths)`` are padding (as in a JaggedTensor returned from a jitted function).
+
+    >>> import jax.numpy as jnp
+    >>> jt = JaggedTensor(values=jnp.array([1, 2, 3, 4]), lengths=jnp.array([2, 0, 2]))
+    >>> jt.offsets().tolist()
+    [0, 2, 2, 4]
+    >>> [bag.tolist() for bag in jt.to_dense()]
+    [[1, 2], [], [3, 4]]
+    >>> jt.to_padded_dense(desired_length=3, padding_value=-1).tolist()
+    [[1, 2, -1], [-1, -1, -1], [3, 4, -1]]
+    """
+
+    def __init__(
+        self,
+        values: Any,
+        lengths: Any = None,
+        offsets: Any = None,
+        weights: Any = None,
+    ) -> None:
+        values = _as_values(values)
+        lengths = _lengths_from(lengths, offsets)
+        if weights is not None:
+            weights = _as_weights(weights, values.shape[0], floating=False)
+        self._set(values, lengths, weights)
+        if not _is_traced(values, lengths):
+            self._check_lengths()
+
+    def _set(self, values: Any, lengths: Any, weights: Any) -> None:
+        self._values = values
+        self._lengths = lengths
+        self._weights = weights
+
+    @classmethod
+    def _make(cls, values: Any, lengths: Any, weights: Any = None) -> JaggedTensor:
+        """Build without conversion or checks (pytree unflatten and internal results)."""
+        jt = object.__new__(cls)
+        jt._set(values, lengths, weights)
+        return jt
+
+    def _check_lengths(self) -> None:
+        host = np.asarray(self._lengths)
+        negative = np.flatnonzero(host < 0)
+        if negative.size:
+            b = int(negative[0])
+            raise ValueError(f"lengths[{b}] = {host[b]} is negative (bag {b})")
+        total, rows = int(host.sum()), self._values.shape[0]
+        if total > rows:
+            raise ValueError(f"lengths sum to {total} but values has only {rows} rows")
+
+    # pytree -----------------------------------------------------------------------------
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], bool]:
+        children = [(GetAttrKey("values"), self._values), (GetAttrKey("lengths"), self._lengths)]
+        if self._weights is not None:
+            children.append((GetAttrKey("weights"), self._weights))
+        return children, self._weights is not None
+
+    def tree_flatten(self) -> tuple[list[Any], bool]:
+        children, weighted = self.tree_flatten_with_keys()
+        return [leaf for _, leaf in children], weighted
+
+    @classmethod
+    def tree_unflatten(cls, weighted: bool, children: Sequence[Any]) -> JaggedTensor:
+        return cls._make(children[0], children[1], children[2] if weighted else None)
+
+    # accessors --------------------------------------------------------------------------
+    def values(self) -> jax.Array:
+        """All rows (real first, then padding if any)."""
+        return self._values
+
+    def lengths(self) -> jax.Array:
+        """int32 [B]: rows per bag."""
+        return self._lengths
+
+    def offsets(self) -> jax.Array:
+        """int32 [B + 1]: ``concat([0], cumsum(lengths))``."""
+        return _offsets_of(self._lengths)
+
+    def weights(self) -> jax.Array:
+        """Per-row weights; ValueError when this JaggedTensor has none."""
+        if self._weights is None:
+            raise ValueError("this JaggedTensor has no weights; use weights_or_none()")
+        return self._weights
+
+    def weights_or_none(self) -> jax.Array | None:
+        """Per-row weights, or None."""
+        return self._weights
+
+    def num_values(self) -> jax.Array:
+        """int32 scalar ``sum(lengths)``: the number of real rows (a jnp scalar, also under jit)."""
+        return jnp.sum(self._lengths, dtype=jnp.int32)
+
+    # dense conversions ------------------------------------------------------------------
+    def _bags(self, data: jax.Array) -> list[jax.Array]:
+        _require_concrete("to_dense", "to_padded_dense(desired_length=...)", self._lengths)
+        offsets = np.asarray(self.offsets()).tolist()
+        return [data[offsets[b] : offsets[b + 1]] for b in range(len(offsets) - 1)]
+
+    def to_dense(self) -> list[jax.Array]:
+        """One array per bag (eager only: the bag sizes are data-dependent)."""
+        return self._bags(self._values)
+
+    def to_dense_weights(self) -> list[jax.Array] | None:
+        """One weight array per bag, or None when unweighted (eager only)."""
+        return None if self._weights is None else self._bags(self._weights)
+
+    def _padded(self, data: jax.Array, desired_length: int | None, padding_value: Any) -> jax.Array:
+        if desired_length is None:
+            _require_concrete(
+                "to_padded_dense without desired_length",
+                "to_padded_dense(desired_length=...)",
+                self._lengths,
+            )
+            desired_length = int(np.max(np.asarray(self._lengths), initial=0))
+        if desired_length < 0:
+            raise ValueError(f"desired_length must be >= 0, got {desired_length}")
+        num_bags = self._lengths.shape[0]
+        shape = (num_bags, desired_length, *data.shape[1:])
+        if data.shape[0] == 0 or num_bags == 0 or desired_length == 0:
+            return jnp.full(shape, padding_value, data.dtype)
+        col = jnp.arange(desired_length, dtype=jnp.int32)
+        src = self.offsets()[:-1, None] + col[None, :]
+        rows = jnp.take(data, src, axis=0, mode="clip")
+        mask = (col[None, :] < self._lengths[:, None]).reshape(shape[:2] + (1,) * (data.ndim - 1))
+        return jnp.where(mask, rows, jnp.asarray(padding_value, data.dtype))
+
+    def to_padded_dense(
+        self, desired_length: int | None = None, padding_value: float = 0.0
+    ) -> jax.Array:
+        """[B, N, ...] with bag ``b``'s rows first in row ``b`` and ``padding_value`` after.
+
+        ``N`` is ``desired_length`` (longer bags are truncated) or, eagerly, the longest bag.
+        Works under jit when ``desired_length`` is given.
+        """
+        return self._padded(self._values, desired_length, padding_value)
+
+    def to_padded_dense_weights(
+        self, desired_length: int | None = None, padding_value: float = 0.0
+    ) -> jax.Array | None:
+        """Weights laid out as :meth:`to_padded_dense`, or None when unweighted."""
+        if self._weights is None:
+            return None
+        return self._padded(self._weights, desired_length, padding_value)
+
+    @classmethod
+    def from_dense(
+        cls, values: Sequence[Any], weights: Sequence[Any] | None = None
+    ) -> JaggedTensor:
+        """JaggedTensor whose bag ``b`` is ``values[b]`` (lengths are the static bag sizes).
+
+        >>> import numpy as np
+        >>> jt = JaggedTensor.from_dense([np.array([1, 2]), np.array([], np.int64), np.array([3])])
+        >>> jt.lengths().tolist(), jt.values().tolist()
+        ([2, 0, 1], [1, 2, 3])
+        """
+        bags = [_host_array(v) for v in values]
+        lengths = np.asarray([b.shape[0] for b in bags], np.int32)
+        if not bags:
+            return cls(values=np.zeros((0,), np.float32), lengths=lengths)
+        concat = jnp.concatenate if any(isinstance(b, jax.Array) for b in bags) else np.concatenate
+        flat_weights = None
+        if weights is not None:
+            wbags = [_host_array(w) for w in weights]
+            if [w.shape[0] for w in wbags] != lengths.tolist():
+                raise ValueError(
+                    f"weights bag sizes {[w.shape[0] for w in wbags]} differ from values bag "
+                    f"sizes {lengths.tolist()}"
+                )
+            wconcat = jnp.concatenate if any(isinstance(w, jax.Array) for w in wbags) else concat
+            flat_weights = wconcat(wbags)
+        return cls(values=concat(bags), lengths=lengths, weights=flat_weights)
+
+    @classmethod
+    def from_dense_lengths(
+        cls, values: Any, lengths: Any, weights: Any | None = None
+    ) -> JaggedTensor:
+        """JaggedTensor from a padded ``values`` [B, N, ...]: bag ``b`` is
+        ``values[b, :lengths[b]]``. Eagerly the result is exact-size; under jit it has
+        ``B * N`` rows, real rows first.
+
+        >>> import numpy as np
+        >>> jt = JaggedTensor.from_dense_lengths(np.array([[1, 2, 0], [3, 4, 5]]), [1, 3])
+        >>> jt.values().tolist()
+        [1, 3, 4, 5]
+        """
+        values = _as_values(values)
+        lengths = _as_int32(lengths, "lengths")
+        if values.ndim < 2 or lengths.shape != values.shape[:1]:
+            raise ValueError(
+                f"values must be [B, N, ...] and lengths [B], got shapes {tuple(values.shape)} "
+                f"and {tuple(lengths.shape)}"
+            )
+        num_bags, width = values.shape[:2]
+        if weights is not None:
+            weights = _as_weights(
+                jnp.reshape(_host_array(weights), (-1,)), num_bags * width, floating=False
+            )
+        traced = _is_traced(values, lengths, weights)
+        if traced:
+            out_size = num_bags * width
+        else:
+            host = np.asarray(lengths)
+            bad = np.flatnonzero((host < 0) | (host > width))
+            if bad.size:
+                b = int(bad[0])
+                raise ValueError(f"lengths[{b}] = {host[b]} is outside [0, {width}] (bag {b})")
+            out_size = int(host.sum())
+        starts = jnp.arange(num_bags, dtype=jnp.int32) * width
+        flat = values.reshape((num_bags * width, *values.shape[2:]))
+        out_values = _gather_segments(flat, starts, lengths, out_size)
+        out_weights = (
+            None if weights is None else _gather_segments(weights, starts, lengths, out_size)
+        )
+        return cls._make(out_values, lengths, out_weights)
+
+    def __repr__(self) -> str:
+        weighted = self._weights is not None
+        return (
+            f"JaggedTensor(values={self._values!r}, lengths={self._lengths!r}"
+            + (f", weights={self._weights!r}" if weighted else "")
+            + ")"
+        )

@@ -1,0 +1,57 @@
+"""Small Pallas helpers shared by the lookup kernels.
+
+The Triton flavour of Pallas is spelled the same way on jax 0.10 and 0.11
+(``plgpu.load(ref.at[idx], mask=..., other=...)``, ``plgpu.CompilerParams``);
+this module keeps those spellings in one place, so a later API move is a
+one-file change, and holds the block-shape arithmetic the kernels share.
+
+>>> next_power_of_2(24), next_power_of_2(128), next_power_of_2(1)
+(32, 128, 1)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two that is at least ``n`` (Triton block sizes must be one)."""
+    if n < 1:
+        raise ValueError(f"next_power_of_2 needs n >= 1, got {n}")
+    return 1 << (n - 1).bit_length()
+
+
+def compiler_params(num_warps: int, num_stages: int) -> plgpu.CompilerParams:
+    """Triton compiler parameters for ``pallas_call(compiler_params=...)``."""
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def masked_load(ref_view, mask: jax.Array, other=0) -> jax.Array:
+    """Load ``ref_view`` (a ``ref.at[...]`` view, gathers allowed) where ``mask`` holds.
+
+    Lanes where ``mask`` is false read nothing and yield ``other``.
+    """
+    return plgpu.load(ref_view, mask=mask, other=other)
+
+
+def masked_store(ref_view, value: jax.Array, mask: jax.Array) -> None:
+    """Store ``value`` into ``ref_view`` (scatters allowed) where ``mask`` holds."""
+    plgpu.store(ref_view, value, mask=mask)
+
+
+def is_gpu_array(x: jax.Array) -> bool:
+    """Whether ``x`` (a concrete array) lives on a GPU; tracers count as not known (False)."""
+    try:
+        return all(d.platform == "gpu" for d in x.devices())
+    except Exception:  # tracers and abstract values have no devices
+        return False
+
+
+def float_dtype(dtype) -> jnp.dtype:
+    """``dtype`` as a numpy dtype, checked to be one of the table dtypes (fp32, fp16, bf16)."""
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dt}")
+    return dt

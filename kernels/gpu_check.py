@@ -1,0 +1,396 @@
+"""Check and time the forward lookup kernels on a GPU: ``python -m jaxrec_kernels.gpu_check``.
+
+1. ``correctness``: every case draws fresh random inputs (empty and long bags, repeated ids,
+   shared tables, odd dims, fp32/fp16/bf16, SUM/MEAN, per-sample weights, out-of-range real
+   ids under each bounds mode, padding filled with out-of-range ids) and compares the Pallas
+   kernel with the XLA reference by ``|out - ref| / |ref|``; outputs are poisoned with NaN
+   first (``out=`` prefilled, or a freed NaN buffer of the output's size for fresh outputs),
+   so a missed write shows. Every launch shape timed below is checked too.
+2. ``variants``: times launch shapes of both kernels on the bench shapes.
+3. ``bench``: :func:`jaxrec.bench.run_shape` with its peers, in the same run.
+
+Writes ``gpu_check.json`` (and the printed table) to ``--out`` (default ``$OUT`` or ``.``).
+Not collected by pytest (nothing here runs on a CPU-only machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec import bench
+
+from .pooled_lookup import PooledConfig, pooled_lookup, pooled_lookup_reference
+from .sequence_lookup import SequenceConfig, sequence_lookup, sequence_lookup_reference
+
+POOLED_VARIANTS = [
+    PooledConfig(1, 16, 4, 2),
+    PooledConfig(4, 4, 4, 2),
+    PooledConfig(8, 2, 4, 2),
+    PooledConfig(8, 4, 4, 2),
+    PooledConfig(16, 1, 4, 2),
+    PooledConfig(16, 2, 4, 2),
+    PooledConfig(16, 2, 8, 2),
+    PooledConfig(32, 1, 4, 2),
+    PooledConfig(32, 1, 8, 2),
+    PooledConfig(32, 2, 8, 2),
+    PooledConfig(64, 1, 8, 2),
+    PooledConfig(16, 2, 4, 1),
+    PooledConfig(16, 2, 4, 3),
+    PooledConfig(16, 2, 4, 4),
+    PooledConfig(8, 4, 4, 2, prefetch=True),
+    PooledConfig(16, 2, 4, 2, prefetch=True),
+    PooledConfig(32, 1, 8, 2, prefetch=True),
+    PooledConfig(16, 16, 4, 2, strategy="segmented"),
+    PooledConfig(16, 32, 4, 2, strategy="segmented"),
+    PooledConfig(32, 32, 8, 2, strategy="segmented"),
+    PooledConfig(16, 64, 8, 2, strategy="segmented"),
+]
+SEQUENCE_VARIANTS = [
+    SequenceConfig(16, 4),
+    SequenceConfig(32, 4),
+    SequenceConfig(64, 4),
+    SequenceConfig(64, 8),
+    SequenceConfig(128, 8),
+]
+
+
+def _cfg_name(cfg) -> str:
+    return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+
+
+def _poison_freed(shape, dtype) -> None:
+    """Fill, then free, a NaN buffer of ``shape``: a fresh output will likely reuse it."""
+    jnp.full(shape, jnp.nan, dtype).block_until_ready()
+
+
+def _rel(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    den = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (den if den else 1.0))
+
+
+def _random_kjt(rng, num_kjt, batch, max_len, table_rows, bad_frac, pad):
+    lengths = rng.integers(0, max_len + 1, num_kjt * batch)
+    lengths[rng.random(lengths.shape) < 0.2] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    n = int(offsets[-1])
+    highs = np.repeat(np.repeat(np.asarray(table_rows), batch), lengths)
+    ids = (rng.random(n) * highs).astype(np.int32)
+    bad = rng.random(n) < bad_frac
+    ids[bad] = np.where(rng.random(bad.sum()) < 0.5, -3, highs[bad] + 7)
+    ids = np.concatenate([ids, np.full(pad, 1 << 30, np.int32)])
+    ids[n::2] = -(1 << 30)
+    return jnp.asarray(ids), jnp.asarray(offsets)
+
+
+def _pooled_case(
+    rng, *, dims, dtype, pooling, weighted, bounds, config, max_len, rows, shared, interpret
+):
+    """Groups of one dim each, written into one NaN-poisoned output; returns (relerr, ok)."""
+    num_kjt, batch = 2 * len(dims), int(rng.integers(3, 70))
+    table_rows = [rows] * num_kjt
+    bad_frac = 0.0 if bounds == "none" else 0.05
+    ids, offsets = _random_kjt(rng, num_kjt, batch, max_len, table_rows, bad_frac, 37)
+    psw = jnp.asarray(rng.normal(size=ids.shape), jnp.float32) if weighted else None
+    cols = 2 * sum(dims) + 5
+    out = jnp.full((batch, cols), jnp.nan, dtype)
+    ref = out
+    col, worst, counts_ok = 0, 0.0, True
+    for k, d in enumerate(dims):
+        second_row = 0 if shared else rows
+        feats = ((2 * k, 0, rows, col), (2 * k + 1, second_row, rows, col + d))
+        w = jnp.asarray(rng.normal(size=(2 * rows, d)), dtype)
+        kw = dict(batch_size=batch, num_columns=cols, pooling=pooling, bounds_check=bounds)
+        out, c1 = pooled_lookup(
+            w, ids, offsets, psw, feats, out=out, config=config, interpret=interpret, **kw
+        )
+        ref, c2 = pooled_lookup_reference(
+            w.astype(jnp.float32), ids, offsets, psw, feats, out=ref.astype(jnp.float32), **kw
+        )
+        ref = ref.astype(dtype)
+        counts_ok &= int(c1) == int(c2)
+        col += 2 * d
+    written = np.isfinite(np.asarray(ref, np.float32))
+    untouched = np.isnan(np.asarray(out, np.float32)) == ~written
+    worst = _rel(jnp.where(written, out, 0), jnp.where(written, ref, 0))
+    return worst, bool(counts_ok and untouched.all())
+
+
+def _pooled_fresh_case(rng, *, dim, dtype, config, interpret):
+    """Fully covered output, no ``out=``: the fresh buffer reuses freed NaN memory."""
+    num_kjt, batch, rows = 3, 257, 50
+    ids, offsets = _random_kjt(rng, num_kjt, batch, 30, [rows] * num_kjt, 0.0, 5)
+    w = jnp.asarray(rng.normal(size=(num_kjt * rows, dim)), dtype)
+    feats = tuple((k, k * rows, rows, k * dim) for k in range(num_kjt))
+    kw = dict(batch_size=batch, num_columns=num_kjt * dim)
+    _poison_freed((batch, num_kjt * dim), dtype)
+    out, _ = pooled_lookup(w, ids, offsets, None, feats, config=config, interpret=interpret, **kw)
+    ref, _ = pooled_lookup_reference(w.astype(jnp.float32), ids, offsets, None, feats, **kw)
+    return _rel(out, ref), True
+
+
+def _sequence_case(rng, *, dim, dtype, bounds, config, interpret):
+    num_kjt, batch, rows = 4, int(rng.integers(3, 70)), 40
+    ids, offsets = _random_kjt(rng, num_kjt, batch, 25, [rows] * num_kjt, 0.05, 33)
+    w = jnp.asarray(rng.normal(size=(3 * rows, dim)), dtype)
+    feats = ((0, 0, rows, 0), (2, rows, rows, 0), (3, 2 * rows, rows, 0))
+    _poison_freed((ids.shape[0], dim), dtype)
+    out, c1 = sequence_lookup(
+        w,
+        ids,
+        offsets,
+        feats,
+        batch_size=batch,
+        bounds_check=bounds,
+        config=config,
+        interpret=interpret,
+    )
+    ref, c2 = sequence_lookup_reference(
+        w, ids, offsets, feats, batch_size=batch, bounds_check=bounds
+    )
+    exact = bool(jnp.all(out == ref))
+    return _rel(out, ref), exact and int(c1) == int(c2)
+
+
+def correctness(seed: int, interpret: bool = False, limit: int | None = None) -> list[dict]:
+    """Run every case; one record per case with its relative error and pass/fail."""
+    rng = np.random.default_rng(seed)
+    tol = {"fp32": 1e-6, "fp16": 1e-2, "bf16": 1e-2}
+    cases = []
+    for dims in ([3, 24, 48], [96, 160], [128, 256], [16, 32, 64]):
+        for dtype in ("fp32", "fp16", "bf16"):
+            for pooling, weighted, bounds in (
+                ("sum", False, "warning"),
+                ("mean", True, "fatal"),
+                ("sum", True, "ignore"),
+            ):
+                cases.append(
+                    (
+                        "pooled",
+                        dict(
+                            dims=dims,
+                            dtype=dtype,
+                            pooling=pooling,
+                            weighted=weighted,
+                            bounds=bounds,
+                            config=None,
+                            max_len=40,
+                            rows=30,
+                            shared=False,
+                        ),
+                    )
+                )
+    for cfg in POOLED_VARIANTS:
+        for dims in ([24, 128], [256]):
+            cases.append(
+                (
+                    "pooled",
+                    dict(
+                        dims=dims,
+                        dtype="fp32",
+                        pooling="mean",
+                        weighted=True,
+                        bounds="warning",
+                        config=cfg,
+                        max_len=70,
+                        rows=9,
+                        shared=True,
+                    ),
+                )
+            )
+    cases.append(
+        (
+            "pooled",
+            dict(
+                dims=[128],
+                dtype="fp32",
+                pooling="sum",
+                weighted=False,
+                bounds="none",
+                config=None,
+                max_len=400,
+                rows=1000,
+                shared=False,
+            ),
+        )
+    )
+    for dim in (3, 48, 128, 160):
+        cases.append(("fresh", dict(dim=dim, dtype="fp32", config=None)))
+    for cfg in [None, *SEQUENCE_VARIANTS]:
+        for dim, dtype in ((128, "fp32"), (24, "bf16"), (160, "fp16"), (3, "fp32")):
+            for bounds in ("warning", "ignore"):
+                cases.append(("sequence", dict(dim=dim, dtype=dtype, bounds=bounds, config=cfg)))
+    records = []
+    for kind, kw in cases[:limit]:
+        kw = dict(kw)
+        dtype = kw["dtype"]
+        kw["dtype"] = bench.DTYPES[dtype]
+        rec = {
+            "kind": kind,
+            **{
+                k: (_cfg_name(v) if k == "config" and v else v)
+                for k, v in kw.items()
+                if k != "dtype"
+            },
+            "dtype": dtype,
+        }
+        try:
+            fn = {"pooled": _pooled_case, "fresh": _pooled_fresh_case, "sequence": _sequence_case}[
+                kind
+            ]
+            err, ok = fn(rng, interpret=interpret, **kw)
+            rec.update(relerr=err, ok=bool(ok and err <= tol[dtype]))
+        except Exception as ex:
+            rec.update(
+                ok=False,
+                error=f"{type(ex).__name__}: {ex}"[:1500],
+                trace=traceback.format_exc()[-3000:],
+            )
+        records.append(rec)
+    return records
+
+
+def variants(shape_names, dtype: str, iters: int) -> list[dict]:
+    """Time every pooled and sequence launch shape on the named bench shapes."""
+    rows = []
+    for name in shape_names:
+        shape = bench.SHAPES[name]
+        inputs = bench.make_inputs(shape, dtype, weighted=False, rotations=2)
+        arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
+        nbytes = bench.pooled_bytes(inputs, dtype)
+        for cfg in POOLED_VARIANTS:
+            rows.append(_time_variant(inputs, "pooled", cfg, arg_sets, nbytes, iters))
+        if name == "large":
+            nbytes = bench.sequence_bytes(inputs, dtype)
+            for cfg in SEQUENCE_VARIANTS:
+                rows.append(_time_variant(inputs, "sequence", cfg, arg_sets, nbytes, iters))
+        for r in rows:
+            r.setdefault("shape", name)
+            r.setdefault("dtype", dtype)
+        del inputs
+    return rows
+
+
+def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters):
+    shape, cols = inputs.shape, inputs.num_columns
+    tables = [g.weights for g in inputs.groups]
+    groups = inputs.groups
+
+    @jax.jit
+    def pooled(tables, ids, offsets):
+        out = None
+        for g, w in zip(groups, tables, strict=True):
+            out, _ = pooled_lookup(
+                w,
+                ids,
+                offsets,
+                None,
+                g.features,
+                out=out,
+                config=cfg,
+                batch_size=shape.batch_size,
+                num_columns=cols,
+            )
+        return out
+
+    @jax.jit
+    def sequence(tables, ids, offsets):
+        return [
+            sequence_lookup(w, ids, offsets, g.features, batch_size=shape.batch_size, config=cfg)[0]
+            for g, w in zip(groups, tables, strict=True)
+        ]
+
+    fn = pooled if op == "pooled" else sequence
+    rec = {"op": op, "config": _cfg_name(cfg), "bytes": nbytes}
+    try:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(tables, *arg_sets[0]))
+        rec["first_call_s"] = time.perf_counter() - t0
+        ms = bench.time_op(lambda i, o: fn(tables, i, o), arg_sets, iters=iters)
+        rec.update(ms=ms, GBps=nbytes / ms / 1e6)
+    except Exception as ex:
+        rec["error"] = f"{type(ex).__name__}: {ex}"[:1500]
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--sections", default="correctness,variants,bench")
+    p.add_argument("--variant-shapes", default="large,fbgemm-default")
+    p.add_argument("--variant-dtype", default="fp32")
+    p.add_argument(
+        "--bench",
+        default="fbgemm-default:fp32:sum:0,large:fp32:sum:0",
+        help="comma list of shape:dtype:pooling:weighted[:ops]",
+    )
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--seed", type=int, default=int(time.time()))
+    p.add_argument("--interpret", action="store_true", help="CPU dry run of the checks")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N checks")
+    args = p.parse_args(argv)
+    sections = args.sections.split(",")
+    record = {**bench.environment(), "seed": args.seed}
+    path = os.path.join(args.out, "gpu_check.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+    record["copy_GBps"] = bench.copy_bandwidth(2**30 if jax.default_backend() == "gpu" else 2**24)
+    print(
+        f"device {record['device']} jax {record['jax']} copy {record['copy_GBps']:.1f} GB/s",
+        flush=True,
+    )
+    if "correctness" in sections:
+        recs = correctness(args.seed, args.interpret, args.limit)
+        record["correctness"] = recs
+        save()
+        bad = [r for r in recs if not r["ok"]]
+        print(f"correctness: {len(recs) - len(bad)}/{len(recs)} ok", flush=True)
+        for r in bad[:8]:
+            print("FAIL", json.dumps({k: v for k, v in r.items() if k != "trace"})[:600])
+        if bad and "trace" in bad[0]:
+            print(bad[0]["trace"])
+    if "variants" in sections:
+        rows = variants(args.variant_shapes.split(","), args.variant_dtype, args.iters)
+        record["variants"] = rows
+        save()
+        for r in rows:
+            val = f"{r['ms']:.4f} ms {r['GBps']:.0f} GB/s" if "ms" in r else r["error"][:150]
+            print(f"{r['shape']:<15}{r['op']:<9}{r['config']:<78}{val}", flush=True)
+    if "bench" in sections:
+        results = []
+        for spec in args.bench.split(","):
+            name, dtype, pooling, weighted, *ops = spec.split(":")
+            results += bench.run_shape(
+                bench.SHAPES[name],
+                dtype=dtype,
+                pooling=pooling,
+                weighted=weighted == "1",
+                ops=ops[0].split("+") if ops else ("pooled",),
+                iters=args.iters,
+                copy_gbps=record["copy_GBps"],
+            )
+            record["bench"] = results
+            save()
+        print(bench.format_table(results))
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

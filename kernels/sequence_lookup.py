@@ -1,0 +1,242 @@
+"""Sequence (unpooled) embedding lookup over one stacked table group: Pallas kernel + reference.
+
+Same inputs as :mod:`pooled_lookup` (``weights [R, D]``, KJT ``ids``/``offsets``, static
+``features`` of ``(kjt_feature_index, row_offset, num_rows, col_offset)``; ``col_offset`` is
+unused here). The output has one row per id position:
+
+``out[i] = weights[row_offset + ids[i]]`` for every real position ``i`` (``i < offsets[-1]``)
+of one of the group's features; rows of other positions (other groups' features, padding) are
+zeros, as are rows of ids outside ``[0, num_rows)`` under "fatal", "warning" and "ignore".
+The second result counts those ids under "fatal" and "warning" (else 0); "none" checks
+nothing. A KJT feature may appear at most once in a group (its rows have one place to go).
+
+The kernel runs one program per block of ``block_ids`` positions and gathers
+``[block_ids, D]`` rows at once; each position finds its feature by comparing against the
+group features' id ranges ``[offsets[f*B], offsets[(f+1)*B])``.
+
+>>> import jax.numpy as jnp
+>>> w = jnp.arange(12.0).reshape(6, 2)            # two tables of 3 rows, D=2
+>>> ids = jnp.array([0, 2, 1, 7, 0], jnp.int32)    # feature 0: [0, 2] ; feature 1: [1, 7]; pad
+>>> offs = jnp.array([0, 2, 4], jnp.int32)
+>>> out, bad = sequence_lookup_reference(w, ids, offs, ((1, 3, 3, 0),), batch_size=1)
+>>> out.tolist(), int(bad)
+([[0.0, 0.0], [0.0, 0.0], [8.0, 9.0], [0.0, 0.0], [0.0, 0.0]], 1)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ._pallas_compat import (
+    compiler_params,
+    float_dtype,
+    masked_load,
+    masked_store,
+    next_power_of_2,
+)
+from .pooled_lookup import Feature, lookup_rows, position_bags, validate_group
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """Launch shape of the sequence kernel: ``block_ids`` positions per program (power of 2)."""
+
+    block_ids: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_ids", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"SequenceConfig.{name} must be a power of two, got {v}")
+        if self.num_stages < 1:
+            raise ValueError(f"SequenceConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def default_sequence_config(dim: int, dtype) -> SequenceConfig:
+    """The launch shape used when none is given: about 4k gathered elements per program."""
+    per_block = 4096 if jnp.dtype(dtype).itemsize == 4 else 8192
+    return SequenceConfig(block_ids=max(1, min(128, per_block // next_power_of_2(dim))))
+
+
+def _check_sequence_args(weights, features, out_dtype):
+    kjts = [f[0] for f in features]
+    if len(set(kjts)) != len(kjts):
+        raise ValueError(f"sequence features must use distinct KJT features, got {features}")
+    return float_dtype(weights.dtype if out_dtype is None else out_dtype)
+
+
+def _sequence_kernel(
+    offsets_ref,
+    ids_ref,
+    weights_ref,
+    out_ref,
+    count_ref,
+    *,
+    features,
+    batch_size,
+    num_ids,
+    dim,
+    dim_pad,
+    block_ids,
+    checked,
+    counted,
+):
+    blk = pl.program_id(0)
+    pos = blk * block_ids + jnp.arange(block_ids, dtype=jnp.int32)
+    in_cap = pos < num_ids
+    row_offset = jnp.zeros((block_ids,), jnp.int32)
+    num_rows = jnp.zeros((block_ids,), jnp.int32)
+    in_group = jnp.zeros((block_ids,), jnp.bool_)
+    for kjt, f_row_offset, f_num_rows, _ in features:
+        first = offsets_ref[kjt * batch_size]
+        last = offsets_ref[(kjt + 1) * batch_size]
+        in_f = (pos >= first) & (pos < last)
+        row_offset = jnp.where(in_f, f_row_offset, row_offset)
+        num_rows = jnp.where(in_f, f_num_rows, num_rows)
+        in_group = in_group | in_f
+    in_group = in_group & in_cap
+    idx = masked_load(ids_ref.at[pos], in_group, 0)
+    if checked:
+        valid = in_group & (idx >= 0) & (idx < num_rows)
+        idx = jnp.where(valid, idx, 0)
+    else:
+        valid = in_group
+    cols = jnp.arange(dim_pad, dtype=jnp.int32)
+    col_ok = cols < dim
+    rows = row_offset + idx
+    vals = masked_load(
+        weights_ref.at[rows[:, None], cols[None, :]], valid[:, None] & col_ok[None, :], 0
+    )
+    masked_store(
+        out_ref.at[pos[:, None], cols[None, :]],
+        vals.astype(out_ref.dtype),
+        in_cap[:, None] & col_ok[None, :],
+    )
+    bad = jnp.sum((in_group & ~valid).astype(jnp.int32)) if counted else jnp.int32(0)
+    count_ref[blk] = bad
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("features", "batch_size", "bounds_check", "out_dtype", "interpret", "config"),
+)
+def _sequence_pallas(
+    weights, ids, offsets, *, features, batch_size, bounds_check, out_dtype, interpret, config
+):
+    num_ids, dim = ids.shape[0], weights.shape[1]
+    num_blocks = pl.cdiv(num_ids, config.block_ids)
+    kernel = functools.partial(
+        _sequence_kernel,
+        features=features,
+        batch_size=batch_size,
+        num_ids=num_ids,
+        dim=dim,
+        dim_pad=next_power_of_2(dim),
+        block_ids=config.block_ids,
+        checked=bounds_check != "none",
+        counted=bounds_check in ("fatal", "warning"),
+    )
+    out, counts = pl.pallas_call(
+        kernel,
+        grid=(num_blocks,),
+        out_shape=(
+            jax.ShapeDtypeStruct((num_ids, dim), out_dtype),
+            jax.ShapeDtypeStruct((num_blocks,), jnp.int32),
+        ),
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name="jaxrec_sequence_lookup",
+    )(offsets, ids, weights)
+    return out, jnp.sum(counts)
+
+
+def sequence_lookup(
+    weights: jax.Array,
+    ids: jax.Array,
+    offsets: jax.Array,
+    features: tuple[Feature, ...],
+    *,
+    batch_size: int,
+    bounds_check: str = "warning",
+    out_dtype=None,
+    interpret: bool = False,
+    config: SequenceConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Sequence lookup of one stacked table group with the Pallas (Triton) kernel.
+
+    Returns ``(out [N_cap, D], bad_id_count int32 scalar)``; see the module docstring.
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.arange(8.0).reshape(4, 2)
+    >>> ids = jnp.array([3, 0, 5], jnp.int32)                # 5 is padding
+    >>> offs = jnp.array([0, 1, 2], jnp.int32)
+    >>> out, bad = sequence_lookup(w, ids, offs, ((0, 0, 4, 0),), batch_size=2, interpret=True)
+    >>> out.tolist(), int(bad)
+    ([[6.0, 7.0], [0.0, 1.0], [0.0, 0.0]], 0)
+    """
+    validate_group(weights, ids, offsets, None, features, batch_size, bounds_check)
+    out_dt = _check_sequence_args(weights, features, out_dtype)
+    if config is None:
+        config = default_sequence_config(weights.shape[1], weights.dtype)
+    return _sequence_pallas(
+        weights,
+        ids,
+        offsets,
+        features=features,
+        batch_size=batch_size,
+        bounds_check=bounds_check,
+        out_dtype=out_dt,
+        interpret=interpret,
+        config=config,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("features", "batch_size", "bounds_check", "out_dt"))
+def _sequence_xla(weights, ids, offsets, *, features, batch_size, bounds_check, out_dt):
+    num_kjt = (offsets.shape[0] - 1) // batch_size
+    bags, live = position_bags(offsets, ids.shape[0])
+    rows, valid, bad, _, _ = lookup_rows(
+        weights,
+        ids,
+        bags,
+        live,
+        features,
+        list(range(len(features))),
+        batch_size,
+        num_kjt,
+        checked=bounds_check != "none",
+    )
+    out = jnp.where(valid[:, None], jnp.take(weights, rows, axis=0), 0).astype(out_dt)
+    count = jnp.sum(bad.astype(jnp.int32)) if bounds_check in ("fatal", "warning") else 0
+    return out, jnp.int32(count)
+
+
+def sequence_lookup_reference(
+    weights: jax.Array,
+    ids: jax.Array,
+    offsets: jax.Array,
+    features: tuple[Feature, ...],
+    *,
+    batch_size: int,
+    bounds_check: str = "warning",
+    out_dtype=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Pure-XLA sequence lookup (one gather), same contract as :func:`sequence_lookup`."""
+    validate_group(weights, ids, offsets, None, features, batch_size, bounds_check)
+    out_dt = _check_sequence_args(weights, features, out_dtype)
+    return _sequence_xla(
+        weights,
+        ids,
+        offsets,
+        features=features,
+        batch_size=batch_size,
+        bounds_check=bounds_check,
+        out_dt=out_dt,
+    )

@@ -1,0 +1,207 @@
+"""The lookup's custom VJP: fused optimizer updates through the modules, end to end."""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxrec
+from jaxrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from jaxrec import KeyedJaggedTensor, PoolingType, pad_to_capacity
+from jaxrec.optim import FusedTableParams
+
+
+def random_kjt(rng, keys, rows, batch, max_len=6, weighted=False, capacity=None):
+    lengths = rng.integers(0, max_len + 1, len(keys) * batch)
+    values = np.concatenate(
+        [rng.integers(0, rows[k], lengths[k * batch : (k + 1) * batch].sum()) for k in range(len(keys))]
+    )
+    weights = rng.uniform(0.5, 1.5, values.shape).astype(np.float32) if weighted else None
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+    return kjt if capacity is None else pad_to_capacity(kjt, capacity)
+
+
+def tables(pooling=PoolingType.SUM):
+    return [
+        EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=9, feature_names=["fa", "fb"], pooling=pooling),
+        EmbeddingBagConfig(name="b", embedding_dim=3, num_embeddings=6, feature_names=["fc"], pooling=pooling),
+    ]
+
+
+KEYS, ROWS = ["fa", "fb", "fc"], [9, 9, 6]
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_exact_sgd_equals_dense_grad_then_sgd(pooling, weighted):
+    rng = np.random.default_rng(0)
+    lr = 0.3
+    kjt = random_kjt(rng, KEYS, ROWS, batch=5, weighted=weighted)
+    plain = EmbeddingBagCollection(tables=tables(pooling), is_weighted=weighted)
+    fused = EmbeddingBagCollection(
+        tables=tables(pooling), is_weighted=weighted, optimizer=jaxrec.optim.exact_sgd(learning_rate=lr)
+    )
+    variables = plain.init(jax.random.key(0), kjt)
+    fused_vars = fused.load_state_dict(fused.init(jax.random.key(1), kjt), plain.state_dict(variables))
+    g_out = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+
+    def loss(module, params):
+        return jnp.sum(module.apply({"params": params}, kjt).values() * g_out)
+
+    dense_grads = jax.grad(functools.partial(loss, plain))(variables["params"])
+    expected = {k: v - lr * g for (k, v), g in zip(
+        plain.state_dict(variables).items(), plain.state_dict({"params": dense_grads}).values(), strict=True
+    )}
+    grads = jax.grad(functools.partial(loss, fused))(fused_vars["params"])
+    new_params = jaxrec.optim.apply_updates(fused_vars["params"], grads)
+    for name, table in fused.state_dict({"params": new_params}).items():
+        np.testing.assert_allclose(np.asarray(table), np.asarray(expected[name]), rtol=1e-5, atol=1e-6)
+
+
+def numpy_rowwise_adagrad(tables_np, state_np, kjt, g_out, lr, eps, keys, features_of_table, dims):
+    """float64 reference: sum each row's gradient over occurrences, then the row-wise rule."""
+    values = np.asarray(kjt.values())
+    offsets = np.asarray(kjt.offsets())
+    batch = kjt.stride()
+    col = 0
+    grads = {t: np.zeros_like(w) for t, w in tables_np.items()}
+    for k, key in enumerate(keys):
+        table = features_of_table[key]
+        for b in range(batch):
+            lo, hi = offsets[k * batch + b], offsets[k * batch + b + 1]
+            for i in range(lo, hi):
+                grads[table][values[i]] += g_out[b, col : col + dims[table]]
+        col += dims[table]
+    for t, w in tables_np.items():
+        touched = np.abs(grads[t]).sum(axis=1) > 0
+        g = grads[t][touched]
+        state_np[t][touched] += (g * g).mean(axis=1)
+        w[touched] -= lr * g / (np.sqrt(state_np[t][touched])[:, None] + eps)
+    return tables_np, state_np
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_fused_rowwise_adagrad_training_loop_matches_float64_reference(backend):
+    rng = np.random.default_rng(1)
+    lr, eps = 0.1, 1e-8
+    ebc = EmbeddingBagCollection(
+        tables=tables(),
+        optimizer=jaxrec.optim.exact_rowwise_adagrad(learning_rate=lr, eps=eps),
+        backend=backend,
+    )
+    first = random_kjt(rng, KEYS, ROWS, batch=4, capacity=128)
+    params = ebc.init(jax.random.key(0), first)["params"]
+    tables_np = {k.split(".")[1]: np.asarray(v, np.float64) for k, v in ebc.state_dict({"params": params}).items()}
+    state_np = {t: np.zeros(w.shape[0]) for t, w in tables_np.items()}
+    tx = jaxrec.optim.fused(optax.sgd(0.1))
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, kjt, g_out):
+        grads = jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return jaxrec.optim.apply_updates(params, updates), opt_state
+
+    for _ in range(5):
+        kjt = random_kjt(rng, KEYS, ROWS, batch=4, capacity=128)
+        g_out = rng.normal(size=(4, 11)).astype(np.float32)
+        params, opt_state = step(params, opt_state, kjt, jnp.asarray(g_out))
+        tables_np, state_np = numpy_rowwise_adagrad(
+            tables_np, state_np, kjt, g_out.astype(np.float64), lr, eps, KEYS,
+            {"fa": "a", "fb": "a", "fc": "b"}, {"a": 4, "b": 3},
+        )
+    got = ebc.state_dict({"params": params})
+    for t in ("a", "b"):
+        np.testing.assert_allclose(np.asarray(got[f"embedding_bags.{t}.weight"]), tables_np[t], rtol=1e-5, atol=1e-6)
+    opt = ebc.optimizer_state_dict({"params": params})
+    np.testing.assert_allclose(np.asarray(opt["embedding_bags.a.weight"]["momentum1"]), state_np["a"], rtol=1e-5)
+    assert float(opt["embedding_bags.a.weight"]["step"]) == 5.0
+
+
+def test_fused_embedding_collection_sgd_moves_only_looked_up_rows():
+    ec = EmbeddingCollection(
+        tables=[EmbeddingConfig(name="t", embedding_dim=2, num_embeddings=6, feature_names=["f"])],
+        optimizer=jaxrec.optim.exact_sgd(learning_rate=1.0),
+    )
+    kjt = KeyedJaggedTensor(keys=["f"], values=jnp.array([1, 4, 1]), lengths=jnp.array([2, 1]))
+    params = ec.init(jax.random.key(0), kjt)["params"]
+    before = np.asarray(ec.state_dict({"params": params})["embeddings.t.weight"])
+    grads = jax.grad(lambda p: jnp.sum(ec.apply({"params": p}, kjt)["f"].values()))(params)
+    after = np.asarray(ec.state_dict({"params": jaxrec.optim.apply_updates(params, grads)})["embeddings.t.weight"])
+    expected = before.copy()
+    expected[1] -= 2.0  # looked up twice
+    expected[4] -= 1.0
+    np.testing.assert_allclose(after, expected, rtol=1e-6)
+
+
+def test_table_used_in_two_lookups_is_refused():
+    ebc = EmbeddingBagCollection(tables=tables(), optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1))
+    kjt = random_kjt(np.random.default_rng(0), KEYS, ROWS, batch=2)
+    params = ebc.init(jax.random.key(0), kjt)["params"]
+    tx = jaxrec.optim.fused(optax.sgd(0.1))
+    grads = jax.grad(
+        lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values()) + jnp.sum(ebc.apply({"params": p}, kjt).values())
+    )(params)
+    with pytest.raises(ValueError, match="entered 2 fused lookups"):
+        tx.update(grads, tx.init(params), params)
+
+
+def test_gradient_accumulation_of_fused_tables_is_refused():
+    ebc = EmbeddingBagCollection(tables=tables(), optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1))
+    rng = np.random.default_rng(0)
+    params = ebc.init(jax.random.key(0), random_kjt(rng, KEYS, ROWS, batch=2))["params"]
+    grad = jax.grad(lambda p, k: jnp.sum(ebc.apply({"params": p}, k).values()))
+    total = jax.tree.map(jnp.add, grad(params, random_kjt(rng, KEYS, ROWS, batch=2)),
+                         grad(params, random_kjt(rng, KEYS, ROWS, batch=2)))
+    tx = jaxrec.optim.fused(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="gradients were accumulated"):
+        tx.update(total, tx.init(params), params)
+
+
+def test_fused_params_carry_the_optimizer_state():
+    ebc = EmbeddingBagCollection(tables=tables(), optimizer=jaxrec.optim.adam(learning_rate=0.1))
+    params = ebc.init(jax.random.key(0), random_kjt(np.random.default_rng(0), KEYS, ROWS, batch=2))["params"]
+    group = params["embedding_bags"]["sum_float32_d4"]
+    assert isinstance(group, FusedTableParams)
+    assert group.state["momentum1"].shape == (9, 4) and group.state["momentum2"].shape == (9, 4)
+    names = ebc.optimizer_state_dict({"params": params})
+    assert set(names) == {"embedding_bags.a.weight", "embedding_bags.b.weight"}
+    assert names["embedding_bags.b.weight"]["momentum1"].shape == (6, 3)
+
+
+def _median_step_seconds(num_rows, batch=512, dim=16, repeats=7):
+    rng = np.random.default_rng(0)
+    ebc = EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=num_rows, feature_names=["f"])],
+        optimizer=jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.01),
+        backend="xla",
+    )
+    kjt = random_kjt(rng, ["f"], [num_rows], batch=batch, max_len=20, capacity=8192)
+    params = {"embedding_bags": {"sum_float32_d16": jaxrec.optim.init_fused_table(
+        jnp.zeros((num_rows, dim), jnp.float32), ebc.optimizer)}}
+    g_out = jnp.ones((batch, dim))
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(params, kjt):
+        grads = jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out))(params)
+        return jaxrec.optim.apply_updates(params, grads)
+
+    params = step(params, kjt)
+    jax.block_until_ready(params)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        params = step(params, kjt)
+        jax.block_until_ready(params)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def test_fused_step_time_does_not_grow_with_table_rows():
+    small = _median_step_seconds(100_000)
+    large = _median_step_seconds(4_000_000)
+    assert large < 1.3 * small + 2e-3, (small, large)
