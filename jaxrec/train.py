@@ -100,7 +100,9 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def build_model(config: TrainConfig) -> tuple[DLRM, SyntheticClickData]:
-    data = SyntheticClickData(num_features=config.num_tables, num_rows=config.num_rows, seed=config.seed)
+    data = SyntheticClickData(
+        num_features=config.num_tables, num_rows=config.num_rows, seed=config.seed
+    )
     tables = [
         EmbeddingBagConfig(
             name=f"t{i}",
@@ -136,9 +138,9 @@ def make_train_step(model: DLRM, tx: optax.GradientTransformation):
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch: Batch):
-        (loss, logits), grads = jax.value_and_grad(
-            functools.partial(_loss, model), has_aux=True
-        )(params, batch)
+        (loss, logits), grads = jax.value_and_grad(functools.partial(_loss, model), has_aux=True)(
+            params, batch
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         accuracy = jnp.mean((logits > 0) == (batch.labels > 0.5))

@@ -41,7 +41,9 @@ def test_default_initialiser_is_uniform_in_torchrec_bounds():
 def test_weight_init_bounds_and_init_fn_are_honoured():
     w = bag(weight_init_min=0.5, weight_init_max=0.75).initialize(jax.random.key(1))
     assert float(w.min()) >= 0.5 and float(w.max()) <= 0.75
-    ones = bag(init_fn=lambda key, shape, dtype: jnp.ones(shape, dtype)).initialize(jax.random.key(0))
+    ones = bag(init_fn=lambda key, shape, dtype: jnp.ones(shape, dtype)).initialize(
+        jax.random.key(0)
+    )
     assert bool((ones == 1).all())
 
 
@@ -51,7 +53,9 @@ def test_init_fn_with_wrong_shape_is_refused():
         t.initialize(jax.random.key(0))
 
 
-@pytest.mark.parametrize("data_type, dtype", [(DataType.FP16, jnp.float16), (DataType.BF16, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "data_type, dtype", [(DataType.FP16, jnp.float16), (DataType.BF16, jnp.bfloat16)]
+)
 def test_16_bit_tables(data_type, dtype):
     assert bag(data_type=data_type).initialize(jax.random.key(0)).dtype == dtype
 
@@ -89,7 +93,10 @@ def test_quantised_types_are_refused_for_training():
     [
         ([], "at least one table"),
         ([bag("a", features=["x"]), bag("a", features=["y"])], "duplicate table name 'a'"),
-        ([bag("a", features=["x"]), bag("b", features=["x"])], "feature 'x' is looked up by two tables, 'a' and 'b'"),
+        (
+            [bag("a", features=["x"]), bag("b", features=["x"])],
+            "feature 'x' is looked up by two tables, 'a' and 'b'",
+        ),
         ([bag("", features=["x"])], "needs a name"),
         ([bag("a", features=[])], "table 'a' has no feature_names"),
     ],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -198,13 +199,23 @@ def _zeros_elementwise(num_rows: int, dim: int) -> jax.Array:
     return jnp.zeros((num_rows, dim), jnp.float32)
 
 
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _make_init(layout: Mapping[str, Callable[[int, int], jax.Array]], name: str):
     def init(num_rows: int, dim: int) -> State:
-        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        rows, width = _as_int(num_rows), _as_int(dim)
+        if rows is None or rows < 0:
             raise ValueError(f"{name}.init: num_rows must be an int >= 0, got {num_rows!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if width is None or width < 1:
             raise ValueError(f"{name}.init: dim must be an int >= 1, got {dim!r}")
-        return {key: make(num_rows, dim) for key, make in layout.items()}
+        return {key: make(rows, width) for key, make in layout.items()}
 
     return init
 
@@ -232,7 +243,8 @@ def _make_update(
                 f"{name}.update: weights {weights.shape} and grads {grads.shape} must be rows "
                 "[..., Dp] of the same shape"
             )
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= width:
+        real = _as_int(dim)
+        if real is None or not 1 <= real <= width:
             raise ValueError(f"{name}.update: dim must be an int in [1, {width}], got {dim!r}")
         for key, kind in state_layout.items():
             want = weights.shape if kind == "elementwise" else weights.shape[:-1]
@@ -250,7 +262,7 @@ def _make_update(
         else:
             lr = jnp.float32(learning_rate)
         s = {key: state[key].astype(jnp.float32) for key in state_layout}
-        return rule(w, s, g, t, lr, dim)
+        return rule(w, s, g, t, lr, real)
 
     return update
 
@@ -379,8 +391,10 @@ def exact_rowwise_adagrad(
     - DECOUPLE: ``s <- s + mean(g**2); m = lr / (sqrt(s) + eps);
       w <- (1 - lr * wd) * w - m * g``
 
-    With ``max_norm > 0`` the updated row is then scaled to norm ``max_norm``
-    when its norm exceeds it (FBGEMM's GPU max-norm clipping).
+    ``weight_decay`` is ignored with mode NONE. With ``max_norm > 0`` the
+    updated row is then scaled to norm ``max_norm`` when its norm exceeds it
+    (FBGEMM's GPU max-norm clipping; here applied to the float32 row before a
+    16-bit table stores it back).
 
     >>> import jax.numpy as jnp, numpy as np
     >>> opt = exact_rowwise_adagrad(learning_rate=1.0, eps=0.0)
@@ -584,7 +598,8 @@ def partial_rowwise_lamb(
 
     ``m2`` as in :func:`partial_rowwise_adam`, ``m1`` as in :func:`adam`;
     ``r = m1 / (1 - b1**t) / (sqrt(m2 / (1 - b2**t)) + eps) + wd * w;
-    w <- w - lr * (|w| / |r|) * r``.
+    w <- w - lr * (|w| / |r|) * r``. A row of zero weights (or a zero ``r``)
+    does not move.
 
     >>> import jax.numpy as jnp, numpy as np
     >>> opt = partial_rowwise_lamb(learning_rate=0.1)

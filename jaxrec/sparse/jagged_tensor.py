@@ -14,6 +14,7 @@ This module also holds the small array helpers shared by the other ``jaxrec.spar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,12 +31,13 @@ def _is_traced(*arrays: Any) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-def _host_array(x: Any) -> Any:
-    """``x`` as an array with a dtype; plain Python sequences become NumPy (empty -> int32)."""
+def _host_array(x: Any, empty_dtype: Any = np.int32) -> Any:
+    """``x`` as an array with a dtype; plain Python sequences become NumPy (an empty one gets
+    ``empty_dtype``)."""
     if isinstance(x, (np.ndarray, jax.Array)):
         return x
     out = np.asarray(x)
-    return out.astype(np.int32) if out.size == 0 else out
+    return out.astype(empty_dtype) if out.size == 0 else out
 
 
 def _as_int32(x: Any, what: str) -> jax.Array:
@@ -61,7 +63,7 @@ def _as_int32(x: Any, what: str) -> jax.Array:
 
 def _as_weights(weights: Any, num_rows: int, *, floating: bool = True) -> jax.Array:
     """Per-row weights of shape ``[num_rows]``; floating point unless ``floating=False``."""
-    weights = _host_array(weights)
+    weights = _host_array(weights, np.float32)
     dtype = np.dtype(weights.dtype)
     if floating and not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"weights must be floating point, got dtype {dtype}")
@@ -99,9 +101,11 @@ def _lengths_from(lengths: Any, offsets: Any) -> jax.Array:
             raise ValueError(
                 f"offsets must be 1-D with a leading 0, got shape {tuple(offsets.shape)}"
             )
-        if not _is_traced(offsets):
+        if _is_traced(offsets):
+            from_offsets = jnp.diff(offsets)
+        else:
             _check_offsets(offsets)
-        from_offsets = jnp.diff(offsets)
+            from_offsets = jnp.asarray(np.diff(np.asarray(offsets)))
     if lengths is None:
         return from_offsets
     lengths = _as_int32(lengths, "lengths")
@@ -113,11 +117,12 @@ def _lengths_from(lengths: Any, offsets: Any) -> jax.Array:
                 f"offsets has {from_offsets.shape[0] + 1} entries but lengths has "
                 f"{lengths.shape[0]}; offsets need one more entry than lengths"
             )
-        if not _is_traced(lengths, from_offsets) and not bool(jnp.all(from_offsets == lengths)):
+        if not _is_traced(lengths, from_offsets) and not np.array_equal(from_offsets, lengths):
             raise ValueError("lengths and offsets were both given and disagree")
     return lengths
 
 
+@jax.jit
 def _offsets_of(lengths: jax.Array) -> jax.Array:
     """``concat([0], cumsum(lengths))`` as int32."""
     zero = jnp.zeros((1,), jnp.int32)
@@ -128,8 +133,8 @@ def _gather_segments(
     data: jax.Array, starts: jax.Array, sizes: jax.Array, out_size: int, fill: Any = 0
 ) -> jax.Array:
     """Rows ``data[starts[s] : starts[s] + sizes[s]]`` for each segment ``s`` in order, then
-    ``fill`` up to ``out_size`` rows. Vectorised (one searchsorted + one gather); works under jit
-    with traced ``starts``/``sizes`` and a static ``out_size``. Rows past ``out_size`` are dropped.
+    ``fill`` up to ``out_size`` rows. Vectorised (one searchsorted + one gather); ``starts`` and
+    ``sizes`` may be traced, ``out_size`` is static. Rows past ``out_size`` are dropped.
     """
     shape = (out_size, *data.shape[1:])
     num_segments = sizes.shape[0]
@@ -143,6 +148,20 @@ def _gather_segments(
     src = starts[seg] + pos - (ends[seg] - sizes[seg])
     rows = jnp.take(data, src, axis=0, mode="clip")
     mask = real.reshape((out_size,) + (1,) * (data.ndim - 1))
+    return jnp.where(mask, rows, jnp.asarray(fill, data.dtype))
+
+
+@functools.partial(jax.jit, static_argnames="width")
+def _pad_bags(data: jax.Array, lengths: jax.Array, fill: Any, *, width: int) -> jax.Array:
+    """[B, width, ...]: row ``b`` holds bag ``b``'s first ``width`` rows, then ``fill``."""
+    num_bags = lengths.shape[0]
+    shape = (num_bags, width, *data.shape[1:])
+    if data.shape[0] == 0 or num_bags == 0 or width == 0:
+        return jnp.full(shape, fill, data.dtype)
+    col = jnp.arange(width, dtype=jnp.int32)
+    src = _offsets_of(lengths)[:-1, None] + col[None, :]
+    rows = jnp.take(data, src, axis=0, mode="clip")
+    mask = (col[None, :] < lengths[:, None]).reshape(shape[:2] + (1,) * (data.ndim - 1))
     return jnp.where(mask, rows, jnp.asarray(fill, data.dtype))
 
 
@@ -288,15 +307,7 @@ class JaggedTensor:
             desired_length = int(np.max(np.asarray(self._lengths), initial=0))
         if desired_length < 0:
             raise ValueError(f"desired_length must be >= 0, got {desired_length}")
-        num_bags = self._lengths.shape[0]
-        shape = (num_bags, desired_length, *data.shape[1:])
-        if data.shape[0] == 0 or num_bags == 0 or desired_length == 0:
-            return jnp.full(shape, padding_value, data.dtype)
-        col = jnp.arange(desired_length, dtype=jnp.int32)
-        src = self.offsets()[:-1, None] + col[None, :]
-        rows = jnp.take(data, src, axis=0, mode="clip")
-        mask = (col[None, :] < self._lengths[:, None]).reshape(shape[:2] + (1,) * (data.ndim - 1))
-        return jnp.where(mask, rows, jnp.asarray(padding_value, data.dtype))
+        return _pad_bags(data, self._lengths, padding_value, width=desired_length)
 
     def to_padded_dense(
         self, desired_length: int | None = None, padding_value: float = 0.0
@@ -349,8 +360,9 @@ class JaggedTensor:
         cls, values: Any, lengths: Any, weights: Any | None = None
     ) -> JaggedTensor:
         """JaggedTensor from a padded ``values`` [B, N, ...]: bag ``b`` is
-        ``values[b, :lengths[b]]``. Eagerly the result is exact-size; under jit it has
-        ``B * N`` rows, real rows first.
+        ``values[b, :lengths[b]]`` (``weights``, if given, is [B, N] too). Eagerly the result is
+        exact-size and a length outside [0, N] is a ValueError; under jit it has ``B * N`` rows,
+        real rows first, and lengths are clamped to [0, N].
 
         >>> import numpy as np
         >>> jt = JaggedTensor.from_dense_lengths(np.array([[1, 2, 0], [3, 4, 5]]), [1, 3])
@@ -366,26 +378,33 @@ class JaggedTensor:
             )
         num_bags, width = values.shape[:2]
         if weights is not None:
-            weights = _as_weights(
-                jnp.reshape(_host_array(weights), (-1,)), num_bags * width, floating=False
-            )
-        traced = _is_traced(values, lengths, weights)
-        if traced:
+            weights = _host_array(weights)
+            if tuple(weights.shape) != (num_bags, width):
+                raise ValueError(
+                    f"weights has shape {tuple(weights.shape)}, expected {(num_bags, width)} "
+                    "like the first two dimensions of values"
+                )
+        if _is_traced(values, lengths, weights):
+            lengths = jnp.clip(lengths, 0, width)
+            starts = jnp.arange(num_bags, dtype=jnp.int32) * width
+            flat = values.reshape((num_bags * width, *values.shape[2:]))
             out_size = num_bags * width
-        else:
-            host = np.asarray(lengths)
-            bad = np.flatnonzero((host < 0) | (host > width))
-            if bad.size:
-                b = int(bad[0])
-                raise ValueError(f"lengths[{b}] = {host[b]} is outside [0, {width}] (bag {b})")
-            out_size = int(host.sum())
-        starts = jnp.arange(num_bags, dtype=jnp.int32) * width
-        flat = values.reshape((num_bags * width, *values.shape[2:]))
-        out_values = _gather_segments(flat, starts, lengths, out_size)
-        out_weights = (
-            None if weights is None else _gather_segments(weights, starts, lengths, out_size)
-        )
-        return cls._make(out_values, lengths, out_weights)
+            out_values = _gather_segments(flat, starts, lengths, out_size)
+            out_weights = None
+            if weights is not None:
+                flat_weights = jnp.reshape(weights, (-1,))
+                out_weights = _gather_segments(flat_weights, starts, lengths, out_size)
+            return cls._make(out_values, lengths, out_weights)
+        host = np.asarray(lengths)
+        bad = np.flatnonzero((host < 0) | (host > width))
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(f"lengths[{b}] = {host[b]} is outside [0, {width}] (bag {b})")
+        mask = np.arange(width)[None, :] < host[:, None]
+        out_weights = None
+        if weights is not None:
+            out_weights = jnp.asarray(np.asarray(weights)[mask])
+        return cls._make(jnp.asarray(np.asarray(values)[mask]), lengths, out_weights)
 
     def __repr__(self) -> str:
         weighted = self._weights is not None

@@ -154,7 +154,7 @@ class KeyedJaggedTensor:
             weights = _as_weights(weights, values.shape[0])
         self._set(keys, stride, values, lengths, weights)
         validate_kjt(self)
-        if not _is_traced(lengths):
+        if not self._traced():
             total = int(np.asarray(lengths).sum())
             if total != values.shape[0]:
                 raise ValueError(
@@ -356,16 +356,20 @@ class KeyedJaggedTensor:
     def length_per_key(self) -> list[int]:
         """Number of ids of each key, on the host (eager only; see length_per_key_array)."""
         _require_concrete("length_per_key", "length_per_key_array()", self._lengths)
-        return np.asarray(self.length_per_key_array()).tolist()
+        return self._host_per_bag().sum(axis=1).tolist()
 
     def offset_per_key(self) -> list[int]:
         """Start of each key's ids, then the total, on the host (eager only; see
         offset_per_key_array)."""
         _require_concrete("offset_per_key", "offset_per_key_array()", self._lengths)
-        return np.asarray(self.offset_per_key_array()).tolist()
+        return np.cumsum([0, *self.length_per_key()]).tolist()
 
     def _traced(self) -> bool:
         return _is_traced(self._values, self._lengths, self._weights)
+
+    def _host_per_bag(self) -> np.ndarray:
+        """Concrete lengths on the host as [F, B]."""
+        return np.asarray(self._lengths).reshape(len(self._keys), self._stride)
 
     def _key_index(self, key: str) -> int:
         if key not in self._keys:
@@ -376,16 +380,19 @@ class KeyedJaggedTensor:
     def _select(self, indices: Sequence[int], traced_capacity: int) -> KeyedJaggedTensor:
         """KJT of the keys ``indices`` (in that order). Its capacity is exact eagerly and
         ``traced_capacity`` under tracing."""
-        idx = np.asarray(list(indices), np.int32)
-        opk = self.offset_per_key_array()
-        starts, sizes = opk[idx], (opk[1:] - opk[:-1])[idx]
-        out_size = traced_capacity if self._traced() else int(np.sum(np.asarray(sizes)))
-        values = _gather_segments(self._values, starts, sizes, out_size)
-        weights = None
-        if self._weights is not None:
-            weights = _gather_segments(self._weights, starts, sizes, out_size)
-        lengths = self._lengths.reshape(len(self._keys), self._stride)[idx].reshape(-1)
-        keys = tuple(self._keys[i] for i in idx)
+        indices = tuple(int(i) for i in indices)
+        if not self._traced():
+            return _select_keys_host(self, indices)
+        values, lengths, weights = _select_keys(
+            self._values,
+            self._lengths,
+            self._weights,
+            indices=indices,
+            num_keys=len(self._keys),
+            stride=self._stride,
+            out_size=traced_capacity,
+        )
+        keys = tuple(self._keys[i] for i in indices)
         return KeyedJaggedTensor._make(keys, self._stride, values, lengths, weights)
 
     def __getitem__(self, key: str) -> JaggedTensor:
@@ -457,15 +464,18 @@ class KeyedJaggedTensor:
                     f"cannot shrink capacity {current} to {capacity} under tracing (the number "
                     "of real values is unknown); shrink eagerly"
                 )
-        else:
-            total = int(self.num_values())
-            if capacity < total:
-                raise ValueError(f"capacity {capacity} is less than the {total} values of the KJT")
-        real = jnp.arange(capacity, dtype=jnp.int32) < self.num_values()
+            real = jnp.arange(capacity, dtype=jnp.int32) < self.num_values()
+            values = _pad_traced(self._values, real, fill_value)
+            weights = None if self._weights is None else _pad_traced(self._weights, real, 0)
+            return KeyedJaggedTensor._make(self._keys, self._stride, values, self._lengths, weights)
+        total = int(self._host_per_bag().sum())
+        if capacity < total:
+            raise ValueError(f"capacity {capacity} is less than the {total} values of the KJT")
 
         def resize(x: jax.Array, fill: Any) -> jax.Array:
-            x = jnp.pad(x, (0, max(capacity - current, 0)))[:capacity]
-            return jnp.where(real, x, jnp.asarray(fill, x.dtype))
+            out = np.full((capacity,), fill, np.dtype(x.dtype))
+            out[:total] = np.asarray(x)[:total]
+            return jnp.asarray(out)
 
         weights = None if self._weights is None else resize(self._weights, 0)
         values = resize(self._values, fill_value)
@@ -478,6 +488,55 @@ class KeyedJaggedTensor:
         )
 
 
+def _select_keys_host(kjt: KeyedJaggedTensor, indices: tuple[int, ...]) -> KeyedJaggedTensor:
+    """Eager :meth:`KeyedJaggedTensor._select` on the host: exact-size, no compilation."""
+    per_bag = kjt._host_per_bag()
+    bounds = np.cumsum([0, *per_bag.sum(axis=1)])
+
+    def pick(x: jax.Array) -> jax.Array:
+        host = np.asarray(x)
+        return jnp.asarray(
+            np.concatenate([host[:0], *(host[bounds[i] : bounds[i + 1]] for i in indices)])
+        )
+
+    keys, weights = kjt.keys(), kjt.weights_or_none()
+    return KeyedJaggedTensor._make(
+        tuple(keys[i] for i in indices),
+        kjt.stride(),
+        pick(kjt.values()),
+        jnp.asarray(per_bag[list(indices)].reshape(-1)),
+        None if weights is None else pick(weights),
+    )
+
+
+def _select_keys(
+    values: jax.Array,
+    lengths: jax.Array,
+    weights: jax.Array | None,
+    *,
+    indices: tuple[int, ...],
+    num_keys: int,
+    stride: int,
+    out_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(values, lengths, weights) of the keys ``indices``, real values first, ``out_size`` long."""
+    per_key = lengths.reshape(num_keys, stride)
+    idx = np.asarray(indices, np.int32)
+    sizes = jnp.sum(per_key, axis=1, dtype=jnp.int32)
+    starts = _offsets_of(sizes)[idx]
+    sizes = sizes[idx]
+    out_values = _gather_segments(values, starts, sizes, out_size)
+    out_weights = None if weights is None else _gather_segments(weights, starts, sizes, out_size)
+    out_lengths = per_key[idx].reshape(-1)
+    return out_values, out_lengths, out_weights
+
+
+def _pad_traced(x: jax.Array, real: jax.Array, fill: Any) -> jax.Array:
+    """Traced ``x`` grown to ``real.shape[0]`` entries; entries where ``real`` is False filled."""
+    x = jnp.pad(x, (0, real.shape[0] - x.shape[0]))
+    return jnp.where(real, x, jnp.asarray(fill, x.dtype))
+
+
 def _concat_parts(
     keys: tuple[str, ...], stride: int, parts: Sequence[tuple[Any, Any, Any]]
 ) -> KeyedJaggedTensor:
@@ -487,16 +546,36 @@ def _concat_parts(
     weighted = [w is not None for _, _, w in parts]
     if any(weighted) and not all(weighted):
         raise ValueError(f"cannot mix weighted and unweighted inputs (weighted: {weighted})")
-    values = jnp.concatenate([v for v, _, _ in parts])
-    lengths = jnp.concatenate([jnp.asarray(n, jnp.int32) for _, n, _ in parts])
-    capacities = [v.shape[0] for v, _, _ in parts]
+    values, lengths, weights = (list(col) for col in zip(*parts, strict=True))
+    weights = weights if all(weighted) else None
+    if _is_traced(*values, *lengths, *(weights or ())):
+        out = _concat_blocks(values, lengths, weights, out_size=sum(v.shape[0] for v in values))
+        return KeyedJaggedTensor._make(keys, stride, *out)
+    counts = [int(np.asarray(n).sum()) for n in lengths]
+
+    def real_first(blocks: list[jax.Array]) -> jax.Array:
+        host = [np.asarray(b)[:n] for b, n in zip(blocks, counts, strict=True)]
+        return jnp.asarray(np.concatenate(host))
+
+    out_lengths = jnp.asarray(np.concatenate([np.asarray(n) for n in lengths]).astype(np.int32))
+    out_weights = None if weights is None else real_first(weights)
+    return KeyedJaggedTensor._make(keys, stride, real_first(values), out_lengths, out_weights)
+
+
+def _concat_blocks(
+    values: list[jax.Array],
+    lengths: list[jax.Array],
+    weights: list[jax.Array] | None,
+    *,
+    out_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Traced blocks' real values back to back (``out_size`` long), lengths concatenated."""
+    capacities = [v.shape[0] for v in values]
     starts = jnp.asarray(np.cumsum([0, *capacities[:-1]]), jnp.int32)
-    sizes = jnp.stack([jnp.sum(n, dtype=jnp.int32) for _, n, _ in parts])
-    traced = _is_traced(*(leaf for part in parts for leaf in part))
-    out_size = sum(capacities) if traced else int(np.sum(np.asarray(sizes)))
-    out_values = _gather_segments(values, starts, sizes, out_size)
+    sizes = jnp.stack([jnp.sum(n, dtype=jnp.int32) for n in lengths])
+    out_values = _gather_segments(jnp.concatenate(values), starts, sizes, out_size)
     out_weights = None
-    if all(weighted):
-        weights = jnp.concatenate([w for _, _, w in parts])
-        out_weights = _gather_segments(weights, starts, sizes, out_size)
-    return KeyedJaggedTensor._make(keys, stride, out_values, lengths, out_weights)
+    if weights is not None:
+        out_weights = _gather_segments(jnp.concatenate(weights), starts, sizes, out_size)
+    out_lengths = jnp.concatenate([n.astype(jnp.int32) for n in lengths])
+    return out_values, out_lengths, out_weights

@@ -30,8 +30,11 @@ def _features(dim: int, pooling: str) -> tuple:
 def _batch(seed: int, *, max_len: int = 5, padding: int = 5, empty: bool = False):
     """A random KJT batch: duplicate ids, empty bags, some invalid real ids, poisoned padding."""
     rng = np.random.default_rng(seed)
-    lengths = np.zeros(NUM_KJT * BATCH, np.int64) if empty else rng.integers(0, max_len + 1,
-                                                                               NUM_KJT * BATCH)
+    lengths = (
+        np.zeros(NUM_KJT * BATCH, np.int64)
+        if empty
+        else rng.integers(0, max_len + 1, NUM_KJT * BATCH)
+    )
     lengths[rng.integers(0, lengths.size)] = 0
     n_real = int(lengths.sum())
     real = rng.integers(-1, 7, n_real)  # -1 and 6 are outside every table of 5 or 6 rows
@@ -120,14 +123,22 @@ def _args(seed, dim, pooling, weighted=True, dtype=jnp.float32, features=None):
 
 
 @pytest.mark.parametrize(
-    ("pooling", "weighted"), [("sum", False), ("sum", True), ("mean", True), ("none", False)]
+    ("pooling", "weighted", "dim"),
+    [("sum", False, 4), ("sum", True, 6), ("mean", True, 4), ("none", False, 6)],
 )
-@pytest.mark.parametrize("dim", [4, 6])
 def test_row_gradients_equal_dense_grad_of_xla_forward(pooling, weighted, dim):
     weights, grad_out, ids, offsets, psw, features = _args(1 + dim, dim, pooling, weighted)
-    rows, grads = su.sparse_row_gradients(grad_out, ids, offsets, psw, features,
-                                          batch_size=BATCH, dim=dim, num_rows=NUM_ROWS,
-                                          pooling=pooling)
+    rows, grads = su.sparse_row_gradients(
+        grad_out,
+        ids,
+        offsets,
+        psw,
+        features,
+        batch_size=BATCH,
+        dim=dim,
+        num_rows=NUM_ROWS,
+        pooling=pooling,
+    )
     cotangent = jnp.nan_to_num(grad_out)  # NaNs mark entries no forward output depends on
     dense = jax.grad(
         lambda w: jnp.sum(_dense_forward(w, ids, offsets, psw, features, pooling) * cotangent)
@@ -148,12 +159,21 @@ def test_row_gradients_count_a_feature_listed_twice_once_per_listing():
     dim = 4
     features = ((0, 0, 6, 0), (0, 6, 5, dim), (1, 0, 6, 2 * dim))
     weights, grad_out, ids, offsets, psw, _ = _args(7, dim, "sum", features=features)
-    rows, grads = su.sparse_row_gradients(grad_out, ids, offsets, psw, features,
-                                          batch_size=BATCH, dim=dim, num_rows=NUM_ROWS,
-                                          pooling="sum")
+    rows, grads = su.sparse_row_gradients(
+        grad_out,
+        ids,
+        offsets,
+        psw,
+        features,
+        batch_size=BATCH,
+        dim=dim,
+        num_rows=NUM_ROWS,
+        pooling="sum",
+    )
     dense = jax.grad(
-        lambda w: jnp.sum(_dense_forward(w, ids, offsets, psw, features, "sum")
-                          * jnp.nan_to_num(grad_out))
+        lambda w: jnp.sum(
+            _dense_forward(w, ids, offsets, psw, features, "sum") * jnp.nan_to_num(grad_out)
+        )
     )(weights)
     chex.assert_shape(rows, (2 * ids.shape[0],))
     scattered = jnp.zeros_like(weights).at[rows].add(grads, mode="drop")
@@ -163,8 +183,9 @@ def test_row_gradients_count_a_feature_listed_twice_once_per_listing():
 # --------------------------------------------------------------------------- fused kernel
 
 
-def _run_both(opt, weights, state, step, grad_out, ids, offsets, psw, features, pooling,
-              config=None):
+def _run_both(
+    opt, weights, state, step, grad_out, ids, offsets, psw, features, pooling, config=None
+):
     common = dict(batch_size=BATCH, dim=weights.shape[1], pooling=pooling, optimizer=opt)
     args = (weights, state, step, grad_out, ids, offsets, psw, features)
     got = su.fused_sparse_update(*args, interpret=True, config=config, **common)
@@ -196,14 +217,14 @@ OPTIMIZERS = {
     [
         ("exact_rowwise_adagrad", "sum", 4, su.SparseUpdateConfig(block_rows=4)),
         ("exact_rowwise_adagrad", "mean", 6, su.SparseUpdateConfig(block_rows=2, block_occ=4)),
-        ("exact_rowwise_adagrad", "none", 4, None),
+        pytest.param("exact_rowwise_adagrad", "none", 4, None, marks=pytest.mark.slow),
         ("exact_sgd", "sum", 6, su.SparseUpdateConfig(block_rows=1, block_occ=2)),
         ("adam", "mean", 4, su.SparseUpdateConfig(block_rows=4, block_occ=2)),
         ("partial_rowwise_adam", "none", 6, su.SparseUpdateConfig(block_rows=8)),
-        ("exact_adagrad", "sum", 4, None),
-        ("lamb", "sum", 4, None),
-        ("lars_sgd", "mean", 4, None),
-        ("rowwise_adagrad_l2_maxnorm", "sum", 6, None),
+        pytest.param("exact_adagrad", "sum", 4, None, marks=pytest.mark.slow),
+        pytest.param("lamb", "sum", 4, None, marks=pytest.mark.slow),
+        pytest.param("lars_sgd", "mean", 4, None, marks=pytest.mark.slow),
+        pytest.param("rowwise_adagrad_l2_maxnorm", "sum", 6, None, marks=pytest.mark.slow),
     ],
 )
 def test_kernel_matches_reference_and_leaves_untouched_rows_bit_identical(
@@ -232,20 +253,47 @@ def test_kernel_matches_reference_for_a_feature_listed_twice():
     opt = OPTIMIZERS["exact_rowwise_adagrad"]()
     weights, grad_out, ids, offsets, psw, _ = _args(5, dim, "sum", features=features)
     state = _random_state(opt, dim, 4)
-    got, want = _run_both(opt, weights, state, 2, grad_out, ids, offsets, psw, features, "sum",
-                          su.SparseUpdateConfig(block_rows=4))
+    got, want = _run_both(
+        opt,
+        weights,
+        state,
+        2,
+        grad_out,
+        ids,
+        offsets,
+        psw,
+        features,
+        "sum",
+        su.SparseUpdateConfig(block_rows=4),
+    )
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("rounding", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "rounding"),
+    [
+        (jnp.bfloat16, True),
+        (jnp.float16, False),
+        pytest.param(jnp.float16, True, marks=pytest.mark.slow),
+        pytest.param(jnp.bfloat16, False, marks=pytest.mark.slow),
+    ],
+)
 def test_kernel_matches_reference_on_16_bit_tables(dtype, rounding):
     dim = 8
     opt = so.exact_rowwise_adagrad(learning_rate=0.05, stochastic_rounding=rounding)
     weights, grad_out, ids, offsets, psw, features = _args(21, dim, "sum", dtype=dtype)
     state = _random_state(opt, dim, 5)
     (w_got, s_got), (w_want, s_want) = _run_both(
-        opt, weights, state, jnp.int32(4), grad_out, ids, offsets, psw, features, "sum",
+        opt,
+        weights,
+        state,
+        jnp.int32(4),
+        grad_out,
+        ids,
+        offsets,
+        psw,
+        features,
+        "sum",
         su.SparseUpdateConfig(block_rows=4),
     )
     chex.assert_type(w_got, dtype)
@@ -268,9 +316,21 @@ def test_stochastic_rounding_in_kernel_is_unbiased_across_steps():
     features = _features(dim, "sum")
     new_rows = []
     for step in range(1, 65):
-        w, _ = su.fused_sparse_update(weights, {}, step, grad_out, ids, offsets, None, features,
-                                      batch_size=BATCH, dim=dim, pooling="sum", optimizer=opt,
-                                      interpret=True)
+        w, _ = su.fused_sparse_update(
+            weights,
+            {},
+            step,
+            grad_out,
+            ids,
+            offsets,
+            None,
+            features,
+            batch_size=BATCH,
+            dim=dim,
+            pooling="sum",
+            optimizer=opt,
+            interpret=True,
+        )
         new_rows.append(np.asarray(w[0], np.float32))
     mean_step = np.mean(np.stack(new_rows)) - 1.0
     assert abs(mean_step - 2.0**-10) < 0.4 * 2.0**-10  # E[round(x)] = x; 512 draws
@@ -282,8 +342,20 @@ def test_kernel_is_deterministic():
     weights, grad_out, ids, offsets, psw, features = _args(31, dim, "mean")
     state = _random_state(opt, dim, 6)
     run = functools.partial(
-        su.fused_sparse_update, weights, state, 5, grad_out, ids, offsets, psw, features,
-        batch_size=BATCH, dim=dim, pooling="mean", optimizer=opt, interpret=True,
+        su.fused_sparse_update,
+        weights,
+        state,
+        5,
+        grad_out,
+        ids,
+        offsets,
+        psw,
+        features,
+        batch_size=BATCH,
+        dim=dim,
+        pooling="mean",
+        optimizer=opt,
+        interpret=True,
         config=su.SparseUpdateConfig(block_rows=2, block_occ=2),
     )
     chex.assert_trees_all_equal(run(), run())
@@ -310,14 +382,28 @@ def test_hyperparameters_closed_over_inside_jit_reach_the_kernel():
     @functools.partial(jax.jit, static_argnames="fused")
     def step(weights, state, lr, fused):
         opt = so.exact_rowwise_adagrad(learning_rate=lambda count: lr * (count + 1))
-        fn = (functools.partial(su.fused_sparse_update, interpret=True) if fused
-              else su.fused_sparse_update_reference)
-        return fn(weights, state, 2, grad_out, ids, offsets, psw, features, batch_size=BATCH,
-                  dim=dim, pooling="sum", optimizer=opt)
+        fn = (
+            functools.partial(su.fused_sparse_update, interpret=True)
+            if fused
+            else su.fused_sparse_update_reference
+        )
+        return fn(
+            weights,
+            state,
+            2,
+            grad_out,
+            ids,
+            offsets,
+            psw,
+            features,
+            batch_size=BATCH,
+            dim=dim,
+            pooling="sum",
+            optimizer=opt,
+        )
 
     got = step(weights, state, 0.25, fused=True)
-    chex.assert_trees_all_close(got, step(weights, state, 0.25, fused=False), rtol=2e-5,
-                                atol=2e-6)
+    chex.assert_trees_all_close(got, step(weights, state, 0.25, fused=False), rtol=2e-5, atol=2e-6)
     assert not np.allclose(got[0], step(weights, state, 0.5, fused=True)[0])
 
 
@@ -329,13 +415,32 @@ def test_kernel_updates_tables_in_place_on_gpu():
     state = jax.eval_shape(lambda: opt.init(100, dim))
 
     def fn(w, s, g, ids, offsets):
-        return su.fused_sparse_update(w, s, 1, g, ids, offsets, None, features, batch_size=2,
-                                      dim=dim, pooling="sum", optimizer=opt)
+        return su.fused_sparse_update(
+            w,
+            s,
+            1,
+            g,
+            ids,
+            offsets,
+            None,
+            features,
+            batch_size=2,
+            dim=dim,
+            pooling="sum",
+            optimizer=opt,
+        )
 
-    lowered = jax.jit(fn, donate_argnums=(0, 1)).trace(
-        weights, state, jax.ShapeDtypeStruct((2, dim), jnp.float32),
-        jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32),
-    ).lower(lowering_platforms=("cuda",))
+    lowered = (
+        jax.jit(fn, donate_argnums=(0, 1))
+        .trace(
+            weights,
+            state,
+            jax.ShapeDtypeStruct((2, dim), jnp.float32),
+            jax.ShapeDtypeStruct((8,), jnp.int32),
+            jax.ShapeDtypeStruct((3,), jnp.int32),
+        )
+        .lower(lowering_platforms=("cuda",))
+    )
     text = lowered.as_text()
     calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*", text)
     assert len(calls) == 1  # one launch for the group
@@ -363,9 +468,17 @@ def test_kernel_updates_tables_in_place_on_gpu():
 def test_bad_input_raises_value_error_naming_it(change, message):
     ids, offsets, psw = _batch(61)
     args = dict(
-        weights=jnp.zeros((NUM_ROWS, 4)), state={"momentum1": jnp.zeros(NUM_ROWS)}, step=1,
-        grad_out=jnp.zeros((BATCH, 16)), ids=ids, offsets=offsets, per_sample_weights=psw,
-        features=_features(4, "sum"), batch_size=BATCH, dim=4, pooling="sum",
+        weights=jnp.zeros((NUM_ROWS, 4)),
+        state={"momentum1": jnp.zeros(NUM_ROWS)},
+        step=1,
+        grad_out=jnp.zeros((BATCH, 16)),
+        ids=ids,
+        offsets=offsets,
+        per_sample_weights=psw,
+        features=_features(4, "sum"),
+        batch_size=BATCH,
+        dim=4,
+        pooling="sum",
         optimizer=so.exact_rowwise_adagrad(),
     )
     args.update(change)
@@ -377,9 +490,17 @@ def test_bad_input_raises_value_error_naming_it(change, message):
 def test_sequence_pooling_refuses_a_feature_listed_twice():
     ids, offsets, _ = _batch(71)
     with pytest.raises(ValueError, match="listed twice"):
-        su.sparse_row_gradients(jnp.zeros((ids.shape[0], 4)), ids, offsets, None,
-                                ((0, 0, 6, 0), (0, 6, 5, 0)), batch_size=BATCH, dim=4,
-                                num_rows=NUM_ROWS, pooling="none")
+        su.sparse_row_gradients(
+            jnp.zeros((ids.shape[0], 4)),
+            ids,
+            offsets,
+            None,
+            ((0, 0, 6, 0), (0, 6, 5, 0)),
+            batch_size=BATCH,
+            dim=4,
+            num_rows=NUM_ROWS,
+            pooling="none",
+        )
 
 
 def test_config_rejects_block_sizes_that_are_not_powers_of_two():

@@ -55,13 +55,17 @@ def test_torchrec_methods():
 def fixed_tables(ebc, variables, seed=0):
     """Replace every table by known random values; returns (variables, per-table arrays)."""
     rng = np.random.default_rng(seed)
-    sd = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in ebc.state_dict(variables).items()}
+    sd = {
+        k: rng.normal(size=v.shape).astype(np.float32) for k, v in ebc.state_dict(variables).items()
+    }
     return ebc.load_state_dict(variables, sd), sd
 
 
 def test_mean_pooling_divides_by_bag_length_and_empty_bag_is_zero():
     ebc = EmbeddingBagCollection(tables=[bag("t", 2, 5, ["f"], pooling=PoolingType.MEAN)])
-    kjt = KeyedJaggedTensor(keys=["f"], values=jnp.array([1, 3, 4, 4]), lengths=jnp.array([3, 0, 1]))
+    kjt = KeyedJaggedTensor(
+        keys=["f"], values=jnp.array([1, 3, 4, 4]), lengths=jnp.array([3, 0, 1])
+    )
     variables, sd = fixed_tables(ebc, ebc.init(jax.random.key(0), kjt))
     w = sd["embedding_bags.t.weight"]
     out = np.asarray(ebc.apply(variables, kjt).values())
@@ -83,9 +87,7 @@ def test_per_sample_weights_multiply_rows():
 
 
 def test_features_sharing_a_table_and_mixed_dims_keep_feature_order():
-    ebc = EmbeddingBagCollection(
-        tables=[bag("shared", 2, 4, ["a", "b"]), bag("wide", 5, 3, ["c"])]
-    )
+    ebc = EmbeddingBagCollection(tables=[bag("shared", 2, 4, ["a", "b"]), bag("wide", 5, 3, ["c"])])
     # Input keys in another order than the collection's features.
     kjt = KeyedJaggedTensor(
         keys=["c", "b", "a"],
@@ -105,7 +107,10 @@ def test_features_sharing_a_table_and_mixed_dims_keep_feature_order():
 def random_kjt(rng, keys, rows, batch, max_len=5, weighted=False):
     lengths = rng.integers(0, max_len + 1, len(keys) * batch)
     values = np.concatenate(
-        [rng.integers(0, rows[k], lengths[k * batch : (k + 1) * batch].sum()) for k in range(len(keys))]
+        [
+            rng.integers(0, rows[k], lengths[k * batch : (k + 1) * batch].sum())
+            for k in range(len(keys))
+        ]
     )
     weights = rng.normal(size=values.shape).astype(np.float32) if weighted else None
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
@@ -174,13 +179,23 @@ def test_state_dict_round_trip_and_gradients_view():
 @pytest.mark.parametrize(
     "state_dict, message",
     [
-        ({"embedding_bags.t1.weight": np.zeros((10, 3))}, r"missing keys \['embedding_bags.t2.weight'\]"),
         (
-            {"embedding_bags.t1.weight": np.zeros((10, 3)), "embedding_bags.t2.weight": np.zeros((10, 4)), "x": 1},
+            {"embedding_bags.t1.weight": np.zeros((10, 3))},
+            r"missing keys \['embedding_bags.t2.weight'\]",
+        ),
+        (
+            {
+                "embedding_bags.t1.weight": np.zeros((10, 3)),
+                "embedding_bags.t2.weight": np.zeros((10, 4)),
+                "x": 1,
+            },
             r"unexpected keys \['x'\]",
         ),
         (
-            {"embedding_bags.t1.weight": np.zeros((9, 3)), "embedding_bags.t2.weight": np.zeros((10, 4))},
+            {
+                "embedding_bags.t1.weight": np.zeros((9, 3)),
+                "embedding_bags.t2.weight": np.zeros((10, 4)),
+            },
             r"embedding_bags.t1.weight: expected shape \(10, 3\), got \(9, 3\)",
         ),
     ],
@@ -201,12 +216,18 @@ class TestBadInput:
         return (ebc or self.ebc).apply(self.variables, kjt)
 
     def test_id_outside_its_table_names_feature_table_and_value(self):
-        kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([0, 10, 3]), lengths=jnp.array([2, 0, 0, 1, 0, 0]))
-        with pytest.raises(ValueError, match=r"feature 'f1' \(table 't1', 10 rows\): id 10 at position 1"):
+        kjt = KeyedJaggedTensor(
+            keys=["f1", "f2"], values=jnp.array([0, 10, 3]), lengths=jnp.array([2, 0, 0, 1, 0, 0])
+        )
+        with pytest.raises(
+            ValueError, match=r"feature 'f1' \(table 't1', 10 rows\): id 10 at position 1"
+        ):
             self.run(kjt)
 
     def test_negative_id(self):
-        kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([0, -1]), lengths=jnp.array([1, 0, 0, 1, 0, 0]))
+        kjt = KeyedJaggedTensor(
+            keys=["f1", "f2"], values=jnp.array([0, -1]), lengths=jnp.array([1, 0, 0, 1, 0, 0])
+        )
         with pytest.raises(ValueError, match=r"feature 'f2' \(table 't2', 10 rows\): id -1"):
             self.run(kjt)
 
@@ -220,7 +241,9 @@ class TestBadInput:
 
     def test_weights_on_unweighted_collection_and_the_reverse(self):
         kjt = KeyedJaggedTensor(
-            keys=["f1", "f2"], values=jnp.array([0, 1]), lengths=jnp.array([1, 0, 0, 1, 0, 0]),
+            keys=["f1", "f2"],
+            values=jnp.array([0, 1]),
+            lengths=jnp.array([1, 0, 0, 1, 0, 0]),
             weights=jnp.array([1.0, 2.0]),
         )
         with pytest.raises(ValueError, match="not weighted"):
@@ -231,11 +254,19 @@ class TestBadInput:
 
     def test_lengths_that_do_not_sum_to_the_values(self):
         with pytest.raises(ValueError):
-            KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([0, 1, 2]), lengths=jnp.array([1, 0, 0, 1, 0, 0]))
+            KeyedJaggedTensor(
+                keys=["f1", "f2"],
+                values=jnp.array([0, 1, 2]),
+                lengths=jnp.array([1, 0, 0, 1, 0, 0]),
+            )
 
     def test_float_ids_are_refused(self):
         with pytest.raises(ValueError):
-            KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([0.0, 1.0]), lengths=jnp.array([1, 0, 0, 1, 0, 0]))
+            KeyedJaggedTensor(
+                keys=["f1", "f2"],
+                values=jnp.array([0.0, 1.0]),
+                lengths=jnp.array([1, 0, 0, 1, 0, 0]),
+            )
 
     def test_not_a_kjt(self):
         with pytest.raises(ValueError, match="expected a KeyedJaggedTensor"):
@@ -245,7 +276,13 @@ class TestBadInput:
         from jaxrec import EmbeddingConfig
 
         with pytest.raises(ValueError, match="takes EmbeddingBagConfigs"):
-            EmbeddingBagCollection(tables=[EmbeddingConfig(name="e", embedding_dim=2, num_embeddings=2, feature_names=["f"])])
+            EmbeddingBagCollection(
+                tables=[
+                    EmbeddingConfig(
+                        name="e", embedding_dim=2, num_embeddings=2, feature_names=["f"]
+                    )
+                ]
+            )
         with pytest.raises(ValueError, match="backend must be one of"):
             EmbeddingBagCollection(tables=self.ebc.tables, backend="cuda")
         with pytest.raises(ValueError, match="bounds_check_mode must be one of"):
@@ -255,8 +292,12 @@ class TestBadInput:
 def test_bad_ids_inside_jit_give_zero_rows_and_are_counted():
     ebc, features = seed_example()
     variables = ebc.init(jax.random.key(0), features)
-    good = KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([1, 2]), lengths=jnp.array([1, 0, 0, 1, 0, 0]))
-    bad = KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([1, 99]), lengths=jnp.array([1, 0, 0, 1, 0, 0]))
+    good = KeyedJaggedTensor(
+        keys=["f1", "f2"], values=jnp.array([1, 2]), lengths=jnp.array([1, 0, 0, 1, 0, 0])
+    )
+    bad = KeyedJaggedTensor(
+        keys=["f1", "f2"], values=jnp.array([1, 99]), lengths=jnp.array([1, 0, 0, 1, 0, 0])
+    )
 
     @jax.jit
     def apply(kjt):
@@ -265,4 +306,6 @@ def test_bad_ids_inside_jit_give_zero_rows_and_are_counted():
     kt, state = apply(bad)
     assert int(state["bounds_check"]["invalid_ids"][0]) == 1
     np.testing.assert_array_equal(np.asarray(kt.values()[0, 3:]), np.zeros(4))
-    np.testing.assert_allclose(np.asarray(kt.values()[0, :3]), np.asarray(ebc.apply(variables, good).values()[0, :3]))
+    np.testing.assert_allclose(
+        np.asarray(kt.values()[0, :3]), np.asarray(ebc.apply(variables, good).values()[0, :3])
+    )

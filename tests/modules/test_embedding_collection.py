@@ -7,7 +7,9 @@ from jaxrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor, pad_
 
 
 def table(name, dim, rows, features):
-    return EmbeddingConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features)
+    return EmbeddingConfig(
+        name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features
+    )
 
 
 def seed_example():
@@ -29,8 +31,12 @@ def test_torchrec_seed_example_rows_per_id():
     assert out["f1"].values().shape == (3, 3)
     assert out["f2"].lengths().tolist() == [1, 1, 3]
     sd = ec.state_dict(variables)
-    np.testing.assert_array_equal(np.asarray(out["f2"].values()), np.asarray(sd["embeddings.t2.weight"][3:8]))
-    np.testing.assert_array_equal(np.asarray(out["f1"].values()), np.asarray(sd["embeddings.t1.weight"][0:3]))
+    np.testing.assert_array_equal(
+        np.asarray(out["f2"].values()), np.asarray(sd["embeddings.t2.weight"][3:8])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(out["f1"].values()), np.asarray(sd["embeddings.t1.weight"][0:3])
+    )
 
 
 def test_torchrec_methods_and_need_indices():
@@ -44,13 +50,21 @@ def test_torchrec_methods_and_need_indices():
 
 def test_mixed_dims_and_shared_tables():
     ec = EmbeddingCollection(tables=[table("a", 2, 5, ["x", "y"]), table("b", 4, 3, ["z"])])
-    kjt = KeyedJaggedTensor(keys=["z", "x", "y"], values=jnp.array([2, 4, 0, 4]), lengths=jnp.array([1, 0, 1, 1, 0, 1]))
+    kjt = KeyedJaggedTensor(
+        keys=["z", "x", "y"], values=jnp.array([2, 4, 0, 4]), lengths=jnp.array([1, 0, 1, 1, 0, 1])
+    )
     variables = ec.init(jax.random.key(1), kjt)
     sd = ec.state_dict(variables)
     out = ec.apply(variables, kjt)
-    np.testing.assert_array_equal(np.asarray(out["z"].values()), np.asarray(sd["embeddings.b.weight"][np.array([2])]))
-    np.testing.assert_array_equal(np.asarray(out["x"].values()), np.asarray(sd["embeddings.a.weight"][np.array([4, 0])]))
-    np.testing.assert_array_equal(np.asarray(out["y"].values()), np.asarray(sd["embeddings.a.weight"][np.array([4])]))
+    np.testing.assert_array_equal(
+        np.asarray(out["z"].values()), np.asarray(sd["embeddings.b.weight"][np.array([2])])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(out["x"].values()), np.asarray(sd["embeddings.a.weight"][np.array([4, 0])])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(out["y"].values()), np.asarray(sd["embeddings.a.weight"][np.array([4])])
+    )
     with pytest.raises(ValueError, match="several dims"):
         ec.embedding_dim()
 
@@ -71,7 +85,9 @@ def test_under_jit_values_have_the_capacity_and_zero_padding():
 def test_grad_reaches_each_looked_up_row():
     ec, features = seed_example()
     variables = ec.init(jax.random.key(0), features)
-    grads = jax.grad(lambda v: sum(jnp.sum(jt.values()) for jt in ec.apply(v, features).values()))(variables)
+    grads = jax.grad(lambda v: sum(jnp.sum(jt.values()) for jt in ec.apply(v, features).values()))(
+        variables
+    )
     g = np.asarray(ec.state_dict(grads)["embeddings.t2.weight"])
     np.testing.assert_array_equal(g[3:8], 1.0)
     np.testing.assert_array_equal(g[:3], 0.0)
@@ -80,7 +96,9 @@ def test_grad_reaches_each_looked_up_row():
 def test_id_out_of_range_is_refused():
     ec, features = seed_example()
     variables = ec.init(jax.random.key(0), features)
-    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=jnp.array([12]), lengths=jnp.array([0, 0, 0, 0, 1, 0]))
+    kjt = KeyedJaggedTensor(
+        keys=["f1", "f2"], values=jnp.array([12]), lengths=jnp.array([0, 0, 0, 0, 1, 0])
+    )
     with pytest.raises(ValueError, match=r"feature 'f2' \(table 't2', 10 rows\): id 12"):
         ec.apply(variables, kjt)
 

@@ -10,15 +10,25 @@ import optax
 import pytest
 
 import jaxrec
-from jaxrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
-from jaxrec import KeyedJaggedTensor, PoolingType, pad_to_capacity
+from jaxrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+    pad_to_capacity,
+)
 from jaxrec.optim import FusedTableParams
 
 
 def random_kjt(rng, keys, rows, batch, max_len=6, weighted=False, capacity=None):
     lengths = rng.integers(0, max_len + 1, len(keys) * batch)
     values = np.concatenate(
-        [rng.integers(0, rows[k], lengths[k * batch : (k + 1) * batch].sum()) for k in range(len(keys))]
+        [
+            rng.integers(0, rows[k], lengths[k * batch : (k + 1) * batch].sum())
+            for k in range(len(keys))
+        ]
     )
     weights = rng.uniform(0.5, 1.5, values.shape).astype(np.float32) if weighted else None
     kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
@@ -27,8 +37,12 @@ def random_kjt(rng, keys, rows, batch, max_len=6, weighted=False, capacity=None)
 
 def tables(pooling=PoolingType.SUM):
     return [
-        EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=9, feature_names=["fa", "fb"], pooling=pooling),
-        EmbeddingBagConfig(name="b", embedding_dim=3, num_embeddings=6, feature_names=["fc"], pooling=pooling),
+        EmbeddingBagConfig(
+            name="a", embedding_dim=4, num_embeddings=9, feature_names=["fa", "fb"], pooling=pooling
+        ),
+        EmbeddingBagConfig(
+            name="b", embedding_dim=3, num_embeddings=6, feature_names=["fc"], pooling=pooling
+        ),
     ]
 
 
@@ -43,23 +57,34 @@ def test_fused_exact_sgd_equals_dense_grad_then_sgd(pooling, weighted):
     kjt = random_kjt(rng, KEYS, ROWS, batch=5, weighted=weighted)
     plain = EmbeddingBagCollection(tables=tables(pooling), is_weighted=weighted)
     fused = EmbeddingBagCollection(
-        tables=tables(pooling), is_weighted=weighted, optimizer=jaxrec.optim.exact_sgd(learning_rate=lr)
+        tables=tables(pooling),
+        is_weighted=weighted,
+        optimizer=jaxrec.optim.exact_sgd(learning_rate=lr),
     )
     variables = plain.init(jax.random.key(0), kjt)
-    fused_vars = fused.load_state_dict(fused.init(jax.random.key(1), kjt), plain.state_dict(variables))
+    fused_vars = fused.load_state_dict(
+        fused.init(jax.random.key(1), kjt), plain.state_dict(variables)
+    )
     g_out = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
 
     def loss(module, params):
         return jnp.sum(module.apply({"params": params}, kjt).values() * g_out)
 
     dense_grads = jax.grad(functools.partial(loss, plain))(variables["params"])
-    expected = {k: v - lr * g for (k, v), g in zip(
-        plain.state_dict(variables).items(), plain.state_dict({"params": dense_grads}).values(), strict=True
-    )}
+    expected = {
+        k: v - lr * g
+        for (k, v), g in zip(
+            plain.state_dict(variables).items(),
+            plain.state_dict({"params": dense_grads}).values(),
+            strict=True,
+        )
+    }
     grads = jax.grad(functools.partial(loss, fused))(fused_vars["params"])
     new_params = jaxrec.optim.apply_updates(fused_vars["params"], grads)
     for name, table in fused.state_dict({"params": new_params}).items():
-        np.testing.assert_allclose(np.asarray(table), np.asarray(expected[name]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(table), np.asarray(expected[name]), rtol=1e-5, atol=1e-6
+        )
 
 
 def numpy_rowwise_adagrad(tables_np, state_np, kjt, g_out, lr, eps, keys, features_of_table, dims):
@@ -95,7 +120,10 @@ def test_fused_rowwise_adagrad_training_loop_matches_float64_reference(backend):
     )
     first = random_kjt(rng, KEYS, ROWS, batch=4, capacity=128)
     params = ebc.init(jax.random.key(0), first)["params"]
-    tables_np = {k.split(".")[1]: np.asarray(v, np.float64) for k, v in ebc.state_dict({"params": params}).items()}
+    tables_np = {
+        k.split(".")[1]: np.asarray(v, np.float64)
+        for k, v in ebc.state_dict({"params": params}).items()
+    }
     state_np = {t: np.zeros(w.shape[0]) for t, w in tables_np.items()}
     tx = jaxrec.optim.fused(optax.sgd(0.1))
     opt_state = tx.init(params)
@@ -111,14 +139,25 @@ def test_fused_rowwise_adagrad_training_loop_matches_float64_reference(backend):
         g_out = rng.normal(size=(4, 11)).astype(np.float32)
         params, opt_state = step(params, opt_state, kjt, jnp.asarray(g_out))
         tables_np, state_np = numpy_rowwise_adagrad(
-            tables_np, state_np, kjt, g_out.astype(np.float64), lr, eps, KEYS,
-            {"fa": "a", "fb": "a", "fc": "b"}, {"a": 4, "b": 3},
+            tables_np,
+            state_np,
+            kjt,
+            g_out.astype(np.float64),
+            lr,
+            eps,
+            KEYS,
+            {"fa": "a", "fb": "a", "fc": "b"},
+            {"a": 4, "b": 3},
         )
     got = ebc.state_dict({"params": params})
     for t in ("a", "b"):
-        np.testing.assert_allclose(np.asarray(got[f"embedding_bags.{t}.weight"]), tables_np[t], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got[f"embedding_bags.{t}.weight"]), tables_np[t], rtol=1e-5, atol=1e-6
+        )
     opt = ebc.optimizer_state_dict({"params": params})
-    np.testing.assert_allclose(np.asarray(opt["embedding_bags.a.weight"]["momentum1"]), state_np["a"], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(opt["embedding_bags.a.weight"]["momentum1"]), state_np["a"], rtol=1e-5
+    )
     assert float(opt["embedding_bags.a.weight"]["step"]) == 5.0
 
 
@@ -131,7 +170,9 @@ def test_fused_embedding_collection_sgd_moves_only_looked_up_rows():
     params = ec.init(jax.random.key(0), kjt)["params"]
     before = np.asarray(ec.state_dict({"params": params})["embeddings.t.weight"])
     grads = jax.grad(lambda p: jnp.sum(ec.apply({"params": p}, kjt)["f"].values()))(params)
-    after = np.asarray(ec.state_dict({"params": jaxrec.optim.apply_updates(params, grads)})["embeddings.t.weight"])
+    after = np.asarray(
+        ec.state_dict({"params": jaxrec.optim.apply_updates(params, grads)})["embeddings.t.weight"]
+    )
     expected = before.copy()
     expected[1] -= 2.0  # looked up twice
     expected[4] -= 1.0
@@ -139,24 +180,34 @@ def test_fused_embedding_collection_sgd_moves_only_looked_up_rows():
 
 
 def test_table_used_in_two_lookups_is_refused():
-    ebc = EmbeddingBagCollection(tables=tables(), optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1))
+    ebc = EmbeddingBagCollection(
+        tables=tables(), optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1)
+    )
     kjt = random_kjt(np.random.default_rng(0), KEYS, ROWS, batch=2)
     params = ebc.init(jax.random.key(0), kjt)["params"]
     tx = jaxrec.optim.fused(optax.sgd(0.1))
     grads = jax.grad(
-        lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values()) + jnp.sum(ebc.apply({"params": p}, kjt).values())
+        lambda p: (
+            jnp.sum(ebc.apply({"params": p}, kjt).values())
+            + jnp.sum(ebc.apply({"params": p}, kjt).values())
+        )
     )(params)
     with pytest.raises(ValueError, match="entered 2 fused lookups"):
         tx.update(grads, tx.init(params), params)
 
 
 def test_gradient_accumulation_of_fused_tables_is_refused():
-    ebc = EmbeddingBagCollection(tables=tables(), optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1))
+    ebc = EmbeddingBagCollection(
+        tables=tables(), optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1)
+    )
     rng = np.random.default_rng(0)
     params = ebc.init(jax.random.key(0), random_kjt(rng, KEYS, ROWS, batch=2))["params"]
     grad = jax.grad(lambda p, k: jnp.sum(ebc.apply({"params": p}, k).values()))
-    total = jax.tree.map(jnp.add, grad(params, random_kjt(rng, KEYS, ROWS, batch=2)),
-                         grad(params, random_kjt(rng, KEYS, ROWS, batch=2)))
+    total = jax.tree.map(
+        jnp.add,
+        grad(params, random_kjt(rng, KEYS, ROWS, batch=2)),
+        grad(params, random_kjt(rng, KEYS, ROWS, batch=2)),
+    )
     tx = jaxrec.optim.fused(optax.sgd(0.1))
     with pytest.raises(ValueError, match="gradients were accumulated"):
         tx.update(total, tx.init(params), params)
@@ -164,7 +215,9 @@ def test_gradient_accumulation_of_fused_tables_is_refused():
 
 def test_fused_params_carry_the_optimizer_state():
     ebc = EmbeddingBagCollection(tables=tables(), optimizer=jaxrec.optim.adam(learning_rate=0.1))
-    params = ebc.init(jax.random.key(0), random_kjt(np.random.default_rng(0), KEYS, ROWS, batch=2))["params"]
+    params = ebc.init(jax.random.key(0), random_kjt(np.random.default_rng(0), KEYS, ROWS, batch=2))[
+        "params"
+    ]
     group = params["embedding_bags"]["sum_float32_d4"]
     assert isinstance(group, FusedTableParams)
     assert group.state["momentum1"].shape == (9, 4) and group.state["momentum2"].shape == (9, 4)
@@ -176,13 +229,22 @@ def test_fused_params_carry_the_optimizer_state():
 def _median_step_seconds(num_rows, batch=512, dim=16, repeats=7):
     rng = np.random.default_rng(0)
     ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=num_rows, feature_names=["f"])],
+        tables=[
+            EmbeddingBagConfig(
+                name="t", embedding_dim=dim, num_embeddings=num_rows, feature_names=["f"]
+            )
+        ],
         optimizer=jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.01),
         backend="xla",
     )
     kjt = random_kjt(rng, ["f"], [num_rows], batch=batch, max_len=20, capacity=8192)
-    params = {"embedding_bags": {"sum_float32_d16": jaxrec.optim.init_fused_table(
-        jnp.zeros((num_rows, dim), jnp.float32), ebc.optimizer)}}
+    params = {
+        "embedding_bags": {
+            "sum_float32_d16": jaxrec.optim.init_fused_table(
+                jnp.zeros((num_rows, dim), jnp.float32), ebc.optimizer
+            )
+        }
+    }
     g_out = jnp.ones((batch, dim))
 
     @functools.partial(jax.jit, donate_argnums=(0,))

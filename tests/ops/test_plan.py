@@ -20,13 +20,15 @@ def test_tables_of_one_dim_dtype_and_pooling_share_a_group():
 
 
 def test_dim_dtype_and_pooling_split_groups():
-    plan = build_plan([
-        bag("a", 8, 5, ["fa"]),
-        bag("b", 16, 5, ["fb"]),
-        bag("c", 8, 5, ["fc"], data_type=DataType.BF16),
-        bag("d", 8, 5, ["fd"], pooling=PoolingType.MEAN),
-        bag("e", 8, 7, ["fe"]),
-    ])
+    plan = build_plan(
+        [
+            bag("a", 8, 5, ["fa"]),
+            bag("b", 16, 5, ["fb"]),
+            bag("c", 8, 5, ["fc"], data_type=DataType.BF16),
+            bag("d", 8, 5, ["fd"], pooling=PoolingType.MEAN),
+            bag("e", 8, 7, ["fe"]),
+        ]
+    )
     names = [g.name for g in plan.groups]
     assert names == ["sum_float32_d8", "sum_float32_d16", "sum_bfloat16_d8", "mean_float32_d8"]
     assert plan.groups[0].tables == ("a", "e") and plan.table("e").row_offset == 5
@@ -47,13 +49,17 @@ def test_plans_are_cached_and_hashable():
 
 
 def test_sequence_plan_is_not_pooled():
-    plan = build_plan([EmbeddingConfig(name="e", embedding_dim=3, num_embeddings=4, feature_names=["f"])])
+    plan = build_plan(
+        [EmbeddingConfig(name="e", embedding_dim=3, num_embeddings=4, feature_names=["f"])]
+    )
     assert not plan.pooled and plan.groups[0].pooling == "none"
 
 
 def test_mixing_bag_and_sequence_configs_is_refused():
     with pytest.raises(ValueError, match="either EmbeddingBagConfigs or EmbeddingConfigs"):
-        build_plan([
-            bag("t", 4, 10, ["f1"]),
-            EmbeddingConfig(name="e", embedding_dim=4, num_embeddings=4, feature_names=["f2"]),
-        ])
+        build_plan(
+            [
+                bag("t", 4, 10, ["f1"]),
+                EmbeddingConfig(name="e", embedding_dim=4, num_embeddings=4, feature_names=["f2"]),
+            ]
+        )

@@ -20,7 +20,11 @@ NUM_STEPS = 6
 # spelled out so the reference below needs no defaults of its own.
 CASES = [
     ("sgd", so.exact_sgd, dict(learning_rate=0.1)),
-    ("sgd_clipped", so.exact_sgd, dict(learning_rate=0.1, gradient_clipping=True, max_gradient=0.3)),
+    (
+        "sgd_clipped",
+        so.exact_sgd,
+        dict(learning_rate=0.1, gradient_clipping=True, max_gradient=0.3),
+    ),
     ("adagrad", so.exact_adagrad, dict(learning_rate=0.1, eps=1e-8)),
     (
         "rowwise_adagrad",
@@ -36,7 +40,11 @@ CASES = [
         "rowwise_adagrad_decouple",
         so.exact_rowwise_adagrad,
         dict(
-            learning_rate=0.1, eps=1e-8, weight_decay=0.2, weight_decay_mode="DECOUPLE", max_norm=0.0
+            learning_rate=0.1,
+            eps=1e-8,
+            weight_decay=0.2,
+            weight_decay_mode="DECOUPLE",
+            max_norm=0.0,
         ),
     ),
     (
@@ -58,7 +66,11 @@ CASES = [
         ),
     ),
     ("adam", so.adam, dict(learning_rate=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)),
-    ("adam_wd", so.adam, dict(learning_rate=0.05, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)),
+    (
+        "adam_wd",
+        so.adam,
+        dict(learning_rate=0.05, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1),
+    ),
     (
         "partial_rowwise_adam",
         so.partial_rowwise_adam,
@@ -205,53 +217,62 @@ def _assert_history_close(got, want, rtol=2e-5, atol=2e-6):
 # the rules
 
 
-class ReferenceTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(
-        case_id=[case[0] for case in CASES],
-        lead=[(), (7,), (2, 3)],
-    )
-    def test_update_matches_float64_reference_over_steps(self, case_id, lead):
-        make, kwargs = CASES_BY_ID[case_id]
-        opt = make(**kwargs)
-        dim = 6
-        rng = np.random.default_rng(abs(hash((case_id, lead))) % 2**32)
-        w, grads = _random_rows(rng, lead, dim, NUM_STEPS)
-        state = _zero_state(opt.name, lead, dim)
-        update = self.variant(functools.partial(opt.update, dim=dim))
-        got = _run(update, w, state, grads)
-        want = _run_reference(opt.name, kwargs, w, state, grads)
-        _assert_history_close(got, want)
-        for (new_w, new_s), (_, ref_s) in zip(got, want, strict=True):
-            chex.assert_shape(new_w, (*lead, dim))
-            chex.assert_type(new_w, jnp.float32)
-            for key in ref_s:
-                chex.assert_shape(new_s[key], ref_s[key].shape)
-
-
-@pytest.mark.parametrize("case_id", [case[0] for case in CASES])
-def test_two_dimensional_rows_update_each_row_independently(case_id):
+def _check_against_reference(case_id, lead, wrap, seed=0):
     make, kwargs = CASES_BY_ID[case_id]
     opt = make(**kwargs)
-    rng = np.random.default_rng(1)
-    num_rows, dim = 4, 5
-    w, grads = _random_rows(rng, (num_rows,), dim, 3)
-    state = _zero_state(opt.name, (num_rows,), dim)
-    update = jax.jit(opt.update, static_argnums=4)
-    batched = _run(lambda *a: update(*a, dim), w, state, grads)
-    for r in range(num_rows):
-        row_state = {k: v[r] for k, v in state.items()}
-        single = _run(lambda *a: update(*a, dim), w[r], row_state, [g[r] for g in grads])
-        for (bw, bs), (sw, ss) in zip(batched, single, strict=True):
-            np.testing.assert_allclose(np.asarray(bw[r]), np.asarray(sw), rtol=1e-6, atol=1e-7)
-            for key in ss:
-                np.testing.assert_allclose(
-                    np.asarray(bs[key][r]), np.asarray(ss[key]), rtol=1e-6, atol=1e-7
-                )
+    dim = 6
+    rng = np.random.default_rng(seed)
+    w, grads = _random_rows(rng, lead, dim, NUM_STEPS)
+    state = _zero_state(opt.name, lead, dim)
+    got = _run(wrap(functools.partial(opt.update, dim=dim)), w, state, grads)
+    want = _run_reference(opt.name, kwargs, w, state, grads)
+    _assert_history_close(got, want)
+    for (new_w, new_s), (_, ref_s) in zip(got, want, strict=True):
+        chex.assert_shape(new_w, (*lead, dim))
+        chex.assert_type(new_w, jnp.float32)
+        for key in ref_s:
+            chex.assert_shape(new_s[key], ref_s[key].shape)
+
+
+# One case per optimizer runs with and without jit on single rows [D] and
+# blocks of rows [U, D]; the other settings (decay modes, clipping, max_norm)
+# run under jit. The full sweep is marked slow.
+ONE_PER_OPTIMIZER = [
+    "sgd", "adagrad", "rowwise_adagrad_l2", "adam_wd", "partial_rowwise_adam", "lamb",
+    "partial_rowwise_lamb", "lars_sgd",
+]  # fmt: skip
+
+
+class ReferenceTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*ONE_PER_OPTIMIZER)
+    def test_update_matches_float64_reference_on_rows_and_single_row(self, case_id):
+        for seed, lead in enumerate([(), (5,)]):
+            _check_against_reference(case_id, lead, self.variant, seed)
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES if c[0] not in ONE_PER_OPTIMIZER])
+def test_update_settings_match_float64_reference(case_id):
+    _check_against_reference(case_id, (5,), jax.jit)
+
+
+@pytest.mark.slow
+class ReferenceSweepTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(case_id=[case[0] for case in CASES], lead=[(), (7,), (2, 3)])
+    def test_update_matches_float64_reference_over_steps(self, case_id, lead):
+        _check_against_reference(case_id, lead, self.variant, seed=len(lead))
 
 
 @pytest.mark.parametrize("case_id", [case[0] for case in CASES])
-@pytest.mark.parametrize(("dim", "padded"), [(5, 8), (6, 16), (1, 4)])
+@pytest.mark.parametrize(
+    ("dim", "padded"),
+    [
+        (5, 8),
+        pytest.param(6, 16, marks=pytest.mark.slow),
+        pytest.param(1, 4, marks=pytest.mark.slow),
+    ],
+)
 def test_zero_padded_lanes_leave_real_lanes_unchanged(case_id, dim, padded):
     make, kwargs = CASES_BY_ID[case_id]
     opt = make(**kwargs)
@@ -282,7 +303,8 @@ def test_decay_modes_differ_and_none_ignores_weight_decay():
     results = {}
     for mode in so.WeightDecayMode:
         opt = so.exact_rowwise_adagrad(learning_rate=0.1, weight_decay=0.5, weight_decay_mode=mode)
-        results[mode.name] = opt.update(jnp.asarray(w), opt.init(4, 8), jnp.asarray(g), 1, 8)[0]
+        update = jax.jit(opt.update, static_argnums=4)
+        results[mode.name] = update(jnp.asarray(w), opt.init(4, 8), jnp.asarray(g), 1, 8)[0]
     no_decay = so.exact_rowwise_adagrad(learning_rate=0.1)
     plain = no_decay.update(jnp.asarray(w), no_decay.init(4, 8), jnp.asarray(g), 1, 8)[0]
     chex.assert_trees_all_close(results["NONE"], plain)
@@ -335,7 +357,7 @@ def test_int32_and_float32_steps_agree(case_id):
     rng = np.random.default_rng(6)
     w, grads = _random_rows(rng, (2,), 4, 3)
     state = _zero_state(opt.name, (2,), 4)
-    update = functools.partial(opt.update, dim=4)
+    update = jax.jit(functools.partial(opt.update, dim=4))
     as_float = _run(update, w, state, grads, steps_as=jnp.float32)
     as_int = _run(update, w, state, grads, steps_as=jnp.int32)
     chex.assert_trees_all_close(as_float, as_int)
@@ -369,7 +391,8 @@ def test_update_uses_only_elementwise_ops_and_last_axis_reductions():
         for lead in [(), (3,)]:
             w = jnp.zeros((*lead, 8))
             state = {
-                k: jnp.zeros(v.shape[1:] if not lead else v.shape) for k, v in opt.init(3, 8).items()
+                k: jnp.zeros(v.shape[1:] if not lead else v.shape)
+                for k, v in opt.init(3, 8).items()
             }
             jaxpr = jax.make_jaxpr(lambda w, s, g, t, opt=opt: opt.update(w, s, g, t, 6))(
                 w, state, w, jnp.float32(2)
@@ -490,6 +513,11 @@ def test_bad_hyperparameters_raise_naming_argument_and_value(make, kwargs, argum
     with pytest.raises(ValueError, match=argument) as info:
         make(**kwargs)
     assert repr(value) in str(info.value)
+
+
+def test_init_accepts_numpy_integers():
+    state = so.lamb().init(np.int64(3), np.int32(2))
+    chex.assert_shape(state["momentum1"], (3, 2))
 
 
 def test_init_rejects_bad_sizes():

@@ -56,7 +56,9 @@ def test_worked_example_to_dict_splits_by_key():
 def test_from_lengths_and_from_offsets_agree(make_bags, shape):
     bags = make_bags(*shape, weighted=True)
     offsets = np.concatenate([[0], np.cumsum(bags.lengths())])
-    a = KeyedJaggedTensor.from_lengths_sync(bags.keys, bags.values(), bags.lengths(), bags.flat_weights())
+    a = KeyedJaggedTensor.from_lengths_sync(
+        bags.keys, bags.values(), bags.lengths(), bags.flat_weights()
+    )
     b = KeyedJaggedTensor.from_offsets_sync(bags.keys, bags.values(), offsets, bags.flat_weights())
     c = KeyedJaggedTensor(bags.keys, bags.values(), bags.flat_weights(), bags.lengths(), offsets)
     for kjt in (b, c):
@@ -158,7 +160,10 @@ def test_split_matches_the_bags_eagerly_and_under_jit(make_bags, shape, weighted
     segments = [num_keys - 1, 0, 1] if num_keys > 1 else [0, 1]
     padded = bags.kjt(extra_capacity=3)
     starts = np.cumsum([0, *segments])
-    for pieces, exact in ((padded.split(segments), True), (jax.jit(lambda k: k.split(segments))(padded), False)):
+    for pieces, exact in (
+        (padded.split(segments), True),
+        (jax.jit(lambda k: k.split(segments))(padded), False),
+    ):
         assert len(pieces) == len(segments)
         for piece, lo, hi in zip(pieces, starts[:-1], starts[1:], strict=True):
             idx = list(range(lo, hi))
@@ -195,7 +200,9 @@ def test_permute_with_repeated_keys_grows_the_traced_capacity(make_bags):
     out = jax.jit(lambda k: k.permute(indices))(padded)
     _assert_real(out.values(), bags.values(indices), capacity=2 * padded.capacity())
     assert out.keys() == ["f1", "f0", "f1"]
-    _assert_real(padded.permute(indices).values(), bags.values(indices), capacity=len(bags.values(indices)))
+    _assert_real(
+        padded.permute(indices).values(), bags.values(indices), capacity=len(bags.values(indices))
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -351,7 +358,9 @@ def test_offsets_must_start_at_zero_and_not_decrease():
     with pytest.raises(ValueError, match=r"offsets\[2\] = 1 < offsets\[1\] = 2"):
         KeyedJaggedTensor(["a"], np.arange(3), offsets=np.array([0, 2, 1, 3]))
     with pytest.raises(ValueError, match="disagree"):
-        KeyedJaggedTensor(["a"], np.arange(3), lengths=np.array([1, 2]), offsets=np.array([0, 2, 3]))
+        KeyedJaggedTensor(
+            ["a"], np.arange(3), lengths=np.array([1, 2]), offsets=np.array([0, 2, 3])
+        )
 
 
 def test_weights_must_match_values_and_be_floating():
