@@ -23,7 +23,7 @@ rows touched per call would fit in about four L2 caches.
 >>> [g.dim for g in inputs.groups], inputs.num_columns
 ([16, 32], 96)
 >>> lookups = np.diff(inputs.host_offsets[0]).reshape(4, 64).sum(axis=1)   # per table
->>> rows_read = 4 * (16 * (lookups[0] + lookups[2]) + 32 * (lookups[1] + lookups[3]))
+>>> rows_read = int(4 * (16 * (lookups[0] + lookups[2]) + 32 * (lookups[1] + lookups[3])))
 >>> pooled_bytes(inputs, "fp32") == rows_read + 4 * inputs.num_lookups + 4 * 257 + 4 * 64 * 96
 True
 """
@@ -186,7 +186,7 @@ def pooled_bytes(inputs: BenchInputs, dtype: str, weighted: bool = False) -> int
     n = inputs.num_lookups
     offsets = inputs.host_offsets[0].shape[0] * 4
     out = inputs.shape.batch_size * inputs.num_columns * item
-    return rows + n * 4 + offsets + (n * 4 if weighted else 0) + out
+    return int(rows + n * 4 + offsets + (n * 4 if weighted else 0) + out)
 
 
 def sequence_bytes(inputs: BenchInputs, dtype: str) -> int:
@@ -195,7 +195,7 @@ def sequence_bytes(inputs: BenchInputs, dtype: str) -> int:
     rows = sum(
         n * g.dim * item for n, g in zip(_lookups_per_group(inputs), inputs.groups, strict=True)
     )
-    return 2 * rows + inputs.num_lookups * 4 + inputs.host_offsets[0].shape[0] * 4
+    return int(2 * rows + inputs.num_lookups * 4 + inputs.host_offsets[0].shape[0] * 4)
 
 
 def time_op(
@@ -236,20 +236,31 @@ def copy_bandwidth(nbytes: int, iters: int = 20) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def pooled_fn(inputs: BenchInputs, impl: str, pooling: str, interpret: bool = False):
-    """A jitted ``fn(ids, offsets, psw) -> out`` for one implementation over all groups."""
+def pooled_fn(
+    inputs: BenchInputs,
+    impl: str,
+    pooling: str,
+    interpret: bool = False,
+    config: Callable[[Group], Any] | None = None,
+):
+    """A jitted ``fn(ids, offsets, psw) -> out`` for one implementation over all groups.
+
+    ``config(group)`` picks the Pallas launch shape of a group (default: the kernel's own).
+    """
     shape, cols = inputs.shape, inputs.num_columns
     groups = inputs.groups
     tables = [g.weights for g in groups]
 
     if impl in ("pallas", "xla-reference"):
         lookup = pooled_lookup if impl == "pallas" else pooled_lookup_reference
-        extra = {"interpret": interpret} if impl == "pallas" else {}
 
         @jax.jit
         def fn(tables, ids, offsets, psw):
             out = None
             for g, w in zip(groups, tables, strict=True):
+                extra = {}
+                if impl == "pallas":
+                    extra = {"interpret": interpret, "config": config(g) if config else None}
                 out, _ = lookup(
                     w,
                     ids,
@@ -392,8 +403,13 @@ def run_shape(
     interpret: bool = False,
     copy_gbps: float | None = None,
     l2_bytes: int = 50 * 2**20,
+    pooled_config: Callable[[Group], Any] | None = None,
+    sequence_config: Callable[[Group], Any] | None = None,
 ) -> list[dict]:
-    """Time every implementation of every op on one shape; one result dict per timing."""
+    """Time every implementation of every op on one shape; one result dict per timing.
+
+    ``pooled_config`` / ``sequence_config`` pick the Pallas launch shape per group.
+    """
     on_gpu = jax.default_backend() == "gpu"
     item = jnp.dtype(DTYPES[dtype]).itemsize
     dims = sorted({d for _, d in shape.tables})
@@ -431,9 +447,9 @@ def run_shape(
                     ms = time_op(fn, [(k,) for k in range(rotations)], iters=iters, sync=sync)
                 else:
                     fn = (
-                        pooled_fn(inputs, impl, pooling, interpret)
+                        pooled_fn(inputs, impl, pooling, interpret, pooled_config)
                         if op == "pooled"
-                        else sequence_fn(inputs, impl, interpret)
+                        else sequence_fn(inputs, impl, interpret, sequence_config)
                     )
                     ms = time_op(fn, arg_sets, iters=iters)
             except ImportError as ex:
@@ -452,7 +468,12 @@ def run_shape(
     return results
 
 
-def sequence_fn(inputs: BenchInputs, impl: str, interpret: bool = False):
+def sequence_fn(
+    inputs: BenchInputs,
+    impl: str,
+    interpret: bool = False,
+    config: Callable[[Group], Any] | None = None,
+):
     """A jitted ``fn(ids, offsets, psw) -> [per-group outputs]`` for the sequence lookup."""
     shape = inputs.shape
     if impl not in ("pallas", "xla-reference"):
@@ -477,13 +498,17 @@ def sequence_fn(inputs: BenchInputs, impl: str, interpret: bool = False):
             return lambda ids, offsets, psw: naive(tables, row_offs, ids)
         raise ValueError(f"unknown impl {impl!r}")
     lookup = sequence_lookup if impl == "pallas" else sequence_lookup_reference
-    extra = {"interpret": interpret} if impl == "pallas" else {}
     groups = inputs.groups
+
+    def extra(g):
+        if impl != "pallas":
+            return {}
+        return {"interpret": interpret, "config": config(g) if config else None}
 
     @jax.jit
     def fn(tables, ids, offsets):
         return [
-            lookup(w, ids, offsets, g.features, batch_size=shape.batch_size, **extra)[0]
+            lookup(w, ids, offsets, g.features, batch_size=shape.batch_size, **extra(g))[0]
             for g, w in zip(groups, tables, strict=True)
         ]
 

@@ -41,14 +41,6 @@ def masked_store(ref_view, value: jax.Array, mask: jax.Array) -> None:
     plgpu.store(ref_view, value, mask=mask)
 
 
-def is_gpu_array(x: jax.Array) -> bool:
-    """Whether ``x`` (a concrete array) lives on a GPU; tracers count as not known (False)."""
-    try:
-        return all(d.platform == "gpu" for d in x.devices())
-    except Exception:  # tracers and abstract values have no devices
-        return False
-
-
 def float_dtype(dtype) -> jnp.dtype:
     """``dtype`` as a numpy dtype, checked to be one of the table dtypes (fp32, fp16, bf16)."""
     dt = jnp.dtype(dtype)

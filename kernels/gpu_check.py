@@ -6,7 +6,9 @@
    kernel with the XLA reference by ``|out - ref| / |ref|``; outputs are poisoned with NaN
    first (``out=`` prefilled, or a freed NaN buffer of the output's size for fresh outputs),
    so a missed write shows. Every launch shape timed below is checked too.
-2. ``variants``: times launch shapes of both kernels on the bench shapes.
+2. ``tune``: times candidate launch shapes of the pooled kernel for each (dim, dtype) on a
+   tuning model (8 tables x 1M rows, B=8192, bags 0..40) and on "fbgemm-default", and of the
+   sequence kernel on "large"; the fastest of each is used below.
 3. ``bench``: :func:`jaxrec.bench.run_shape` with its peers, in the same run.
 
 Writes ``gpu_check.json`` (and the printed table) to ``--out`` (default ``$OUT`` or ``.``).
@@ -29,39 +31,30 @@ import numpy as np
 
 from jaxrec import bench
 
+from ._pallas_compat import next_power_of_2
 from .pooled_lookup import PooledConfig, pooled_lookup, pooled_lookup_reference
 from .sequence_lookup import SequenceConfig, sequence_lookup, sequence_lookup_reference
 
 POOLED_VARIANTS = [
+    PooledConfig(1, 8, 2, 2),
+    PooledConfig(1, 16, 2, 2),
     PooledConfig(1, 16, 4, 2),
-    PooledConfig(4, 4, 4, 2),
-    PooledConfig(8, 2, 4, 2),
-    PooledConfig(8, 4, 4, 2),
+    PooledConfig(1, 32, 4, 2),
+    PooledConfig(2, 16, 4, 2),
     PooledConfig(16, 1, 4, 2),
-    PooledConfig(16, 2, 4, 2),
-    PooledConfig(16, 2, 8, 2),
-    PooledConfig(32, 1, 4, 2),
-    PooledConfig(32, 1, 8, 2),
-    PooledConfig(32, 2, 8, 2),
-    PooledConfig(64, 1, 8, 2),
-    PooledConfig(16, 2, 4, 1),
-    PooledConfig(16, 2, 4, 3),
-    PooledConfig(16, 2, 4, 4),
-    PooledConfig(8, 4, 4, 2, prefetch=True),
-    PooledConfig(16, 2, 4, 2, prefetch=True),
-    PooledConfig(32, 1, 8, 2, prefetch=True),
-    PooledConfig(16, 16, 4, 2, strategy="segmented"),
+    PooledConfig(16, 16, 2, 2, strategy="segmented"),
     PooledConfig(16, 32, 4, 2, strategy="segmented"),
-    PooledConfig(32, 32, 8, 2, strategy="segmented"),
-    PooledConfig(16, 64, 8, 2, strategy="segmented"),
 ]
 SEQUENCE_VARIANTS = [
-    SequenceConfig(16, 4),
-    SequenceConfig(32, 4),
-    SequenceConfig(64, 4),
-    SequenceConfig(64, 8),
-    SequenceConfig(128, 8),
+    SequenceConfig(32, 1, 4),
+    SequenceConfig(32, 8, 4),
+    SequenceConfig(16, 16, 4),
+    SequenceConfig(64, 4, 4),
+    SequenceConfig(64, 8, 8),
+    SequenceConfig(128, 2, 8),
 ]
+TUNE_DIMS = {"fp32": (16, 32, 64, 128, 256), "bf16": (16, 128)}
+TUNE_ROWS, TUNE_TABLES, TUNE_BATCH = 1_000_000, 8, 8192
 
 
 def _cfg_name(cfg) -> str:
@@ -175,6 +168,8 @@ def correctness(seed: int, interpret: bool = False, limit: int | None = None) ->
     for k, (dims, dtype) in enumerate(
         (d, t) for d in ([3, 24, 48], [96, 160], [128, 256]) for t in ("fp32", "fp16", "bf16")
     ):
+        if k % 4:  # three of the nine: every dims list, dtype and mode once
+            continue
         pooling, weighted, bounds = modes[k % 3]
         cases.append(
             (
@@ -200,49 +195,19 @@ def correctness(seed: int, interpret: bool = False, limit: int | None = None) ->
             )
         )
     for cfg in POOLED_VARIANTS:
-        cases.append(
-            (
-                "pooled",
-                dict(
-                    dims=[24, 128],
-                    dtype="fp32",
-                    pooling="mean",
-                    weighted=True,
-                    bounds="warning",
-                    config=cfg,
-                    max_len=70,
-                    rows=9,
-                    shared=True,
-                ),
-            )
-        )
-    cases.append(
-        (
-            "pooled",
-            dict(
-                dims=[128],
-                dtype="fp32",
-                pooling="sum",
-                weighted=False,
-                bounds="none",
-                config=None,
-                max_len=400,
-                rows=1000,
-                shared=False,
-            ),
-        )
-    )
+        for dims, dtype in (([24, 128], "fp32"), ([16, 256], "bf16")):
+            kw = dict(dims=dims, dtype=dtype, pooling="mean", weighted=True, bounds="warning")
+            cases.append(("pooled", dict(kw, config=cfg, max_len=70, rows=9, shared=True)))
+    kw = dict(dims=[128], dtype="fp32", pooling="sum", weighted=False, bounds="none")
+    cases.append(("pooled", dict(kw, config=None, max_len=400, rows=1000, shared=False)))
     for dim in (48, 128):
         cases.append(("fresh", dict(dim=dim, dtype="fp32", config=None)))
-    for dim, dtype, bounds in (
-        (128, "fp32", "warning"),
-        (24, "bf16", "ignore"),
-        (160, "fp16", "warning"),
-        (3, "fp32", "fatal"),
-    ):
+    seq_cases = ((128, "fp32", "warning"), (24, "bf16", "ignore"), (160, "fp16", "fatal"))
+    for dim, dtype, bounds in seq_cases:
         cases.append(("sequence", dict(dim=dim, dtype=dtype, bounds=bounds, config=None)))
     for cfg in SEQUENCE_VARIANTS:
-        cases.append(("sequence", dict(dim=128, dtype="fp32", bounds="warning", config=cfg)))
+        for dim, dtype, bounds in seq_cases[:2]:
+            cases.append(("sequence", dict(dim=dim, dtype=dtype, bounds=bounds, config=cfg)))
     records = []
     for kind, kw in cases[:limit]:
         kw = dict(kw)
@@ -273,28 +238,36 @@ def correctness(seed: int, interpret: bool = False, limit: int | None = None) ->
     return records
 
 
-def variants(shape_names, dtype: str, iters: int) -> list[dict]:
-    """Time every pooled and sequence launch shape on the named bench shapes."""
-    rows = []
-    for name in shape_names:
-        shape = bench.SHAPES[name]
+def tune(iters: int, interpret: bool = False) -> tuple[list[dict], dict]:
+    """Time every candidate launch shape; returns (records, fastest config per category).
+
+    Categories: ``"{dtype}:{dim}"`` on the tuning model, ``"fbgemm-default"`` (fp32), and
+    ``"sequence"`` (fp32, "large").
+    """
+    rows, best = [], {}
+    jobs = [
+        (f"{t}:{d}", t, bench.BenchShape(f"tune-{d}", ((1_000_000, d),) * 8, 8192, 20))
+        for t, dims in TUNE_DIMS.items()
+        for d in dims
+    ]
+    jobs.append(("fbgemm-default", "fp32", bench.SHAPES["fbgemm-default"]))
+    jobs.append(("sequence", "fp32", bench.SHAPES["large"]))
+    for category, dtype, shape in jobs:
         inputs = bench.make_inputs(shape, dtype, weighted=False, rotations=2)
         arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
-        nbytes = bench.pooled_bytes(inputs, dtype)
-        for cfg in POOLED_VARIANTS:
-            rows.append(_time_variant(inputs, "pooled", cfg, arg_sets, nbytes, iters))
-        if name == "large":
-            nbytes = bench.sequence_bytes(inputs, dtype)
-            for cfg in SEQUENCE_VARIANTS:
-                rows.append(_time_variant(inputs, "sequence", cfg, arg_sets, nbytes, iters))
-        for r in rows:
-            r.setdefault("shape", name)
-            r.setdefault("dtype", dtype)
+        op = "sequence" if category == "sequence" else "pooled"
+        nbytes = (bench.sequence_bytes if op == "sequence" else bench.pooled_bytes)(inputs, dtype)
+        for cfg in SEQUENCE_VARIANTS if op == "sequence" else POOLED_VARIANTS:
+            rec = _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret)
+            rec.update(category=category, shape=shape.name, dtype=dtype)
+            rows.append(rec)
+            if "ms" in rec and rec["ms"] < best.get(category, (None, float("inf")))[1]:
+                best[category] = (cfg, rec["ms"])
         del inputs
-    return rows
+    return rows, {k: v[0] for k, v in best.items()}
 
 
-def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters):
+def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret=False):
     shape, cols = inputs.shape, inputs.num_columns
     tables = [g.weights for g in inputs.groups]
     groups = inputs.groups
@@ -311,6 +284,7 @@ def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters):
                 g.features,
                 out=out,
                 config=cfg,
+                interpret=interpret,
                 batch_size=shape.batch_size,
                 num_columns=cols,
             )
@@ -319,7 +293,15 @@ def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters):
     @jax.jit
     def sequence(tables, ids, offsets):
         return [
-            sequence_lookup(w, ids, offsets, g.features, batch_size=shape.batch_size, config=cfg)[0]
+            sequence_lookup(
+                w,
+                ids,
+                offsets,
+                g.features,
+                batch_size=shape.batch_size,
+                config=cfg,
+                interpret=interpret,
+            )[0]
             for g, w in zip(groups, tables, strict=True)
         ]
 
@@ -336,15 +318,30 @@ def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters):
     return rec
 
 
+def _torch_copy_bandwidth(nbytes: int) -> float | None:
+    """``torch.Tensor.copy_`` bandwidth (read + write) of an ``nbytes`` buffer, if torch runs."""
+    try:
+        import torch
+
+        bufs = [torch.empty(nbytes // 4, dtype=torch.float32, device="cuda") for _ in range(2)]
+        ms = bench.time_op(
+            lambda: bufs[1].copy_(bufs[0]), [()], sync=lambda _: torch.cuda.synchronize()
+        )
+        bufs.clear()
+        torch.cuda.empty_cache()
+        return 2 * nbytes / ms / 1e6
+    except Exception:  # no torch or no CUDA: the JAX copy figure stands alone
+        return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--sections", default="correctness,variants,bench")
-    p.add_argument("--variant-shapes", default="large,fbgemm-default")
-    p.add_argument("--variant-dtype", default="fp32")
+    p.add_argument("--sections", default="correctness,tune,bench")
     p.add_argument(
         "--bench",
-        default="fbgemm-default:fp32:sum:0,large:fp32:sum:0",
+        default="fbgemm-default:fp32:sum:0,large:fp32:sum:0:pooled+sequence,large:bf16:sum:0,"
+        "large:fp32:mean:0,large:fp32:sum:1,mixed-dim:fp32:sum:0",
         help="comma list of shape:dtype:pooling:weighted[:ops]",
     )
     p.add_argument("--iters", type=int, default=15)
@@ -360,9 +357,12 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
-    record["copy_GBps"] = bench.copy_bandwidth(2**30 if jax.default_backend() == "gpu" else 2**24)
+    on_gpu = jax.default_backend() == "gpu"
+    record["copy_GBps"] = bench.copy_bandwidth(2**31 if on_gpu else 2**24)
+    record["torch_copy_GBps"] = _torch_copy_bandwidth(2**31) if on_gpu else None
     print(
-        f"device {record['device']} jax {record['jax']} copy {record['copy_GBps']:.1f} GB/s",
+        f"device {record['device']} jax {record['jax']} torch {record['torch']} copy "
+        f"{record['copy_GBps']:.1f} GB/s (jax), {record['torch_copy_GBps']} GB/s (torch)",
         flush=True,
     )
     if "correctness" in sections:
@@ -375,19 +375,32 @@ def main(argv=None) -> int:
             print("FAIL", json.dumps({k: v for k, v in r.items() if k != "trace"})[:600])
         if bad and "trace" in bad[0]:
             print(bad[0]["trace"])
-    if "variants" in sections:
-        rows = variants(args.variant_shapes.split(","), args.variant_dtype, args.iters)
-        record["variants"] = rows
+    best = {}
+    if "tune" in sections:
+        rows, best = tune(args.iters, args.interpret)
+        record["tune"] = rows
+        record["tuned"] = {k: _cfg_name(v) for k, v in best.items()}
         save()
         for r in rows:
             val = f"{r['ms']:.4f} ms {r['GBps']:.0f} GB/s" if "ms" in r else r["error"][:150]
-            print(f"{r['shape']:<15}{r['op']:<9}{r['config']:<78}{val}", flush=True)
+            cfg = r["config"].replace("num_", "").replace("block_", "")
+            print(f"{r['category']:<15}{cfg:<62}{val}", flush=True)
+        for k, v in record["tuned"].items():
+            print(f"tuned {k}: {v}")
     if "bench" in sections:
         results = []
         for spec in args.bench.split(","):
             name, dtype, pooling, weighted, *ops = spec.split(":")
+            key = "fbgemm-default" if name == "fbgemm-default" else None
+
+            def pick(g, dtype=dtype, key=key):
+                return best.get(key or f"{dtype}:{next_power_of_2(g.dim)}")
+
             results += bench.run_shape(
                 bench.SHAPES[name],
+                interpret=args.interpret,
+                pooled_config=pick,
+                sequence_config=lambda g: best.get("sequence"),
                 dtype=dtype,
                 pooling=pooling,
                 weighted=weighted == "1",

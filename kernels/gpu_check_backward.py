@@ -36,23 +36,25 @@ import numpy as np
 
 from jaxrec.optim import sparse_optimizers as so
 
-from .pooled_lookup import pooled_lookup, pooled_lookup_reference
+from .pooled_lookup import pooled_lookup, pooled_lookup_reference, position_bags
 from .sparse_update import (
     SparseUpdateConfig,
     _occurrences,
-    _segments,
+    _run_lengths,
+    _sort,
+    _Sorted,
     fused_sparse_update,
     fused_sparse_update_reference,
     sparse_row_gradients,
 )
 
 VARIANTS = [
-    SparseUpdateConfig(16, 1, 4, 1),
-    SparseUpdateConfig(8, 1, 2, 1),
-    SparseUpdateConfig(32, 1, 8, 1),
-    SparseUpdateConfig(4, 2, 2, 1),
-    SparseUpdateConfig(1, 4, 1, 1),
-    SparseUpdateConfig(16, 1, 4, 2),
+    SparseUpdateConfig(4, 1, 1, 1),
+    SparseUpdateConfig(8, 1, 1, 1),
+    SparseUpdateConfig(2, 1, 1, 1),
+    SparseUpdateConfig(4, 1, 1, 2),
+    SparseUpdateConfig(4, 2, 1, 1),
+    SparseUpdateConfig(8, 1, 2, 1, evict_first=True),
 ]
 
 
@@ -195,14 +197,13 @@ def correctness(rng, sizes, interpret):
     default = SparseUpdateConfig()
     cases = [
         (rowwise, 128, "sum", jnp.float32, False, default),
-        (rowwise, 96, "mean", jnp.float32, True, default),
+        (rowwise, 96, "mean", jnp.float32, True, SparseUpdateConfig(4, 2, 2, 1)),
         (so.exact_sgd(0.05), 128, "sum", jnp.float32, True, SparseUpdateConfig(1, 4, 1, 1)),
-        (so.adam(0.05), 64, "mean", jnp.float32, False, SparseUpdateConfig(4, 2, 2, 1)),
+        (so.adam(0.05), 64, "mean", jnp.float32, False, SparseUpdateConfig(16, 1, 4, 1)),
         (so.partial_rowwise_adam(0.05), 128, "none", jnp.float32, False, default),
-        (so.lamb(0.05), 128, "sum", jnp.float32, False, SparseUpdateConfig(32, 1, 8, 1)),
         (rowwise, 128, "sum", jnp.bfloat16, False, default),
         (rowwise, 128, "sum", jnp.float16, True, default),
-    ] + [(rowwise, 128, "sum", jnp.float32, False, v) for v in VARIANTS[1:]]
+    ] + [(rowwise, 128, "sum", jnp.float32, False, v) for v in VARIANTS[1:4]]
     out = []
     for opt, dim, pooling, dtype, weighted, cfg in cases:
         try:
@@ -232,6 +233,8 @@ def correctness(rng, sizes, interpret):
 
 
 # --------------------------------------------------------------------------- timings
+# ids and offsets are always arguments of the jitted functions: closed over, XLA would fold
+# the preprocessing into constants at compile time.
 
 
 def _train_inputs(rng, sizes, rows, dtype, dim=128):
@@ -249,50 +252,46 @@ def _update_fn(impl, config, interpret):
 
 
 def backward_fn(batch, opt, dim, impl, config=None, interpret=False):
+    """Jitted ``(carry, g, ids, offsets) -> carry``, carry = (w, state, t), tables donated."""
     update = _update_fn(impl, config, interpret)
+    layout = dict(batch_size=batch.batch_size, dim=dim, pooling="sum", optimizer=opt)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def bwd(carry, g):
+    def bwd(carry, g, ids, offsets):
         w, st, t = carry
-        w, st = update(
-            w,
-            st,
-            t,
-            g,
-            batch.ids,
-            batch.offsets,
-            None,
-            batch.features,
-            batch_size=batch.batch_size,
-            dim=dim,
-            pooling="sum",
-            optimizer=opt,
-        )
+        w, st = update(w, st, t, g, ids, offsets, None, batch.features, **layout)
         return w, st, t + 1
 
     return bwd
 
 
-def preprocess_fn(batch):
-    @jax.jit
-    def pre(ids, offsets):
-        occ = _occurrences(
-            ids, offsets, None, batch.features, batch.batch_size, batch.num_rows, "sum"
-        )
-        seg = _segments(occ.rows, batch.num_rows)
-        return (
-            seg.starts,
-            seg.unique_rows,
-            occ.src_row[seg.order],
-            occ.src_col[seg.order],
-            occ.scale[seg.order],
-        )
+def preprocess_fns(batch):
+    """The XLA part of the fused backward, whole and by stage."""
+    occurrences = functools.partial(
+        _occurrences,
+        per_sample_weights=None,
+        features=batch.features,
+        batch_size=batch.batch_size,
+        num_rows=batch.num_rows,
+        pooling="sum",
+    )
 
-    return pre
+    @jax.jit
+    def whole(ids, offsets):
+        occ = occurrences(ids, offsets)
+        srt = _sort(occ.rows, batch.num_rows)
+        o = srt.order
+        return _run_lengths(srt), srt.rows, occ.src_row[o], occ.src_col[o], occ.scale[o]
+
+    return {
+        "whole": whole,
+        "occurrences": jax.jit(lambda ids, offsets: occurrences(ids, offsets)),
+        "sort": jax.jit(lambda rows: _sort(rows, batch.num_rows)),
+    }
 
 
 def step_fn(batch, opt, dim, impl, config=None, interpret=False):
-    """A jitted train step ``carry -> carry`` (carry = (w, state, t, loss)), tables donated."""
+    """Jitted ``(carry, g, ids, offsets) -> carry``, carry = (w, state, t, loss), donated."""
     if impl == "xla_handwritten":
         return _handwritten_step(
             batch, dim, opt.hyperparams["learning_rate"], opt.hyperparams["eps"]
@@ -303,35 +302,24 @@ def step_fn(batch, opt, dim, impl, config=None, interpret=False):
         if impl == "pallas"
         else pooled_lookup_reference
     )
+    layout = dict(batch_size=batch.batch_size, pooling="sum")
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def step(carry, g):
+    def step(carry, g, ids, offsets):
         w, st, t, _ = carry
         out, _ = lookup(
             w,
-            batch.ids,
-            batch.offsets,
+            ids,
+            offsets,
             None,
             batch.features,
-            batch_size=batch.batch_size,
             num_columns=g.shape[1],
-            pooling="sum",
             out_dtype=jnp.float32,
+            **layout,
         )
         loss = jnp.sum(out * g)  # d loss / d out = g
         w, st = update(
-            w,
-            st,
-            t,
-            g,
-            batch.ids,
-            batch.offsets,
-            None,
-            batch.features,
-            batch_size=batch.batch_size,
-            dim=dim,
-            pooling="sum",
-            optimizer=opt,
+            w, st, t, g, ids, offsets, None, batch.features, dim=dim, optimizer=opt, **layout
         )
         return w, st, t + 1, loss
 
@@ -340,21 +328,22 @@ def step_fn(batch, opt, dim, impl, config=None, interpret=False):
 
 def _handwritten_step(batch, dim, lr, eps):
     """What a JAX user writes without jaxrec: XLA forward, unique + segment_sum + scatter."""
-    n = batch.ids.shape[0]
     tables = len(batch.features)
-    lengths = batch.offsets[1:] - batch.offsets[:-1]
-    bag = jnp.repeat(jnp.arange(lengths.shape[0]), lengths, total_repeat_length=n)
-    rows_all = batch.ids + (bag // batch.batch_size) * (batch.num_rows // tables)
-
-    def loss_rows(rows, g):
-        pooled = jax.ops.segment_sum(rows, bag, num_segments=lengths.shape[0])
-        pooled = pooled.reshape(tables, batch.batch_size, dim).transpose(1, 0, 2)
-        return jnp.sum(pooled.reshape(batch.batch_size, -1) * g)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def step(carry, g):
+    def step(carry, g, ids, offsets):
         w, st, t, _ = carry
-        loss, grow = jax.value_and_grad(loss_rows)(jnp.take(w, rows_all, axis=0), g)
+        n = ids.shape[0]
+        lengths = offsets[1:] - offsets[:-1]
+        bag = jnp.repeat(jnp.arange(lengths.shape[0]), lengths, total_repeat_length=n)
+        rows_all = ids + (bag // batch.batch_size) * (batch.num_rows // tables)
+
+        def loss_rows(rows):
+            pooled = jax.ops.segment_sum(rows, bag, num_segments=lengths.shape[0])
+            pooled = pooled.reshape(tables, batch.batch_size, dim).transpose(1, 0, 2)
+            return jnp.sum(pooled.reshape(batch.batch_size, -1) * g)
+
+        loss, grow = jax.value_and_grad(loss_rows)(jnp.take(w, rows_all, axis=0))
         uniq, inv = jnp.unique(rows_all, return_inverse=True, size=n, fill_value=w.shape[0])
         gs = jax.ops.segment_sum(grow, inv.reshape(-1), num_segments=n)
         acc = st["momentum1"].at[uniq].add(jnp.mean(gs * gs, axis=1), mode="drop")
@@ -405,11 +394,16 @@ def byte_model(batch, dim, itemsize, state_floats_per_row):
 
 def variants(rng, sizes, deadline, interpret):
     batch, w, g = _train_inputs(rng, sizes, sizes.step_rows[0], jnp.float32)
+    ids, offsets = batch.ids, batch.offsets
     opt, dim = so.exact_rowwise_adagrad(0.01), 128
     res = {"bytes": byte_model(batch, dim, 4, 1)}
-    pre = preprocess_fn(batch)
-    res["preprocess_ms"], _ = _median_ms(lambda c: pre(batch.ids, batch.offsets), None)
-    res["sort"] = "cub" if "cub" in _compiled_text(pre, batch.ids, batch.offsets).lower() else "xla"
+    pre = preprocess_fns(batch)
+    res["preprocess_ms"], _ = _median_ms(lambda c: pre["whole"](ids, offsets), None)
+    occ = pre["occurrences"](ids, offsets)
+    res["occurrences_ms"], _ = _median_ms(lambda c: pre["occurrences"](ids, offsets), None)
+    res["sort_ms"], _ = _median_ms(lambda c: pre["sort"](occ.rows), None)
+    text = _compiled_text(pre["sort"], occ.rows).lower()
+    res["sort_impl"] = "cub" if "cub" in text else "xla"
     carry = (w, opt.init(batch.num_rows, dim), jnp.int32(1))
     res["backward"] = []
     for cfg in VARIANTS:
@@ -418,45 +412,129 @@ def variants(rng, sizes, deadline, interpret):
         bwd = backward_fn(batch, opt, dim, "pallas", cfg, interpret)
         r = {"config": dataclasses.asdict(cfg)}
         try:
-            r["ms"], carry = _median_ms(lambda c, bwd=bwd: bwd(c, g), carry)
-            r["GBps_of_min_bytes"] = res["bytes"]["hbm_bytes_min"] / r["ms"] / 1e6
+            r["ms"], carry = _median_ms(lambda c, bwd=bwd: bwd(c, g, ids, offsets), carry)
+            r["kernel_ms_est"] = r["ms"] - res["preprocess_ms"]
+            r["GBps_table_bytes_over_kernel"] = (
+                res["bytes"]["table_and_state_bytes"] / r["kernel_ms_est"] / 1e6
+            )
         except Exception as err:
             r["error"] = _error(err)
         print(json.dumps(r), flush=True)
         res["backward"].append(r)
     ref = backward_fn(batch, opt, dim, "xla")
-    res["backward_xla_reference_ms"], carry = _median_ms(lambda c: ref(c, g), carry)
-    text = _compiled_text(backward_fn(batch, opt, dim, "pallas", VARIANTS[0], interpret), carry, g)
-    res["table_copies_in_backward"] = _table_copies(text, w.shape)
+    res["backward_xla_reference_ms"], carry = _median_ms(lambda c: ref(c, g, ids, offsets), carry)
+    bwd = backward_fn(batch, opt, dim, "pallas", VARIANTS[0], interpret)
+    res["table_copies_in_backward"] = _table_copies(
+        _compiled_text(bwd, carry, g, ids, offsets), w.shape
+    )
     best = min((r for r in res["backward"] if "ms" in r), key=lambda r: r["ms"], default=None)
     return res, best
 
 
+def _loop_ms(op, *args, iters=20):
+    """GPU time of ``op(*args)`` per call, from ``iters`` calls inside one jitted loop.
+
+    Each call sees its first argument shifted by the loop counter (so XLA cannot hoist it) and
+    every output is summed (so none is dead code); the sums are included in the time.
+    """
+
+    @jax.jit
+    def loop(*args):
+        def body(i, acc):
+            outs = op(args[0] + i, *args[1:])
+            return acc + sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(outs))
+
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    ms, _ = _median_ms(lambda c: loop(*args), None, iters=3, reps=5)
+    return ms / iters
+
+
+def stages(rng, sizes):
+    """The XLA stages of the fused backward one by one, with alternatives, on the train shape."""
+    batch, _, _ = _train_inputs(rng, sizes, sizes.step_rows[0], jnp.float32)
+    ids, offsets, n, r = batch.ids, batch.offsets, batch.ids.shape[0], batch.num_rows
+    occ = jax.jit(
+        lambda ids, offsets: _occurrences(
+            ids, offsets, None, batch.features, batch.batch_size, r, "sum"
+        )
+    )(ids, offsets)
+    srt = jax.jit(lambda rows: _sort(rows, r))(occ.rows)
+    pos = jnp.arange(n, dtype=jnp.int32)
+
+    def bags_search(offsets):
+        found = jnp.searchsorted(offsets, pos, side="right", method="scan_unrolled") - 1
+        return jnp.clip(found, 0, offsets.shape[0] - 2)
+
+    def sort_pairs(rows, stable):
+        return jax.lax.sort((rows, pos), num_keys=1, is_stable=stable)
+
+    ops = {
+        "position_bags_scatter_cumsum": (lambda o: position_bags(o, n), offsets),
+        "position_bags_searchsorted": (bags_search, offsets),
+        "occurrences": (
+            lambda i, o: _occurrences(i, o, None, batch.features, batch.batch_size, r, "sum"),
+            ids,
+            offsets,
+        ),
+        "sort_pairs_stable": (lambda x: sort_pairs(x, True), occ.rows),
+        "sort_pairs_unstable": (lambda x: sort_pairs(x, False), occ.rows),
+        "sort_keys_only": (jax.lax.sort, occ.rows),
+        "run_lengths": (
+            lambda rows, order, head, nv: _run_lengths(_Sorted(rows, order, head, nv)),
+            *srt,
+        ),
+        "gather_by_order": (
+            lambda order, a, b, c: (a[order], b[order], c[order]),
+            srt.order,
+            occ.src_row,
+            occ.src_col,
+            occ.scale,
+        ),
+        "sum_only": (lambda x: x, occ.rows),
+    }
+    out = {}
+    for name, (op, *args) in ops.items():
+        try:
+            out[name + "_ms"] = _loop_ms(op, *args)
+        except Exception as err:
+            out[name + "_error"] = _error(err)
+        print(name, out.get(name + "_ms", out.get(name + "_error")), flush=True)
+    return out
+
+
 def train_steps(rng, sizes, deadline, config, interpret):
     opt, dim = so.exact_rowwise_adagrad(0.01, eps=1e-8), 128
-    cases = [(r, jnp.float32) for r in sizes.step_rows] + [(sizes.step_rows[0], jnp.bfloat16)]
+    first, small, large = sizes.step_rows
+    cases = [
+        (first, jnp.float32, ["pallas", "xla", "xla_handwritten"]),
+        (small, jnp.float32, ["pallas", "xla_handwritten"]),
+        (large, jnp.float32, ["pallas", "xla_handwritten"]),
+        (first, jnp.bfloat16, ["pallas"]),
+    ]
     out = []
-    for rows, dtype in cases:
+    for rows, dtype, impls in cases:
         if time.time() > deadline:
             break
         batch, w, g = _train_inputs(rng, sizes, rows, dtype)
+        args = (g, batch.ids, batch.offsets)
         r = {"rows_per_table": rows, "dtype": jnp.dtype(dtype).name, "lookups": batch.lookups}
-        impls = ["pallas"]
-        if dtype == jnp.float32:
-            impls += ["xla", "xla_handwritten"]
         for impl in impls:
             fn = step_fn(batch, opt, dim, impl, config, interpret)
             carry = (w, opt.init(batch.num_rows, dim), jnp.int32(1), jnp.zeros(()))
             try:
-                r[f"{impl}_ms"], carry = _median_ms(lambda c, fn=fn, g=g: fn(c, g), carry, 10, 5)
+                r[f"{impl}_ms"], carry = _median_ms(
+                    lambda c, fn=fn, args=args: fn(c, *args), carry, 10, 5
+                )
                 if impl == "pallas":
-                    r["table_copies"] = _table_copies(_compiled_text(fn, carry, g), w.shape)
+                    text = _compiled_text(fn, carry, *args)
+                    r["table_copies"] = _table_copies(text, w.shape)
             except Exception as err:
                 r[f"{impl}_error"] = _error(err)
             w = carry[0]
         print(json.dumps(r), flush=True)
         out.append(r)
-        del w, g, carry
+        del w, g, carry, args
     return out
 
 
@@ -495,6 +573,9 @@ def main(argv=None) -> int:
         if best is not None:
             config = SparseUpdateConfig(**best["config"])
         save()
+    if "stages" in sections:
+        results["stages"] = stages(rng, sizes)
+        save()
     if "step" in sections and time.time() < deadline:
         results["step_config"] = dataclasses.asdict(config)
         results["step"] = train_steps(rng, sizes, deadline, config, args.interpret)
@@ -502,7 +583,9 @@ def main(argv=None) -> int:
     ok = all(r.get("ok") for r in results.get("correctness", []))
     print("seed", seed, "correctness:", "all ok" if ok else "FAILURES")
     v = results.get("variants", {})
-    print("bytes", v.get("bytes"), "preprocess_ms", v.get("preprocess_ms"), "sort", v.get("sort"))
+    print("bytes", v.get("bytes"))
+    for key in ("preprocess_ms", "occurrences_ms", "sort_ms", "sort_impl"):
+        print(key, v.get(key))
     for r in v.get("backward", []):
         print("backward", r)
     print(

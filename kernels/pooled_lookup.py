@@ -22,7 +22,9 @@ result counts such ids under "fatal" and "warning" and is 0 otherwise; "none" ch
 The kernel runs one program per (group feature, block of ``block_bags`` bags). Each step of
 its loop gathers ``[block_bags, block_len, D]`` rows at once (the next ``block_len`` ids of
 every bag in the block), so many independent row loads are in flight; lanes past a bag's end
-or past ``D`` (padded to a power of two) are masked off and read nothing.
+or past ``D`` (padded to a power of two) are masked off and read nothing. The default, the
+fastest measured, is one bag per program and 16 or 32 ids per step (see
+:func:`default_pooled_config`).
 
 >>> import jax.numpy as jnp
 >>> w = jnp.arange(12.0).reshape(6, 2)            # two tables of 3 rows, D=2
@@ -63,20 +65,18 @@ class PooledConfig:
 
     ``block_bags`` bags per program (power of two). ``strategy`` "bags": each loop step
     gathers the next ``block_len`` ids of every bag, ``[block_bags, block_len, D]`` rows
-    (lanes past a bag's end are masked off); with ``prefetch`` the ids of the next step are
-    loaded before the rows of this one. ``strategy`` "segmented": each step gathers the next
-    ``block_len`` ids of the block's contiguous id range, ``[block_len, D]`` rows, and adds
-    them to their bags with a one-hot fp32 product (no masked-off lanes however uneven the
-    bags; needs ``block_bags``, ``block_len`` and the padded D to be >= 16).
-    ``num_warps`` and ``num_stages`` as in Triton.
+    (lanes past a bag's end are masked off). ``strategy`` "segmented": each step gathers the
+    next ``block_len`` ids of the block's contiguous id range, ``[block_len, D]`` rows, and
+    adds them to their bags with a one-hot fp32 product (no masked-off lanes however uneven
+    the bags; needs ``block_bags``, ``block_len`` and the padded D to be >= 16).
+    ``num_warps`` and ``num_stages`` as in Triton. BENCHMARKS.md has the measurements.
     """
 
-    block_bags: int = 16
-    block_len: int = 2
-    num_warps: int = 4
+    block_bags: int = 1
+    block_len: int = 16
+    num_warps: int = 2
     num_stages: int = 2
     strategy: str = "bags"
-    prefetch: bool = False
 
     def __post_init__(self):
         for name in ("block_bags", "block_len", "num_warps"):
@@ -95,12 +95,20 @@ class PooledConfig:
 
 
 def default_pooled_config(dim: int, dtype) -> PooledConfig:
-    """The launch shape used when none is given: about 4k gathered elements per step."""
+    """The launch shape used when none is given: the fastest measured on an H100.
+
+    One bag per program, 16 ids per step, 2 warps; fp32 tables with D in (64, 128] take
+    32 ids and 4 warps, and wider fp32 tables 8 ids (BENCHMARKS.md, "tuning").
+
+    >>> default_pooled_config(128, "float32")
+    PooledConfig(block_bags=1, block_len=32, num_warps=4, num_stages=2, strategy='bags')
+    """
     dim_pad = next_power_of_2(dim)
-    per_step = 4096 if jnp.dtype(dtype).itemsize == 4 else 8192
-    block_bags = max(1, min(32, per_step // dim_pad))
-    block_len = max(1, min(4, per_step // (dim_pad * block_bags)))
-    return PooledConfig(block_bags=block_bags, block_len=block_len)
+    if jnp.dtype(dtype).itemsize == 4 and dim_pad == 128:
+        return PooledConfig(block_bags=1, block_len=32, num_warps=4)
+    if jnp.dtype(dtype).itemsize == 4 and dim_pad > 128:
+        return PooledConfig(block_bags=1, block_len=8, num_warps=2)
+    return PooledConfig()
 
 
 def validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check):
@@ -205,16 +213,16 @@ def _gather_rows(
     col_ok,
     *,
     checked,
-    idx=None,
+    counted,
 ):
     """Rows ``weights[row_offset + ids[pos]]`` as fp32 (zero where inactive or invalid),
     times the per-sample weight when ``psw_ref`` is given, and the number of bad ids."""
-    if idx is None:
-        idx = masked_load(ids_ref.at[pos], active, 0)
+    idx = masked_load(ids_ref.at[pos], active, 0)
     bad = jnp.int32(0)
     if checked:
         valid = active & (idx >= 0) & (idx < num_rows)
-        bad = jnp.sum((active & ~valid).astype(jnp.int32))
+        if counted:
+            bad = jnp.sum((active & ~valid).astype(jnp.int32))
         idx = jnp.where(valid, idx, 0)
     else:
         valid = active
@@ -280,40 +288,22 @@ def _pooled_kernel(
         cols=cols,
         col_ok=col_ok,
         checked=checked,
+        counted=counted,
     )
     acc0 = jnp.zeros((block_bags, dim_pad), jnp.float32)
 
     if config.strategy == "bags":
         step_j = jnp.arange(block_len, dtype=jnp.int32)
 
-        def positions(s):
+        def step(s, carry):
+            acc, bad = carry
             j = s * block_len + step_j
             pos = start[:, None] + j[None, :]
-            return pos, (j[None, :] < length[:, None]) & (pos < num_ids)
+            active = (j[None, :] < length[:, None]) & (pos < num_ids)
+            vals, nbad = gather(pos=pos, active=active)
+            return acc + jnp.sum(vals, axis=1), bad + nbad
 
         num_steps = (jnp.max(length) + (block_len - 1)) // block_len
-        if config.prefetch:
-
-            def step(s, carry):
-                acc, bad, idx = carry
-                pos, active = positions(s)
-                nxt_pos, nxt_active = positions(s + 1)
-                nxt_idx = masked_load(ids_ref.at[nxt_pos], nxt_active, 0)
-                vals, nbad = gather(pos=pos, active=active, idx=idx)
-                return acc + jnp.sum(vals, axis=1), bad + nbad, nxt_idx
-
-            pos0, active0 = positions(0)
-            idx0 = masked_load(ids_ref.at[pos0], active0, 0)
-            acc, bad, _ = jax.lax.fori_loop(0, num_steps, step, (acc0, jnp.int32(0), idx0))
-        else:
-
-            def step(s, carry):
-                acc, bad = carry
-                pos, active = positions(s)
-                vals, nbad = gather(pos=pos, active=active)
-                return acc + jnp.sum(vals, axis=1), bad + nbad
-
-            acc, bad = jax.lax.fori_loop(0, num_steps, step, (acc0, jnp.int32(0)))
     else:
         first = jnp.min(jnp.where(in_batch, start, jnp.int32(2**31 - 1)))
         last = jnp.max(jnp.where(in_batch, end, 0))
@@ -334,7 +324,7 @@ def _pooled_kernel(
             return acc, bad + nbad
 
         num_steps = (jnp.maximum(last - first, 0) + (block_len - 1)) // block_len
-        acc, bad = jax.lax.fori_loop(0, num_steps, step, (acc0, jnp.int32(0)))
+    acc, bad = jax.lax.fori_loop(0, num_steps, step, (acc0, jnp.int32(0)))
 
     if pooling == "mean":
         acc = acc / jnp.maximum(length, 1).astype(jnp.float32)[:, None]
@@ -343,7 +333,7 @@ def _pooled_kernel(
         acc.astype(out_ref.dtype),
         in_batch[:, None] & col_ok[None, :],
     )
-    count_ref[g, blk] = bad if counted else jnp.int32(0)
+    count_ref[g, blk] = bad
 
 
 @functools.partial(
@@ -505,7 +495,7 @@ def feature_rounds(features: tuple[Feature, ...]) -> list[list[int]]:
     return rounds
 
 
-def lookup_rows(weights, ids, bags, live, features, group_idx, batch_size, num_kjt, checked):
+def lookup_rows(ids, bags, live, features, group_idx, batch_size, num_kjt, checked):
     """Per position: the stacked row it reads, whether it reads one, and whether it is bad.
 
     Only positions of the features ``group_idx`` (distinct KJT features) take part.
@@ -522,8 +512,7 @@ def lookup_rows(weights, ids, bags, live, features, group_idx, batch_size, num_k
     ok = (ids >= 0) & (ids < entry[:, 2]) if checked else jnp.ones_like(in_group)
     valid = in_group & ok
     bad = in_group & ~ok
-    rows = entry[:, 1] + jnp.where(valid, ids, 0)
-    rows = jnp.where(valid, rows, 0)
+    rows = jnp.where(valid, entry[:, 1] + ids, 0)
     slot = jnp.where(in_group, entry[:, 0], len(group_idx))
     return rows, valid, bad, slot, bags % batch_size
 
@@ -555,7 +544,6 @@ def _pooled_xla(
     bad_total = jnp.int32(0)
     for group_idx in feature_rounds(features):
         rows, valid, bad, slot, b = lookup_rows(
-            weights,
             ids,
             bags,
             live,

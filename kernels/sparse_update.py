@@ -26,14 +26,14 @@ group included. A KJT feature listed by several group features contributes one o
 per listing, so the occurrence arrays have ``M = N_cap * copies`` entries, ``copies`` being
 the largest number of listings of one KJT feature (1 in the usual case).
 
-The Pallas kernel runs one program per block of ``block_rows`` unique rows. Each program
-sums the gradients of its rows' occurrences (``block_occ`` occurrences of every row per
-loop step, masked past a segment's end), loads the rows and their optimizer state, calls
-``optimizer.update`` on the ``[block_rows, Dp]`` block (``Dp`` = ``D`` rounded up to a
-power of two, padded lanes zero) and stores rows and state back through
-``input_output_aliases``: under ``jit`` with donated buffers no table is copied, and the
-work grows with the batch, not with ``R``. Every sum runs in a fixed order, so two runs give
-bitwise-equal tables (no atomics).
+The Pallas kernel runs one program per block of ``block_rows`` sorted slots; a slot that
+starts the run of a touched row (a "head") owns that row. Each program sums the gradients of
+its rows' occurrences (``block_occ`` occurrences of every row per loop step, masked past a
+run's end), loads the rows and their optimizer state, calls ``optimizer.update`` on the
+``[block_rows, Dp]`` block (``Dp`` = ``D`` rounded up to a power of two, padded lanes zero)
+and stores rows and state back through ``input_output_aliases``: under ``jit`` with donated
+buffers no table is copied, and the work grows with the batch, not with ``R``. Every sum runs
+in a fixed order, so two runs give bitwise-equal tables (no atomics).
 
 >>> import jax.numpy as jnp
 >>> ids = jnp.array([2, 0, 2, 1, 7], jnp.int32)   # bags [2, 0], [2, 1]; id 7 is padding
@@ -58,6 +58,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxrec.optim.stochastic_rounding import seed_for_step, stochastic_round
 
@@ -65,7 +66,6 @@ from ._pallas_compat import (
     compiler_params,
     float_dtype,
     masked_load,
-    masked_store,
     next_power_of_2,
 )
 from .pooled_lookup import feature_rounds, position_bags, validate_group
@@ -73,6 +73,7 @@ from .pooled_lookup import feature_rounds, position_bags, validate_group
 __all__ = [
     "POOLINGS",
     "SparseUpdateConfig",
+    "default_update_config",
     "fused_sparse_update",
     "fused_sparse_update_reference",
     "sparse_row_gradients",
@@ -86,17 +87,20 @@ POOLINGS = ("sum", "mean", "none")
 class SparseUpdateConfig:
     """Launch shape of the fused update kernel (``block_rows``, ``block_occ``: powers of two).
 
-    ``block_rows`` unique rows per program; ``block_occ`` occurrences of each row gathered per
-    loop step; ``num_warps`` / ``num_stages`` as in Triton.
+    ``block_rows`` sorted slots per program (each slot that starts a row's run owns that row);
+    ``block_occ`` occurrences of each row gathered per loop step; ``num_warps`` / ``num_stages``
+    as in Triton; ``evict_first``: load and store table rows and state with an evict-first
+    cache hint (they are touched once), leaving the L2 cache to ``grad_out``.
 
     >>> SparseUpdateConfig(block_rows=8).block_occ
     1
     """
 
-    block_rows: int = 16
+    block_rows: int = 4
     block_occ: int = 1
-    num_warps: int = 4
+    num_warps: int = 1
     num_stages: int = 1
+    evict_first: bool = False
 
     def __post_init__(self):
         for name in ("block_rows", "block_occ", "num_warps"):
@@ -108,13 +112,18 @@ class SparseUpdateConfig:
 
 
 def default_update_config(dim: int) -> SparseUpdateConfig:
-    """The launch shape used when none is given: about 2k row elements per program.
+    """The launch shape used when none is given: about 512 row elements per warp.
+
+    Small programs keep many rows in flight: the backward waits on memory (an H100 ran
+    ``(4, 1, 1, 1)`` fastest at D=128, 2026-11-23).
 
     >>> default_update_config(128)
-    SparseUpdateConfig(block_rows=16, block_occ=1, num_warps=4, num_stages=1)
+    SparseUpdateConfig(block_rows=4, block_occ=1, num_warps=1, num_stages=1, evict_first=False)
     """
-    block_rows = max(1, min(32, 2048 // next_power_of_2(dim)))
-    return SparseUpdateConfig(block_rows=block_rows)
+    dim_pad = next_power_of_2(dim)
+    block_rows = max(1, min(32, 512 // dim_pad))
+    num_warps = max(1, min(8, block_rows * dim_pad // 512))
+    return SparseUpdateConfig(block_rows=block_rows, num_warps=num_warps)
 
 
 # --------------------------------------------------------------------------- validation
@@ -191,12 +200,20 @@ class _Occurrences(NamedTuple):
     scale: jax.Array  # float32 factor of that gradient row
 
 
+class _Sorted(NamedTuple):
+    """The occurrences sorted by row (stable: ties keep occurrence order)."""
+
+    rows: jax.Array  # [M] int32 rows ascending, sentinels last
+    order: jax.Array  # [M] int32: occurrence index of each sorted slot
+    head: jax.Array  # [M] bool: the slot starts the run of a touched row
+    num_valid: jax.Array  # int32 scalar: slots holding a real row
+
+
 class _Segments(NamedTuple):
-    """The occurrences sorted by row and cut into one segment per unique row."""
+    """The sorted occurrences cut into one segment per unique row (the XLA reference's view)."""
 
     order: jax.Array  # [M] int32: occurrence index of each sorted slot
     unique_rows: jax.Array  # [M] int32: unique rows ascending, then the sentinel R
-    starts: jax.Array  # [M+1] int32: segment u is sorted slots [starts[u], starts[u+1])
     segment: jax.Array  # [M] int32: segment of each sorted slot (M for sentinel slots)
 
 
@@ -237,21 +254,35 @@ def _occurrences(ids, offsets, per_sample_weights, features, batch_size, num_row
     return _Occurrences(*(jnp.concatenate(cols) for cols in zip(*parts, strict=True)))
 
 
-def _segments(rows, num_rows):
+def _sort(rows, num_rows):
     m = rows.shape[0]
-    slot = jnp.arange(m, dtype=jnp.int32)
-    # A stable sort on the row alone keeps the occurrence order inside every segment.
-    sorted_rows, order = jax.lax.sort((rows, slot), num_keys=1, is_stable=True)
+    # A stable sort on the row alone keeps the occurrence order inside every run; with one
+    # key and one value XLA hands it to CUB's radix sort on GPUs.
+    sorted_rows, order = jax.lax.sort(
+        (rows, jnp.arange(m, dtype=jnp.int32)), num_keys=1, is_stable=True
+    )
     valid = sorted_rows < num_rows
     changed = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
-    first = valid & changed
-    segment = jnp.cumsum(first.astype(jnp.int32)) - 1
-    num_valid = jnp.sum(valid.astype(jnp.int32))
-    starts = jnp.full((m + 1,), num_valid, jnp.int32)
-    starts = starts.at[jnp.where(first, segment, m + 1)].set(slot, mode="drop")
+    return _Sorted(sorted_rows, order, valid & changed, jnp.sum(valid.astype(jnp.int32)))
+
+
+def _segments(rows, num_rows):
+    m = rows.shape[0]
+    srt = _sort(rows, num_rows)
+    segment = jnp.cumsum(srt.head.astype(jnp.int32)) - 1
     unique_rows = jnp.full((m,), num_rows, jnp.int32)
-    unique_rows = unique_rows.at[jnp.where(first, segment, m)].set(sorted_rows, mode="drop")
-    return _Segments(order, unique_rows, starts, jnp.where(valid, segment, m))
+    unique_rows = unique_rows.at[jnp.where(srt.head, segment, m)].set(srt.rows, mode="drop")
+    return _Segments(srt.order, unique_rows, jnp.where(srt.rows < num_rows, segment, m))
+
+
+def _run_lengths(srt: _Sorted) -> jax.Array:
+    """For each sorted slot: the length of the run it starts (0 unless it is a head)."""
+    m = srt.rows.shape[0]
+    slot = jnp.arange(m, dtype=jnp.int32)
+    head_at = jnp.where(srt.head, slot, srt.num_valid)
+    next_head = jnp.concatenate([head_at[1:], srt.num_valid[None]])
+    run_end = jax.lax.cummin(next_head, axis=0, reverse=True)
+    return jnp.where(srt.head, run_end - slot, 0)
 
 
 def _gather_rows(grad_out, src_row, src_col, dim):
@@ -458,9 +489,19 @@ def _trace_update(optimizer, names, rowwise, block_rows, dim_pad, dim, step):
     return _UpdateFn(closed.jaxpr, list(closed.consts), jax.tree.structure(out_shape))
 
 
+def _table_load(view, mask, evict_first):
+    return plgpu.load(
+        view, mask=mask, other=0, eviction_policy="evict_first" if evict_first else None
+    )
+
+
+def _table_store(view, value, mask, evict_first):
+    plgpu.store(view, value, mask=mask, eviction_policy="evict_first" if evict_first else None)
+
+
 def _update_kernel(
-    starts_ref,
-    unique_rows_ref,
+    run_ref,
+    rows_ref,
     src_row_ref,
     src_col_ref,
     scale_ref,
@@ -474,8 +515,10 @@ def _update_kernel(
     optimizer,
     dim,
     dim_pad,
+    num_slots,
     block_rows,
     block_occ,
+    evict_first,
 ):
     refs = list(refs)
     const_refs = refs[: len(update.consts)]
@@ -483,10 +526,11 @@ def _update_kernel(
     del refs[: 1 + len(names)]  # the aliased inputs: same memory as the outputs
     w_ref, *state_refs = refs
 
-    u = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
-    start = starts_ref[u]
-    end = starts_ref[u + 1]
-    count = end - start
+    # This program owns the runs that start in its sorted slots [k0, k0 + block_rows).
+    k = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+    in_range = k < num_slots
+    k = jnp.where(in_range, k, 0)
+    count = masked_load(run_ref.at[k], in_range, 0)
     num_steps = (jnp.max(count) + (block_occ - 1)) // block_occ
 
     @pl.when(num_steps > 0)
@@ -496,9 +540,9 @@ def _update_kernel(
         occ = jnp.arange(block_occ, dtype=jnp.int32)
 
         def accumulate(j, acc):
-            slot = start[:, None] + j * block_occ + occ[None, :]
-            live = slot < end[:, None]
-            slot = jnp.where(live, slot, 0)
+            offset = j * block_occ + occ
+            live = offset[None, :] < count[:, None]
+            slot = jnp.where(live, k[:, None] + offset[None, :], 0)
             src_row = masked_load(src_row_ref.at[slot], live, 0)
             src_col = masked_load(src_col_ref.at[slot], live, 0)
             scale = masked_load(scale_ref.at[slot], live, 0.0)
@@ -512,16 +556,18 @@ def _update_kernel(
         grads = jax.lax.fori_loop(
             0, num_steps, accumulate, jnp.zeros((block_rows, dim_pad), jnp.float32)
         )
+        # Lanes that own no row get the out-of-range row R: never written on a GPU (masked),
+        # and dropped by the interpreter's scatter rather than colliding with a real row.
         touched = count > 0
-        rows = unique_rows_ref[u]
+        rows = jnp.where(touched, masked_load(rows_ref.at[k], touched, 0), w_ref.shape[0])
         lanes = touched[:, None] & col_ok[None, :]
         at_rows = (rows[:, None], cols[None, :])
-        w = masked_load(w_ref.at[at_rows], lanes, 0).astype(jnp.float32)
+        w = _table_load(w_ref.at[at_rows], lanes, evict_first).astype(jnp.float32)
         state = [
-            masked_load(ref.at[rows], touched, 0)
-            if rowwise[k]
-            else masked_load(ref.at[at_rows], lanes, 0)
-            for k, ref in zip(names, state_refs, strict=True)
+            _table_load(ref.at[rows], touched, evict_first)
+            if rowwise[name]
+            else _table_load(ref.at[at_rows], lanes, evict_first)
+            for name, ref in zip(names, state_refs, strict=True)
         ]
         step = step_ref[0]
         consts = [ref[0] for ref in const_refs]
@@ -533,12 +579,12 @@ def _update_kernel(
             stored = stochastic_round(new_w, w_ref.dtype, seed_ref[0], rows)
         else:
             stored = new_w.astype(w_ref.dtype)
-        masked_store(w_ref.at[at_rows], stored, lanes)
-        for k, ref, value in zip(names, state_refs, new_state, strict=True):
-            if rowwise[k]:
-                masked_store(ref.at[rows], value.astype(ref.dtype), touched)
+        _table_store(w_ref.at[at_rows], stored, lanes, evict_first)
+        for name, ref, value in zip(names, state_refs, new_state, strict=True):
+            if rowwise[name]:
+                _table_store(ref.at[rows], value.astype(ref.dtype), touched, evict_first)
             else:
-                masked_store(ref.at[at_rows], value.astype(ref.dtype), lanes)
+                _table_store(ref.at[at_rows], value.astype(ref.dtype), lanes, evict_first)
 
 
 @functools.partial(
@@ -572,13 +618,9 @@ def _update_pallas(
 ):
     num_rows = weights.shape[0]
     occ = _occurrences(ids, offsets, per_sample_weights, features, batch_size, num_rows, pooling)
-    seg = _segments(occ.rows, num_rows)
+    srt = _sort(occ.rows, num_rows)
     m = occ.rows.shape[0]
     block_rows = config.block_rows
-    num_programs = pl.cdiv(m, block_rows)
-    padded = num_programs * block_rows
-    starts = jnp.concatenate([seg.starts, jnp.broadcast_to(seg.starts[-1:], (padded - m,))])
-    unique_rows = jnp.pad(seg.unique_rows, (0, padded - m), constant_values=num_rows)
 
     names = tuple(sorted(state))
     rowwise = {k: state[k].ndim == 1 for k in names}
@@ -587,11 +629,11 @@ def _update_pallas(
     update = _trace_update(optimizer, names, rowwise, block_rows, dim_pad, dim, step)
     consts = [jnp.reshape(jnp.asarray(c), (1,)) for c in update.consts]
     inputs = [
-        starts,
-        unique_rows,
-        occ.src_row[seg.order],
-        occ.src_col[seg.order],
-        occ.scale[seg.order],
+        _run_lengths(srt),
+        srt.rows,
+        occ.src_row[srt.order],
+        occ.src_col[srt.order],
+        occ.scale[srt.order],
         grad_out,
         jnp.reshape(step, (1,)),
         jnp.reshape(seed_for_step(step), (1,)),
@@ -608,12 +650,14 @@ def _update_pallas(
         optimizer=optimizer,
         dim=dim,
         dim_pad=dim_pad,
+        num_slots=m,
         block_rows=block_rows,
         block_occ=config.block_occ,
+        evict_first=config.evict_first,
     )
     new_weights, *new_state = pl.pallas_call(
         kernel,
-        grid=(num_programs,),
+        grid=(pl.cdiv(m, block_rows),),
         out_shape=[jax.ShapeDtypeStruct(weights.shape, weights.dtype)]
         + [jax.ShapeDtypeStruct(state[k].shape, state[k].dtype) for k in names],
         input_output_aliases={first_table + i: i for i in range(1 + len(names))},

@@ -24,9 +24,8 @@ Example (the XLA backend, two tables of dim 2 stacked in one group):
 >>> ids = jnp.array([0, 2, 1, 1], jnp.int32)  # fa: [0, 2], []; fb: [1], [1]
 >>> offsets = jnp.array([0, 2, 2, 3, 4], jnp.int32)
 >>> out, bad = lookup(spec, (table,), ids, offsets, None)
->>> out
-Array([[ 4.,  6.,  8.,  9.],
-       [ 0.,  0.,  8.,  9.]], dtype=float32)
+>>> out.tolist()
+[[4.0, 6.0, 8.0, 9.0], [0.0, 0.0, 8.0, 9.0]]
 """
 
 from __future__ import annotations

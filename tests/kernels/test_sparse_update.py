@@ -336,6 +336,35 @@ def test_stochastic_rounding_in_kernel_is_unbiased_across_steps():
     assert abs(mean_step - 2.0**-10) < 0.4 * 2.0**-10  # E[round(x)] = x; 512 draws
 
 
+def test_kernel_sums_a_hot_row_over_many_loop_steps():
+    dim = 4
+    opt = OPTIMIZERS["exact_rowwise_adagrad"]()
+    rng = np.random.default_rng(81)
+    lengths = np.zeros(NUM_KJT * BATCH, np.int64)
+    lengths[: 2 * BATCH] = 15  # KJT features 0 and 1: 90 ids, most of them the same row
+    ids = np.where(rng.random(lengths.sum()) < 0.8, 3, rng.integers(0, 5, lengths.sum()))
+    ids = jnp.asarray(ids, jnp.int32)
+    offsets = jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32)
+    features = _features(dim, "sum")
+    weights = jax.random.normal(jax.random.key(9), (NUM_ROWS, dim))
+    grad_out = _grad_out(81, dim, "sum", ids, offsets, features)
+    state = _random_state(opt, dim, 9)
+    got, want = _run_both(
+        opt,
+        weights,
+        state,
+        1,
+        grad_out,
+        ids,
+        offsets,
+        None,
+        features,
+        "sum",
+        su.SparseUpdateConfig(block_rows=2, block_occ=4),
+    )
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-6)
+
+
 def test_kernel_is_deterministic():
     dim = 4
     opt = OPTIMIZERS["partial_rowwise_adam"]()

@@ -1,0 +1,127 @@
+"""Benchmark library: inputs, byte counting, timing loop, table and JSON output (CPU, tiny)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec import bench
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bench.make_inputs(bench.SHAPES["tiny"], "fp32", weighted=True, rotations=2)
+
+
+def test_inputs_stack_tables_of_one_dim_into_groups(tiny):
+    shape = bench.SHAPES["tiny"]
+    assert [g.dim for g in tiny.groups] == sorted({d for _, d in shape.tables})
+    for g in tiny.groups:
+        assert g.weights.shape == (sum(shape.tables[t][0] for t in g.tables), g.dim)
+        # Row ranges of a group tile its stacked buffer; columns follow table order.
+        starts = [r for _, r, _, _ in g.features]
+        assert starts == list(np.cumsum([0] + [n for _, _, n, _ in g.features])[:-1])
+        for t, _, n, col in g.features:
+            assert n == shape.tables[t][0]
+            assert col == sum(d for _, d in shape.tables[:t])
+    assert tiny.num_columns == sum(d for _, d in shape.tables)
+
+
+def test_rotated_id_sets_keep_lengths_and_stay_in_their_tables(tiny):
+    shape = bench.SHAPES["tiny"]
+    batch = shape.batch_size
+    assert len(tiny.host_ids) == 2
+    assert not np.array_equal(tiny.host_ids[0], tiny.host_ids[1])
+    offsets = tiny.host_offsets[0]
+    lengths = np.diff(offsets)
+    assert lengths.min() >= 0 and lengths.max() <= 2 * shape.mean_len
+    for ids in tiny.host_ids:
+        for t, (rows, _) in enumerate(shape.tables):
+            seg = ids[offsets[t * batch] : offsets[(t + 1) * batch]]
+            assert seg.min() >= 0 and seg.max() < rows
+
+
+def test_byte_counts_follow_the_documented_formula(tiny):
+    shape = bench.SHAPES["tiny"]
+    batch = shape.batch_size
+    offsets = tiny.host_offsets[0]
+    per_table = [offsets[(t + 1) * batch] - offsets[t * batch] for t in range(len(shape.tables))]
+    rows = sum(n * d * 4 for n, (_, d) in zip(per_table, shape.tables, strict=True))
+    n = int(offsets[-1])
+    meta = 4 * n + 4 * len(offsets)
+    assert bench.pooled_bytes(tiny, "fp32") == rows + meta + batch * tiny.num_columns * 4
+    assert bench.pooled_bytes(tiny, "fp32", weighted=True) == (
+        rows + meta + 4 * n + batch * tiny.num_columns * 4
+    )
+    assert bench.sequence_bytes(tiny, "fp32") == 2 * rows + meta
+    assert bench.pooled_bytes(tiny, "bf16") == rows // 2 + meta + batch * tiny.num_columns * 2
+
+
+def test_time_op_rotates_argument_sets_and_returns_a_positive_median():
+    seen = []
+
+    def fn(k):
+        seen.append(k)
+        return np.zeros(1)
+
+    ms = bench.time_op(fn, [(0,), (1,), (2,)], iters=4, warmup=1, sync=lambda _: None)
+    assert ms > 0
+    assert set(seen) == {0, 1, 2}
+
+
+def test_pooled_implementations_agree_on_tiny(tiny):
+    args = (tiny.ids[1], tiny.offsets[1], tiny.per_sample_weights[1])
+    ref = bench.pooled_fn(tiny, "xla-reference", "mean")(*args)
+    naive = bench.pooled_fn(tiny, "xla-naive", "mean")(*args)
+    np.testing.assert_allclose(naive, ref, rtol=1e-5, atol=1e-7)
+    assert ref.shape == (bench.SHAPES["tiny"].batch_size, tiny.num_columns)
+
+
+def test_main_prints_a_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = bench.main(
+        [
+            "--shapes",
+            "tiny",
+            "--impls",
+            "xla-reference,xla-naive",
+            "--ops",
+            "pooled,sequence",
+            "--iters",
+            "2",
+            "--copy-mib",
+            "4",
+            "--json",
+            str(path),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    record = json.loads(path.read_text())
+    assert {"device", "date", "jax", "torch", "copy_GBps", "shapes", "results"} <= set(record)
+    assert record["shapes"]["tiny"]["batch_size"] == bench.SHAPES["tiny"].batch_size
+    rows = record["results"]
+    assert {(r["op"], r["impl"]) for r in rows} == {
+        (op, impl) for op in ("pooled", "sequence") for impl in ("xla-reference", "xla-naive")
+    }
+    for r in rows:
+        assert r["ms"] > 0
+        assert r["GBps"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
+        assert r["pct_copy"] == pytest.approx(100 * r["GBps"] / record["copy_GBps"])
+    assert printed.count("tiny") == len(rows)
+
+
+def test_chart_is_written_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"shape": "tiny", "op": "pooled", "dtype": "fp32", "impl": i, "GBps": g}
+        for i, g in (("pallas", 2.0), ("torch", 1.0))
+    ]
+    bench.write_chart(rows, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "huge"], ["--dtype", "fp8"], ["--ops", "max"]])
+def test_unknown_choices_raise_value_error(argv):
+    with pytest.raises(ValueError, match="unknown"):
+        bench.main([*argv, "--iters", "1", "--copy-mib", "1"])
