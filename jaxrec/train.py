@@ -73,8 +73,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    losses: list[float]
-    accuracies: list[float]
+    losses: list[float]  # mean training loss of each logging window
+    accuracies: list[float]  # mean training accuracy of each logging window
     eval_loss: float
     eval_auc: float
     examples_per_second: float
@@ -160,13 +160,21 @@ def run_training(
     opt_state = tx.init(params)
     step = make_train_step(model, tx)
     losses, accuracies = [], []
+    window_loss, window_accuracy, window = jnp.zeros(()), jnp.zeros(()), 0
     start = time.perf_counter()
     for i in range(config.steps):
         batch = data.batch(config.batch_size, i)
         params, opt_state, loss, accuracy = step(params, opt_state, batch)
+        # Summed on the device; read back (a host sync) only when a window closes.
+        window_loss, window_accuracy, window = (
+            window_loss + loss,
+            window_accuracy + accuracy,
+            window + 1,
+        )
         if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
-            losses.append(float(loss))
-            accuracies.append(float(accuracy))
+            losses.append(float(window_loss) / window)
+            accuracies.append(float(window_accuracy) / window)
+            window_loss, window_accuracy, window = jnp.zeros(()), jnp.zeros(()), 0
             if progress is not None:
                 progress(i + 1, {"loss": losses[-1], "accuracy": accuracies[-1]})
     jax.block_until_ready(params)

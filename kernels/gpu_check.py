@@ -12,7 +12,7 @@
 3. ``bench``: :func:`jaxrec.bench.run_shape` with its peers, in the same run.
 
 Writes ``gpu_check.json`` (and the printed table) to ``--out`` (default ``$OUT`` or ``.``).
-Not collected by pytest (nothing here runs on a CPU-only machine).
+``--interpret`` runs the same flow on a CPU (slowly), to check the script itself.
 """
 
 from __future__ import annotations

@@ -227,10 +227,10 @@ def _gather_rows(
     else:
         valid = active
     rows = jnp.expand_dims(row_offset + idx, -1)
-    lead = tuple(range(valid.ndim))
+    leading_axes = tuple(range(valid.ndim))
     vals = masked_load(
-        weights_ref.at[rows, jnp.expand_dims(cols, lead)],
-        jnp.expand_dims(valid, -1) & jnp.expand_dims(col_ok, lead),
+        weights_ref.at[rows, jnp.expand_dims(cols, leading_axes)],
+        jnp.expand_dims(valid, -1) & jnp.expand_dims(col_ok, leading_axes),
         0,
     ).astype(jnp.float32)
     if psw_ref is not None:
