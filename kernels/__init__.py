@@ -24,6 +24,7 @@ from jaxrec_kernels.sparse_update import (
     default_update_config,
     fused_sparse_update,
     fused_sparse_update_reference,
+    fused_update_from_row_gradients,
     sparse_row_gradients,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "default_update_config",
     "fused_sparse_update",
     "fused_sparse_update_reference",
+    "fused_update_from_row_gradients",
     "pooled_lookup",
     "pooled_lookup_reference",
     "sequence_lookup",

@@ -60,8 +60,6 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxrec.optim.stochastic_rounding import seed_for_step, stochastic_round
-
 from ._pallas_compat import (
     compiler_params,
     float_dtype,
@@ -69,6 +67,7 @@ from ._pallas_compat import (
     next_power_of_2,
 )
 from .pooled_lookup import feature_rounds, position_bags, validate_group
+from .stochastic_rounding import seed_for_step, stochastic_round
 
 __all__ = [
     "POOLINGS",
@@ -76,6 +75,7 @@ __all__ = [
     "default_update_config",
     "fused_sparse_update",
     "fused_sparse_update_reference",
+    "fused_update_from_row_gradients",
     "sparse_row_gradients",
 ]
 
@@ -389,6 +389,11 @@ def _update_xla(
         num_rows=num_rows,
         pooling=pooling,
     )
+    return _apply_unique_rows(weights, state, step, rows, grads, dim=dim, optimizer=optimizer)
+
+
+def _apply_unique_rows(weights, state, step, rows, grads, *, dim, optimizer):
+    """Gather the unique ``rows`` (sentinel ``R`` dropped), update them, scatter them back."""
     w = jnp.take(weights, rows, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
     s = {k: jnp.take(v, rows, axis=0, mode="fill", fill_value=0) for k, v in state.items()}
     new_w, new_s = optimizer.update(w, s, grads, step, dim)
@@ -396,6 +401,35 @@ def _update_xla(
     weights = weights.at[rows].set(new_w, mode="drop")
     state = {k: v.at[rows].set(new_s[k].astype(v.dtype), mode="drop") for k, v in state.items()}
     return weights, state
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "optimizer"))
+def fused_update_from_row_gradients(weights, state, step, rows, grads, *, dim, optimizer):
+    """One fused optimizer step from row gradients that may repeat a row (XLA).
+
+    ``rows [M]`` (sentinel ``R`` = ``weights.shape[0]`` for unused slots) and
+    ``grads [M, D]`` are e.g. the :func:`sparse_row_gradients` of several data-parallel
+    replicas gathered together: gradients of the same row are summed (stable sort, fixed
+    order), then the optimizer updates each touched row once. Every replica that runs this on
+    the same gathered inputs gets bitwise the same table.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrec.optim.sparse_optimizers import exact_sgd
+    >>> new_w, _ = fused_update_from_row_gradients(
+    ...     jnp.zeros((3, 1)), {}, 1, jnp.array([2, 0, 2, 3], jnp.int32),
+    ...     jnp.ones((4, 1)), dim=1, optimizer=exact_sgd(learning_rate=1.0))
+    >>> new_w[:, 0].tolist()
+    [-1.0, 0.0, -2.0]
+    """
+    num_rows = weights.shape[0]
+    seg = _segments(rows, num_rows)
+    m = rows.shape[0]
+    summed = jax.ops.segment_sum(
+        grads[seg.order].astype(jnp.float32), seg.segment, num_segments=m, indices_are_sorted=True
+    )
+    return _apply_unique_rows(
+        weights, dict(state), step, seg.unique_rows, summed, dim=dim, optimizer=optimizer
+    )
 
 
 def fused_sparse_update_reference(

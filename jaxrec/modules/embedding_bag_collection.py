@@ -57,6 +57,9 @@ class EmbeddingBagCollection(TableStateMixin, nn.Module):
       bounds_check_mode: what an id outside its table does inside ``jit``
         (:class:`~jaxrec.ops.BoundsCheckMode`); outside ``jit`` it always raises.
       output_dtype: dtype of the pooled output; default: the tables' dtype.
+      data_parallel_axis: when the collection runs replicated inside ``shard_map`` with the
+        batch split over this mesh axis, the fused backward gathers every replica's sparse
+        row gradients and applies one identical update on each replica (tables stay equal).
     """
 
     PARAMS_NAME: ClassVar[str] = "embedding_bags"
@@ -67,6 +70,7 @@ class EmbeddingBagCollection(TableStateMixin, nn.Module):
     backend: str = "auto"
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
     output_dtype: Any = None
+    data_parallel_axis: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -111,6 +115,7 @@ class EmbeddingBagCollection(TableStateMixin, nn.Module):
             backend=self.backend,
             out_dtype=self.output_dtype,
             optimizer=self.optimizer,
+            data_parallel_axis=self.data_parallel_axis,
         )
         out, bad = lookup(
             spec,

@@ -60,7 +60,7 @@ class EmbeddingCollection(TableStateMixin, nn.Module):
       tables: the :class:`~jaxrec.EmbeddingConfig` of each table.
       need_indices: also return each feature's ids (in the JaggedTensor's
         weights, as TorchRec). ``ec.need_indices()`` reads it back.
-      optimizer, backend, bounds_check_mode, output_dtype: as for
+      optimizer, backend, bounds_check_mode, output_dtype, data_parallel_axis: as for
         :class:`~jaxrec.EmbeddingBagCollection`.
     """
 
@@ -72,6 +72,7 @@ class EmbeddingCollection(TableStateMixin, nn.Module):
     backend: str = "auto"
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
     output_dtype: Any = None
+    data_parallel_axis: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -123,6 +124,7 @@ class EmbeddingCollection(TableStateMixin, nn.Module):
             backend=self.backend,
             out_dtype=self.output_dtype,
             optimizer=self.optimizer,
+            data_parallel_axis=self.data_parallel_axis,
         )
         group_rows, bad = lookup(
             spec,

@@ -37,9 +37,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
-from jaxrec_kernels import pooled_lookup as pooled_kernels
-from jaxrec_kernels import sequence_lookup as sequence_kernels
-from jaxrec_kernels import sparse_update as update_kernels
+from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference
+from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
+from jaxrec_kernels.sparse_update import (
+    fused_sparse_update,
+    fused_sparse_update_reference,
+    fused_update_from_row_gradients,
+    sparse_row_gradients,
+)
 
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
 from jaxrec.ops.plan import LookupPlan
@@ -69,6 +74,7 @@ class LookupSpec:
     interpret: bool
     out_dtype: str | None
     optimizer: Any = None  # a jaxrec.optim.SparseOptimizer for fused groups
+    data_parallel_axis: str | None = None  # mesh axis of data-parallel replicas (shard_map)
 
     @classmethod
     def create(
@@ -81,6 +87,7 @@ class LookupSpec:
         backend: str = "auto",
         out_dtype: Any = None,
         optimizer: Any = None,
+        data_parallel_axis: str | None = None,
     ) -> LookupSpec:
         chosen = resolve_backend(backend)
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
@@ -100,6 +107,7 @@ class LookupSpec:
             interpret=chosen.interpret,
             out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
             optimizer=optimizer,
+            data_parallel_axis=data_parallel_axis,
         )
 
 
@@ -116,11 +124,7 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
     bad = jnp.zeros((), jnp.int32)
     options = _kernel_options(spec)
     if spec.pooled:
-        fn = (
-            pooled_kernels.pooled_lookup
-            if spec.backend == "pallas"
-            else (pooled_kernels.pooled_lookup_reference)
-        )
+        fn = pooled_lookup if spec.backend == "pallas" else (pooled_lookup_reference)
         out_dtype = spec.out_dtype or jnp.result_type(*(_weight(p).dtype for p in params)).name
         out = None
         for group, param in zip(spec.groups, params, strict=True):
@@ -140,11 +144,7 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
             )
             bad = bad + count
         return out, bad
-    fn = (
-        sequence_kernels.sequence_lookup
-        if spec.backend == "pallas"
-        else (sequence_kernels.sequence_lookup_reference)
-    )
+    fn = sequence_lookup if spec.backend == "pallas" else (sequence_lookup_reference)
     outs = []
     for group, param in zip(spec.groups, params, strict=True):
         rows, count = fn(
@@ -169,10 +169,17 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
         if spec.optimizer is None:
             raise ValueError("a FusedTableParams group needs the lookup's optimizer")
         step = param.step + 1
+        if spec.data_parallel_axis is not None:
+            new_weight, new_state = _data_parallel_update(
+                spec, group, param, step, grad_out, ids, offsets, weights
+            )
+            return FusedTableParams(
+                weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
+            )
         if spec.backend == "pallas":
-            fn = functools.partial(update_kernels.fused_sparse_update, interpret=spec.interpret)
+            fn = functools.partial(fused_sparse_update, interpret=spec.interpret)
         else:
-            fn = update_kernels.fused_sparse_update_reference
+            fn = fused_sparse_update_reference
         new_weight, new_state = fn(
             param.weight,
             param.state,
@@ -188,11 +195,32 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
         return FusedTableParams(
             weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
         )
-    rows, row_grads = update_kernels.sparse_row_gradients(
+    rows, row_grads = sparse_row_gradients(
         grad_out, ids, offsets, weights, group.features, num_rows=group.num_rows, **common
     )
     dense = jnp.zeros(param.shape, jnp.float32).at[rows].add(row_grads, mode="drop")
     return dense.astype(param.dtype)
+
+
+def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weights):
+    """Replicas gather each other's sparse row gradients, then all apply the same update."""
+    rows, row_grads = sparse_row_gradients(
+        grad_out,
+        ids,
+        offsets,
+        weights,
+        group.features,
+        batch_size=spec.batch_size,
+        dim=group.dim,
+        num_rows=group.num_rows,
+        pooling=group.pooling,
+    )
+    axis = spec.data_parallel_axis
+    rows = jax.lax.all_gather(rows, axis, tiled=True)
+    row_grads = jax.lax.all_gather(row_grads, axis, tiled=True)
+    return fused_update_from_row_gradients(
+        param.weight, param.state, step, rows, row_grads, dim=group.dim, optimizer=spec.optimizer
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -5,6 +5,8 @@
 'EXACT_ROWWISE_ADAGRAD'
 """
 
+from jaxrec_kernels.stochastic_rounding import random_bits, seed_for_step, stochastic_round
+
 from jaxrec.optim.fused import FusedTableParams, apply_updates, fused, init_fused_table
 from jaxrec.optim.sparse_optimizers import (
     SparseOptimizer,
@@ -18,7 +20,6 @@ from jaxrec.optim.sparse_optimizers import (
     partial_rowwise_adam,
     partial_rowwise_lamb,
 )
-from jaxrec.optim.stochastic_rounding import random_bits, seed_for_step, stochastic_round
 
 __all__ = [
     "FusedTableParams",

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
-from jaxrec.optim.stochastic_rounding import random_bits, seed_for_step, stochastic_round
+from jaxrec_kernels.stochastic_rounding import random_bits, seed_for_step, stochastic_round
 
 DTYPES = {"bfloat16": (jnp.bfloat16, ml_dtypes.bfloat16), "float16": (jnp.float16, np.float16)}
 NUM_SEEDS = 2048
