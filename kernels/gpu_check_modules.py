@@ -139,10 +139,9 @@ def check_modules(seed: int) -> dict:
 
 SEQUENCE_VARIANTS = {
     "default": None,
-    "contiguous-64x8x8w": SequenceConfig(64, 8, 8, 2, contiguous=True),
-    "contiguous-128x4x8w": SequenceConfig(128, 4, 8, 2, contiguous=True),
-    "contiguous-32x8x4w": SequenceConfig(32, 8, 4, 2, contiguous=True),
-    "contiguous-64x1x4w": SequenceConfig(64, 1, 4, 2, contiguous=True),
+    "64x8x8w": SequenceConfig(64, 8, 8, 2),
+    "128x4x8w": SequenceConfig(128, 4, 8, 2),
+    "32x8x4w": SequenceConfig(32, 8, 4, 2),
 }
 
 
@@ -272,6 +271,10 @@ def time_train(rows: int, dtype: str, seed: int, iters: int, peers: bool) -> dic
         return peer_state[0]
 
     result["xla_sparse_step_ms"] = bench.time_op(run_sparse, peer_args, iters=iters)
+    del peer_state[:]
+    if rows == 1_000_000:
+        result.update(time_torch_train(rows, kjts[0], iters))
+    peer_state.extend([jax.random.normal(jax.random.key(0), (8 * rows, 128)) * 0.01, None])
     if rows <= 1_000_000:
         peer_state[1] = adagrad.init(peer_state[0])
 
@@ -283,6 +286,42 @@ def time_train(rows: int, dtype: str, seed: int, iters: int, peers: bool) -> dic
             run_dense, peer_args, iters=max(5, iters // 3)
         )
     return result
+
+
+def time_torch_train(rows: int, kjt: KeyedJaggedTensor, iters: int) -> dict:
+    """torch ``embedding_bag`` over the 8 stacked tables + Adagrad, sparse and dense gradients."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    dev = "cuda"
+    offsets = torch.as_tensor(np.asarray(kjt.offsets()), dtype=torch.int64, device=dev)
+    n = int(offsets[-1])
+    bag_table = torch.arange(8 * 8192, device=dev) // 8192
+    lengths = offsets[1:] - offsets[:-1]
+    ids = torch.as_tensor(np.asarray(kjt.values())[:n], dtype=torch.int64, device=dev)
+    ids = ids + torch.repeat_interleave(bag_table, lengths) * rows
+    g = torch.randn(8 * 8192, 128, device=dev)
+    out = {}
+    for label, sparse in (("torch_sparse_adagrad_step_ms", True), ("torch_dense_adagrad_step_ms", False)):
+        weight = torch.nn.Parameter(torch.randn(8 * rows, 128, device=dev) * 0.01)
+        opt = torch.optim.Adagrad([weight], lr=0.01)
+
+        def step(weight=weight, opt=opt, sparse=sparse):
+            opt.zero_grad(set_to_none=True)
+            pooled = F.embedding_bag(ids, weight, offsets[:-1], mode="sum", sparse=sparse)
+            (pooled * g).sum().backward()
+            opt.step()
+
+        out[label] = bench.time_op(
+            lambda step=step: step(), [()], iters=iters, sync=lambda _: torch.cuda.synchronize()
+        )
+        del weight, opt
+        torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None) -> int:

@@ -48,15 +48,12 @@ class SequenceConfig:
 
     Each program copies ``steps`` blocks of ``block_ids`` consecutive positions (power of 2),
     one ``[block_ids, D]`` gather per loop step; ``num_warps``/``num_stages`` as in Triton.
-    ``contiguous`` loads the block's ids and stores its output rows through ``pl.ds`` slices
-    instead of per-element index vectors (only where D is a power of two).
     """
 
     block_ids: int = 64
     steps: int = 8
     num_warps: int = 8
     num_stages: int = 2
-    contiguous: bool = False  # address ids and output rows as contiguous slices (power-of-2 D)
 
     def __post_init__(self):
         for name in ("block_ids", "num_warps"):
@@ -116,11 +113,8 @@ def _sequence_kernel(
     cols = jnp.arange(dim_pad, dtype=jnp.int32)
     col_ok = cols < dim
 
-    contiguous = config.contiguous and dim_pad == dim
-
     def step(s, bad):
-        start = (blk * config.steps + s) * block_ids
-        pos = start + jnp.arange(block_ids, dtype=jnp.int32)
+        pos = (blk * config.steps + s) * block_ids + jnp.arange(block_ids, dtype=jnp.int32)
         in_cap = pos < num_ids
         row_offset = jnp.zeros((block_ids,), jnp.int32)
         num_rows = jnp.zeros((block_ids,), jnp.int32)
@@ -131,8 +125,7 @@ def _sequence_kernel(
             num_rows = jnp.where(in_f, f_num_rows, num_rows)
             in_group = in_group | in_f
         in_group = in_group & in_cap
-        ids_view = ids_ref.at[pl.ds(start, block_ids)] if contiguous else ids_ref.at[pos]
-        idx = masked_load(ids_view, in_group, 0)
+        idx = masked_load(ids_ref.at[pos], in_group, 0)
         if checked:
             valid = in_group & (idx >= 0) & (idx < num_rows)
             idx = jnp.where(valid, idx, 0)
@@ -142,12 +135,8 @@ def _sequence_kernel(
         vals = masked_load(
             weights_ref.at[rows[:, None], cols[None, :]], valid[:, None] & col_ok[None, :], 0
         )
-        if contiguous:
-            out_view = out_ref.at[pl.ds(start, block_ids), pl.ds(0, dim)]
-        else:
-            out_view = out_ref.at[pos[:, None], cols[None, :]]
         masked_store(
-            out_view,
+            out_ref.at[pos[:, None], cols[None, :]],
             vals.astype(out_ref.dtype),
             in_cap[:, None] & col_ok[None, :],
         )

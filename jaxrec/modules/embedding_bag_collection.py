@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 
 from jaxrec.configs import EmbeddingBagConfig
 from jaxrec.modules.callable_flag import CallableFlag
@@ -37,7 +38,7 @@ from jaxrec.modules.input_checks import check_features, report_invalid_ids
 from jaxrec.modules.stacked_tables import init_groups
 from jaxrec.modules.table_state import TableStateMixin
 from jaxrec.ops.backend import BoundsCheckMode, as_bounds_check_mode, resolve_backend
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import LookupSpec, lookup, sparse_gradients
 from jaxrec.ops.plan import LookupPlan, build_plan
 from jaxrec.sparse import KeyedJaggedTensor, KeyedTensor
 
@@ -130,3 +131,33 @@ class EmbeddingBagCollection(TableStateMixin, nn.Module):
             length_per_key=[f.dim for f in plan.features],
             values=out,
         )
+
+    def sparse_gradients(
+        self, features: KeyedJaggedTensor, grad_output: jax.Array
+    ) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """The true sparse gradient of each group's table for an output cotangent.
+
+        ``grad_output`` is the cotangent of ``kt.values()`` ([B, sum of dims]). Returns
+        ``{group_name: (rows, row_grads)}``: the unique rows of the group's stacked buffer
+        ``params["embedding_bags"][group_name]`` that the batch touched (ascending, then the
+        sentinel ``num_rows``), and their summed gradients (see
+        :func:`jaxrec.ops.sparse_gradients`). No table is needed, so no variables either.
+
+        >>> import jax.numpy as jnp
+        >>> from jaxrec import EmbeddingBagConfig, KeyedJaggedTensor
+        >>> ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        ...     name="t", embedding_dim=2, num_embeddings=5, feature_names=["f"])])
+        >>> kjt = KeyedJaggedTensor(keys=["f"], values=jnp.array([3, 1, 3]), lengths=jnp.array([2, 1]))
+        >>> rows, grads = ebc.sparse_gradients(kjt, jnp.array([[1.0, 1.0], [10.0, 10.0]]))["sum_float32_d2"]
+        >>> rows.tolist(), grads[:2].tolist()
+        ([1, 3, 5], [[1.0, 1.0], [11.0, 11.0]])
+        """
+        plan = self.plan
+        check_features(plan, features, weighted=bool(self.is_weighted))
+        spec = LookupSpec.create(
+            plan, tuple(features.keys()), batch_size=features.stride(), backend="xla"
+        )
+        per_group = sparse_gradients(
+            spec, features.values(), features.offsets(), features.weights_or_none(), grad_output
+        )
+        return {g.name: grads for g, grads in zip(plan.groups, per_group, strict=True)}

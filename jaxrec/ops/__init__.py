@@ -1,7 +1,7 @@
 """Functional table-batched lookups: static plans, backends, the custom VJP."""
 
 from jaxrec.ops.backend import Backend, BoundsCheckMode, resolve_backend
-from jaxrec.ops.lookup import GroupSpec, LookupSpec, lookup
+from jaxrec.ops.lookup import GroupSpec, LookupSpec, lookup, sparse_gradients
 from jaxrec.ops.plan import FeaturePlacement, GroupLayout, LookupPlan, TablePlacement, build_plan
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "build_plan",
     "lookup",
     "resolve_backend",
+    "sparse_gradients",
 ]

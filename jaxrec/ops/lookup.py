@@ -89,7 +89,7 @@ class LookupSpec:
         optimizer: Any = None,
         data_parallel_axis: str | None = None,
     ) -> LookupSpec:
-        chosen = resolve_backend(backend)
+        chosen = resolve_backend(backend, pooled=plan.pooled)
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
         groups = tuple(
             GroupSpec(
@@ -276,3 +276,39 @@ def lookup(
             bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
         )
     return out, bad
+
+
+def sparse_gradients(
+    spec: LookupSpec,
+    ids: jax.Array,
+    offsets: jax.Array,
+    weights: jax.Array | None,
+    grad_out: jax.Array,
+) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """The true sparse gradient of every group: ``((rows, row_grads), ...)``.
+
+    For a pooled lookup with output cotangent ``grad_out [B, sum of dims]`` (or, for a
+    sequence lookup, a tuple of per-group ``[capacity, dim]`` cotangents), each group gets
+    ``rows [M] int32`` — the unique touched rows of its stacked buffer in ascending order,
+    then the sentinel ``num_rows`` — and ``row_grads [M, dim] float32``, each row's gradient
+    summed over its occurrences (zeros in unused slots). This is what an optimizer of one's
+    own consumes; scatter-adding ``row_grads`` at ``rows`` (``mode="drop"``) gives the
+    dense gradient.
+    """
+    out = []
+    for g, group in enumerate(spec.groups):
+        group_grad = grad_out if spec.pooled else grad_out[g]
+        out.append(
+            sparse_row_gradients(
+                group_grad,
+                ids,
+                offsets,
+                weights,
+                group.features,
+                batch_size=spec.batch_size,
+                dim=group.dim,
+                num_rows=group.num_rows,
+                pooling=group.pooling,
+            )
+        )
+    return tuple(out)

@@ -145,7 +145,14 @@ def _check_uses(grads: Any) -> None:
         try:
             concrete = float(np.asarray(node.uses))
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-            jax.debug.callback(functools.partial(_raise_if_misused, path=path), node.uses)
+            # The host is called only on misuse: an unconditional callback stalls every step.
+            report = functools.partial(_raise_if_misused, path=path)
+            jax.lax.cond(
+                node.uses != 1.0,
+                lambda uses, report=report: jax.debug.callback(report, uses),
+                lambda uses: None,
+                node.uses,
+            )
         else:
             _raise_if_misused(concrete, path=path)
 

@@ -61,10 +61,8 @@ def test_rows_match_numpy_oracle_for_odd_dims_and_bounds_modes(dim, dtype, mode)
     assert int(got_bad) == int(ref_bad) == (want_bad if mode == "warning" else 0)
 
 
-@pytest.mark.parametrize(
-    "block_ids,steps,contiguous", [(1, 1, False), (8, 3, False), (64, 1, False), (8, 3, True)]
-)
-def test_launch_shapes_agree_with_shared_tables_under_jit(block_ids, steps, contiguous):
+@pytest.mark.parametrize("block_ids,steps", [(1, 1), (8, 3), (64, 1)])
+def test_launch_shapes_agree_with_shared_tables_under_jit(block_ids, steps):
     rng = np.random.default_rng(block_ids)
     batch, rows, dim = 5, 9, 16
     ids, offsets = random_kjt(rng, 3, batch, 9, rows)
@@ -80,7 +78,7 @@ def test_launch_shapes_agree_with_shared_tables_under_jit(block_ids, steps, cont
             feats,
             batch_size=batch,
             interpret=True,
-            config=SequenceConfig(block_ids=block_ids, steps=steps, contiguous=contiguous),
+            config=SequenceConfig(block_ids=block_ids, steps=steps),
             out_dtype=jnp.float32,
         )
 

@@ -309,3 +309,22 @@ def test_bad_ids_inside_jit_give_zero_rows_and_are_counted():
     np.testing.assert_allclose(
         np.asarray(kt.values()[0, :3]), np.asarray(ebc.apply(variables, good).values()[0, :3])
     )
+
+
+def test_sparse_gradients_are_the_nonzero_rows_of_the_dense_gradient():
+    rng = np.random.default_rng(5)
+    tables = [bag("t1", 3, 11, ["f1", "f2"]), bag("t2", 3, 7, ["f3"], pooling=PoolingType.MEAN)]
+    ebc = EmbeddingBagCollection(tables=tables, is_weighted=True)
+    kjt = random_kjt(rng, ["f1", "f2", "f3"], [11, 11, 7], batch=4, weighted=True)
+    variables = ebc.init(jax.random.key(0), kjt)
+    g_out = jnp.asarray(rng.normal(size=(4, 9)), jnp.float32)
+    dense = jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out))(
+        variables["params"]
+    )["embedding_bags"]
+    for name, (rows, grads) in ebc.sparse_gradients(kjt, g_out).items():
+        table = np.asarray(dense[name])
+        rebuilt = np.zeros_like(table)
+        real = np.asarray(rows) < table.shape[0]
+        rebuilt[np.asarray(rows)[real]] = np.asarray(grads)[real]
+        np.testing.assert_allclose(rebuilt, table, rtol=1e-5, atol=1e-6)
+        assert np.all(np.diff(np.asarray(rows)[real]) > 0)  # unique, ascending
