@@ -306,7 +306,10 @@ def time_torch_train(rows: int, kjt: KeyedJaggedTensor, iters: int) -> dict:
     ids = ids + torch.repeat_interleave(bag_table, lengths) * rows
     g = torch.randn(8 * 8192, 128, device=dev)
     out = {}
-    for label, sparse in (("torch_sparse_adagrad_step_ms", True), ("torch_dense_adagrad_step_ms", False)):
+    for label, sparse in (
+        ("torch_sparse_adagrad_step_ms", True),
+        ("torch_dense_adagrad_step_ms", False),
+    ):
         weight = torch.nn.Parameter(torch.randn(8 * rows, 128, device=dev) * 0.01)
         opt = torch.optim.Adagrad([weight], lr=0.01)
 

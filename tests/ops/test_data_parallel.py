@@ -37,7 +37,9 @@ def test_replicas_apply_the_update_of_the_whole_batch():
     rng = np.random.default_rng(0)
     optimizer = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.2)
     single = EmbeddingBagCollection(tables=tables(), optimizer=optimizer)
-    replicated = EmbeddingBagCollection(tables=tables(), optimizer=optimizer, data_parallel_axis="data")
+    replicated = EmbeddingBagCollection(
+        tables=tables(), optimizer=optimizer, data_parallel_axis="data"
+    )
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     capacity = 32
 
@@ -67,8 +69,12 @@ def test_replicas_apply_the_update_of_the_whole_batch():
     parts = [local_batch(rng, capacity) for _ in range(2)]
     whole = KeyedJaggedTensor(
         keys=KEYS,
-        values=np.concatenate([np.concatenate([p[2][k] for p in parts]) for k in range(2)]).astype(np.int32),
-        lengths=np.concatenate([np.concatenate([p[3][k] for p in parts]) for k in range(2)]).astype(np.int32),
+        values=np.concatenate([np.concatenate([p[2][k] for p in parts]) for k in range(2)]).astype(
+            np.int32
+        ),
+        lengths=np.concatenate([np.concatenate([p[3][k] for p in parts]) for k in range(2)]).astype(
+            np.int32
+        ),
     )
     params = single.init(jax.random.key(0), whole)["params"]
     params_dp = params
@@ -83,5 +89,7 @@ def test_replicas_apply_the_update_of_the_whole_batch():
         )
     want, got = single.state_dict({"params": params}), single.state_dict({"params": params_dp})
     for name in want:
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5, atol=1e-6
+        )
     assert float(params_dp["embedding_bags"]["sum_float32_d3"].step) == 3.0

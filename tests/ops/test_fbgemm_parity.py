@@ -66,7 +66,9 @@ def test_fused_updates_match_fbgemm_cpu(name):
     for _ in range(4):
         g_out = rng.normal(size=(BATCH, TABLES * DIM)).astype(np.float32)
         tbe(torch.as_tensor(values, dtype=torch.int64), offsets).backward(torch.as_tensor(g_out))
-        grads = jax.grad(lambda p, g=g_out: jnp.sum(ebc.apply({"params": p}, kjt).values() * g))(params)
+        grads = jax.grad(lambda p, g=g_out: jnp.sum(ebc.apply({"params": p}, kjt).values() * g))(
+            params
+        )
         params = jaxrec.optim.apply_updates(params, grads)
     ours = ebc.state_dict({"params": params})
     for t, weight in enumerate(tbe.split_embedding_weights()):
