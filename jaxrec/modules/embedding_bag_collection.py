@@ -33,17 +33,14 @@ import flax.linen as nn
 import jax
 
 from jaxrec.configs import EmbeddingBagConfig
-from jaxrec.modules.callable_flag import CallableFlag
-from jaxrec.modules.input_checks import check_features, report_invalid_ids
-from jaxrec.modules.stacked_tables import init_groups
-from jaxrec.modules.table_state import TableStateMixin
-from jaxrec.ops.backend import BoundsCheckMode, as_bounds_check_mode, resolve_backend
-from jaxrec.ops.lookup import LookupSpec, lookup, sparse_gradients
-from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.modules.collection_base import CollectionMixin
+from jaxrec.modules.input_checks import check_features
+from jaxrec.ops.backend import BoundsCheckMode
+from jaxrec.ops.lookup import LookupSpec, sparse_gradients
 from jaxrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 
-class EmbeddingBagCollection(TableStateMixin, nn.Module):
+class EmbeddingBagCollection(CollectionMixin, nn.Module):
     """Pooled embedding lookups over several tables (TorchRec's EBC).
 
     Attributes:
@@ -74,25 +71,10 @@ class EmbeddingBagCollection(TableStateMixin, nn.Module):
     data_parallel_axis: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tables", tuple(self.tables))
-        if not isinstance(self.is_weighted, CallableFlag):
-            object.__setattr__(self, "is_weighted", CallableFlag(self.is_weighted, "is_weighted"))
-        for table in self.tables:
-            if not isinstance(table, EmbeddingBagConfig):
-                raise ValueError(
-                    f"EmbeddingBagCollection takes EmbeddingBagConfigs, got {type(table).__name__}"
-                )
-        build_plan(self.tables)  # raises on an invalid table set, at construction
-        resolve_backend(self.backend)
-        as_bounds_check_mode(self.bounds_check_mode)
+        self._check_fields(EmbeddingBagConfig, "is_weighted")
         super().__post_init__()
 
     # TorchRec's accessors -------------------------------------------------
-    @property
-    def plan(self) -> LookupPlan:
-        """The static group layout of the tables."""
-        return build_plan(self.tables)
-
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return list(self.tables)
 
@@ -104,28 +86,7 @@ class EmbeddingBagCollection(TableStateMixin, nn.Module):
     def __call__(self, features: KeyedJaggedTensor) -> KeyedTensor:
         plan = self.plan
         check_features(plan, features, weighted=bool(self.is_weighted))
-        groups = self.param(
-            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, self.optimizer, key)
-        )
-        mode = as_bounds_check_mode(self.bounds_check_mode)
-        spec = LookupSpec.create(
-            plan,
-            tuple(features.keys()),
-            batch_size=features.stride(),
-            bounds_check=mode,
-            backend=self.backend,
-            out_dtype=self.output_dtype,
-            optimizer=self.optimizer,
-            data_parallel_axis=self.data_parallel_axis,
-        )
-        out, bad = lookup(
-            spec,
-            tuple(groups[g.name] for g in plan.groups),
-            features.values(),
-            features.offsets(),
-            features.weights_or_none(),
-        )
-        report_invalid_ids(self, mode, bad)
+        out = self._lookup_groups(features, features.weights_or_none())
         return KeyedTensor(
             keys=list(plan.feature_names),
             length_per_key=[f.dim for f in plan.features],

@@ -33,13 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.configs import EmbeddingConfig
-from jaxrec.modules.callable_flag import CallableFlag
-from jaxrec.modules.input_checks import check_features, is_concrete, report_invalid_ids
-from jaxrec.modules.stacked_tables import init_groups
-from jaxrec.modules.table_state import TableStateMixin
-from jaxrec.ops.backend import BoundsCheckMode, as_bounds_check_mode, resolve_backend
-from jaxrec.ops.lookup import LookupSpec, lookup
-from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.modules.collection_base import CollectionMixin
+from jaxrec.modules.input_checks import check_features, is_concrete
+from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.sparse import JaggedTensor, KeyedJaggedTensor
 
 
@@ -53,7 +49,7 @@ def _feature_rows(rows: jax.Array, start, end, capacity: int, concrete: bool) ->
     return jnp.where(valid[:, None], picked, jnp.zeros((), rows.dtype))
 
 
-class EmbeddingCollection(TableStateMixin, nn.Module):
+class EmbeddingCollection(CollectionMixin, nn.Module):
     """Unpooled embedding lookups over several tables (TorchRec's EC).
 
     Attributes:
@@ -75,24 +71,8 @@ class EmbeddingCollection(TableStateMixin, nn.Module):
     data_parallel_axis: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tables", tuple(self.tables))
-        if not isinstance(self.need_indices, CallableFlag):
-            object.__setattr__(
-                self, "need_indices", CallableFlag(self.need_indices, "need_indices")
-            )
-        for table in self.tables:
-            if not isinstance(table, EmbeddingConfig):
-                raise ValueError(
-                    f"EmbeddingCollection takes EmbeddingConfigs, got {type(table).__name__}"
-                )
-        build_plan(self.tables)
-        resolve_backend(self.backend)
-        as_bounds_check_mode(self.bounds_check_mode)
+        self._check_fields(EmbeddingConfig, "need_indices")
         super().__post_init__()
-
-    @property
-    def plan(self) -> LookupPlan:
-        return build_plan(self.tables)
 
     def embedding_configs(self) -> list[EmbeddingConfig]:
         return list(self.tables)
@@ -111,35 +91,14 @@ class EmbeddingCollection(TableStateMixin, nn.Module):
     def __call__(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         plan = self.plan
         check_features(plan, features, weighted=False)
-        groups = self.param(
-            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, self.optimizer, key)
-        )
-        mode = as_bounds_check_mode(self.bounds_check_mode)
+        group_rows = self._lookup_groups(features, None)
         keys = tuple(features.keys())
-        spec = LookupSpec.create(
-            plan,
-            keys,
-            batch_size=features.stride(),
-            bounds_check=mode,
-            backend=self.backend,
-            out_dtype=self.output_dtype,
-            optimizer=self.optimizer,
-            data_parallel_axis=self.data_parallel_axis,
-        )
-        group_rows, bad = lookup(
-            spec,
-            tuple(groups[g.name] for g in plan.groups),
-            features.values(),
-            features.offsets(),
-            None,
-        )
-        report_invalid_ids(self, mode, bad)
 
         concrete = is_concrete(features.values(), features.lengths())
         bounds = features.offset_per_key() if concrete else features.offset_per_key_array()
         capacity = features.capacity()
         batch = features.stride()
-        lengths = features.lengths()
+        lengths, values = features.lengths(), features.values()
         out: dict[str, JaggedTensor] = {}
         for feature in plan.features:
             k = keys.index(feature.name)
@@ -147,9 +106,7 @@ class EmbeddingCollection(TableStateMixin, nn.Module):
             rows = _feature_rows(group_rows[feature.group], start, end, capacity, concrete)
             ids = None
             if self.need_indices:
-                ids = _feature_rows(features.values()[:, None], start, end, capacity, concrete)[
-                    :, 0
-                ]
+                ids = _feature_rows(values[:, None], start, end, capacity, concrete)[:, 0]
             out[feature.name] = JaggedTensor(
                 values=rows, lengths=lengths[k * batch : (k + 1) * batch], weights=ids
             )

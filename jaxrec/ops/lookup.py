@@ -162,49 +162,9 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
     return tuple(outs), bad
 
 
-def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, offsets, weights):
-    """The cotangent of one group's parameter given the output cotangent."""
-    common = dict(batch_size=spec.batch_size, dim=group.dim, pooling=group.pooling)
-    if isinstance(param, FusedTableParams):
-        if spec.optimizer is None:
-            raise ValueError("a FusedTableParams group needs the lookup's optimizer")
-        step = param.step + 1
-        if spec.data_parallel_axis is not None:
-            new_weight, new_state = _data_parallel_update(
-                spec, group, param, step, grad_out, ids, offsets, weights
-            )
-            return FusedTableParams(
-                weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
-            )
-        if spec.backend == "pallas":
-            fn = functools.partial(fused_sparse_update, interpret=spec.interpret)
-        else:
-            fn = fused_sparse_update_reference
-        new_weight, new_state = fn(
-            param.weight,
-            param.state,
-            step,
-            grad_out,
-            ids,
-            offsets,
-            weights,
-            group.features,
-            optimizer=spec.optimizer,
-            **common,
-        )
-        return FusedTableParams(
-            weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
-        )
-    rows, row_grads = sparse_row_gradients(
-        grad_out, ids, offsets, weights, group.features, num_rows=group.num_rows, **common
-    )
-    dense = jnp.zeros(param.shape, jnp.float32).at[rows].add(row_grads, mode="drop")
-    return dense.astype(param.dtype)
-
-
-def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weights):
-    """Replicas gather each other's sparse row gradients, then all apply the same update."""
-    rows, row_grads = sparse_row_gradients(
+def _row_gradients(spec: LookupSpec, group: GroupSpec, grad_out, ids, offsets, weights):
+    """One group's sparse gradient: (unique rows + sentinel, summed row gradients)."""
+    return sparse_row_gradients(
         grad_out,
         ids,
         offsets,
@@ -215,6 +175,51 @@ def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weig
         num_rows=group.num_rows,
         pooling=group.pooling,
     )
+
+
+def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, offsets, weights):
+    """The cotangent of one group's parameter given the output cotangent.
+
+    Fused: the updated table, state and step (and ``uses = 1``). Plain table: its gradient.
+    """
+    if not isinstance(param, FusedTableParams):
+        rows, row_grads = _row_gradients(spec, group, grad_out, ids, offsets, weights)
+        dense = jnp.zeros(param.shape, jnp.float32).at[rows].add(row_grads, mode="drop")
+        return dense.astype(param.dtype)
+    if spec.optimizer is None:
+        raise ValueError("a FusedTableParams group needs the lookup's optimizer")
+    step = param.step + 1
+    if spec.data_parallel_axis is not None:
+        new_weight, new_state = _data_parallel_update(
+            spec, group, param, step, grad_out, ids, offsets, weights
+        )
+    else:
+        if spec.backend == "pallas":
+            update = functools.partial(fused_sparse_update, interpret=spec.interpret)
+        else:
+            update = fused_sparse_update_reference
+        new_weight, new_state = update(
+            param.weight,
+            param.state,
+            step,
+            grad_out,
+            ids,
+            offsets,
+            weights,
+            group.features,
+            batch_size=spec.batch_size,
+            dim=group.dim,
+            pooling=group.pooling,
+            optimizer=spec.optimizer,
+        )
+    return FusedTableParams(
+        weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
+    )
+
+
+def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weights):
+    """Replicas gather each other's sparse row gradients, then all apply the same update."""
+    rows, row_grads = _row_gradients(spec, group, grad_out, ids, offsets, weights)
     axis = spec.data_parallel_axis
     rows = jax.lax.all_gather(rows, axis, tiled=True)
     row_grads = jax.lax.all_gather(row_grads, axis, tiled=True)
@@ -295,20 +300,7 @@ def sparse_gradients(
     own consumes; scatter-adding ``row_grads`` at ``rows`` (``mode="drop"``) gives the
     dense gradient.
     """
-    out = []
-    for g, group in enumerate(spec.groups):
-        group_grad = grad_out if spec.pooled else grad_out[g]
-        out.append(
-            sparse_row_gradients(
-                group_grad,
-                ids,
-                offsets,
-                weights,
-                group.features,
-                batch_size=spec.batch_size,
-                dim=group.dim,
-                num_rows=group.num_rows,
-                pooling=group.pooling,
-            )
-        )
-    return tuple(out)
+    return tuple(
+        _row_gradients(spec, group, grad_out if spec.pooled else grad_out[g], ids, offsets, weights)
+        for g, group in enumerate(spec.groups)
+    )

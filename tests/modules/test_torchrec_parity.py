@@ -29,6 +29,8 @@ def _torch_kjt(keys, values, lengths, weights=None):
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_ebc_matches_torchrec(pooling, weighted):
+    if weighted and pooling is PoolingType.MEAN:
+        pytest.skip("torch's CPU embedding_bag takes per-sample weights only with SUM")
     rng = np.random.default_rng(0)
     specs = [("t1", 3, 10, ["f1"]), ("t2", 4, 7, ["f2", "f3"])]
     keys, batch = ["f1", "f2", "f3"], 4

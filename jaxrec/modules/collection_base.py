@@ -1,0 +1,101 @@
+"""What the embedding collections share: field checks, the lookup call, state dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+
+from jaxrec.modules.callable_flag import CallableFlag
+from jaxrec.modules.input_checks import report_invalid_ids
+from jaxrec.modules.stacked_tables import (
+    init_groups,
+    load_table_views,
+    optimizer_state_views,
+    table_views,
+)
+from jaxrec.ops.backend import as_bounds_check_mode, resolve_backend
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.sparse import KeyedJaggedTensor
+
+
+class CollectionMixin:
+    """Shared behaviour of the Flax embedding collections over stacked groups.
+
+    A class using it is a Flax module with the fields ``tables``, ``optimizer``,
+    ``backend``, ``bounds_check_mode``, ``output_dtype`` and ``data_parallel_axis``, and
+    names its params entry in ``PARAMS_NAME`` (TorchRec's prefix: ``"embedding_bags"`` or
+    ``"embeddings"``).
+    """
+
+    PARAMS_NAME: ClassVar[str]
+
+    @property
+    def plan(self) -> LookupPlan:
+        """The static group layout of the tables (computed once per table set)."""
+        return build_plan(self.tables)
+
+    def _check_fields(self, config_type: type, flag: str) -> None:
+        """Normalise and check the fields at construction (called from ``__post_init__``)."""
+        object.__setattr__(self, "tables", tuple(self.tables))
+        if not isinstance(getattr(self, flag), CallableFlag):
+            object.__setattr__(self, flag, CallableFlag(getattr(self, flag), flag))
+        for table in self.tables:
+            if not isinstance(table, config_type):
+                raise ValueError(
+                    f"{type(self).__name__} takes {config_type.__name__}s, got {type(table).__name__}"
+                )
+        build_plan(self.tables)  # raises on an invalid table set
+        resolve_backend(self.backend)
+        as_bounds_check_mode(self.bounds_check_mode)
+
+    def _lookup_groups(self, features: KeyedJaggedTensor, weights: jax.Array | None):
+        """Declare the group params and look every group up (inside the compact ``__call__``)."""
+        plan = self.plan
+        groups = self.param(
+            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, self.optimizer, key)
+        )
+        mode = as_bounds_check_mode(self.bounds_check_mode)
+        spec = LookupSpec.create(
+            plan,
+            tuple(features.keys()),
+            batch_size=features.stride(),
+            bounds_check=mode,
+            backend=self.backend,
+            out_dtype=self.output_dtype,
+            optimizer=self.optimizer,
+            data_parallel_axis=self.data_parallel_axis,
+        )
+        out, bad = lookup(
+            spec,
+            tuple(groups[g.name] for g in plan.groups),
+            features.values(),
+            features.offsets(),
+            weights,
+        )
+        report_invalid_ids(self, mode, bad)
+        return out
+
+    def state_dict(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """TorchRec-named per-table arrays: ``{"<prefix>.<table>.weight": [rows, dim]}``.
+
+        Works on any pytree shaped like the variables, e.g. ``{"params": grads}``.
+        """
+        return table_views(self.plan, self.PARAMS_NAME, variables["params"][self.PARAMS_NAME])
+
+    def load_state_dict(
+        self, variables: Mapping[str, Any], state_dict: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """New variables with every table taken from ``state_dict`` (names and shapes checked)."""
+        groups = load_table_views(
+            self.plan, self.PARAMS_NAME, variables["params"][self.PARAMS_NAME], state_dict
+        )
+        return {**variables, "params": {**variables["params"], self.PARAMS_NAME: groups}}
+
+    def optimizer_state_dict(self, variables: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
+        """Per-table fused optimizer state: ``{"<prefix>.<table>.weight": {"momentum1": ..., "step": t}}``."""
+        return optimizer_state_views(
+            self.plan, self.PARAMS_NAME, variables["params"][self.PARAMS_NAME]
+        )
