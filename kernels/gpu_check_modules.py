@@ -139,9 +139,10 @@ def check_modules(seed: int) -> dict:
 
 SEQUENCE_VARIANTS = {
     "default": None,
+    "default-again": None,  # the same shape timed twice: the spread is the noise
     "64x8x8w": SequenceConfig(64, 8, 8, 2),
-    "128x4x8w": SequenceConfig(128, 4, 8, 2),
-    "32x8x4w": SequenceConfig(32, 8, 4, 2),
+    "16x8x4w": SequenceConfig(16, 8, 4, 2),
+    "32x16x4w": SequenceConfig(32, 16, 4, 2),
 }
 
 

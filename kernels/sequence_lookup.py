@@ -11,8 +11,10 @@ The second result counts those ids under "fatal" and "warning" (else 0); "none" 
 nothing. A KJT feature may appear at most once in a group (its rows have one place to go).
 
 The kernel runs one program per ``steps`` blocks of ``block_ids`` consecutive positions and
-gathers ``[block_ids, D]`` rows per step; each position finds its feature by comparing against
-the group features' id ranges ``[offsets[f*B], offsets[(f+1)*B])``.
+gathers ``[block_ids, D]`` rows per step. A block whose two ends lie in the same group feature
+(the common case: features hold thousands of ids) takes that feature's table from two scalar
+searches of the features' id ranges ``[offsets[f*B], offsets[(f+1)*B])``; a block that
+straddles features searches them per position.
 
 >>> import jax.numpy as jnp
 >>> w = jnp.arange(12.0).reshape(6, 2)            # two tables of 3 rows, D=2
@@ -68,17 +70,17 @@ class SequenceConfig:
 
 
 def default_sequence_config(dim: int, dtype) -> SequenceConfig:
-    """The launch shape used when none is given: 8 steps of 8k-element gathers, 8 warps.
+    """The launch shape used when none is given: 8 steps of 4k-element gathers, 4 warps.
 
-    The fastest measured at D=128 fp32 on an H100 was 64 ids x 8 steps x 8 warps
-    (BENCHMARKS.md); other dims keep its elements per step.
+    The fastest measured at D=128 fp32 on an H100 was 32 ids x 8 steps x 4 warps (95.8% of
+    the copy bandwidth, BENCHMARKS.md); other dims keep its elements per step.
 
     >>> default_sequence_config(128, "float32")
-    SequenceConfig(block_ids=64, steps=8, num_warps=8, num_stages=2)
+    SequenceConfig(block_ids=32, steps=8, num_warps=4, num_stages=2)
     """
     del dtype  # one rule for every table dtype (only fp32 was measured)
-    block_ids = max(16, min(256, 8192 // next_power_of_2(dim)))
-    return SequenceConfig(block_ids=block_ids, steps=8, num_warps=8)
+    block_ids = max(8, min(256, 4096 // next_power_of_2(dim)))
+    return SequenceConfig(block_ids=block_ids, steps=8, num_warps=4)
 
 
 def _check_sequence_args(weights, features, out_dtype):
@@ -113,9 +115,18 @@ def _sequence_kernel(
     cols = jnp.arange(dim_pad, dtype=jnp.int32)
     col_ok = cols < dim
 
-    def step(s, bad):
-        pos = (blk * config.steps + s) * block_ids + jnp.arange(block_ids, dtype=jnp.int32)
-        in_cap = pos < num_ids
+    def locate(p):
+        """(1 + slot of the group feature holding scalar position p, or 0; its row range)."""
+        slot, row_offset, num_rows = jnp.int32(0), jnp.int32(0), jnp.int32(0)
+        for k, (first, last, f_row_offset, f_num_rows) in enumerate(ranges):
+            hit = (p >= first) & (p < last)
+            slot = jnp.where(hit, k + 1, slot)
+            row_offset = jnp.where(hit, f_row_offset, row_offset)
+            num_rows = jnp.where(hit, f_num_rows, num_rows)
+        return slot, row_offset, num_rows
+
+    def search(pos):
+        """Per position: its feature's row offset and row count, and whether it is in the group."""
         row_offset = jnp.zeros((block_ids,), jnp.int32)
         num_rows = jnp.zeros((block_ids,), jnp.int32)
         in_group = jnp.zeros((block_ids,), jnp.bool_)
@@ -124,7 +135,9 @@ def _sequence_kernel(
             row_offset = jnp.where(in_f, f_row_offset, row_offset)
             num_rows = jnp.where(in_f, f_num_rows, num_rows)
             in_group = in_group | in_f
-        in_group = in_group & in_cap
+        return row_offset, num_rows, in_group
+
+    def copy_rows(pos, in_cap, in_group, row_offset, num_rows, bad):
         idx = masked_load(ids_ref.at[pos], in_group, 0)
         if checked:
             valid = in_group & (idx >= 0) & (idx < num_rows)
@@ -143,6 +156,24 @@ def _sequence_kernel(
         if counted:
             bad = bad + jnp.sum((in_group & ~valid).astype(jnp.int32))
         return bad
+
+    def step(s, bad):
+        start = (blk * config.steps + s) * block_ids
+        pos = start + jnp.arange(block_ids, dtype=jnp.int32)
+        in_cap = pos < num_ids
+        # A block almost always lies inside one feature: then two scalar searches (its ends)
+        # replace the per-position search over every feature of the group.
+        head, head_row_offset, head_rows = locate(start)
+        tail, _, _ = locate(jnp.minimum(start + block_ids, num_ids) - 1)
+
+        def one_feature(bad):
+            return copy_rows(pos, in_cap, in_cap, head_row_offset, head_rows, bad)
+
+        def mixed(bad):
+            row_offset, num_rows, in_group = search(pos)
+            return copy_rows(pos, in_cap, in_group & in_cap, row_offset, num_rows, bad)
+
+        return jax.lax.cond((head == tail) & (head > 0), one_feature, mixed, bad)
 
     if config.steps == 1:
         bad = step(0, jnp.int32(0))

@@ -1,12 +1,8 @@
 """Which implementation runs a lookup, and how bad ids are treated.
 
-On a GPU the Pallas kernels are the default for pooled lookups (and their fused
-backward); elsewhere the pure-XLA path is. Sequence (unpooled) lookups default
-to XLA everywhere: on an H100 XLA's row gather runs at 84-92% of the copy
-bandwidth and the Pallas sequence kernel at 53% (BENCHMARKS.md), so "auto"
-takes the faster one. ``backend="pallas"`` forces the kernels; on a machine
-without a GPU they run in Pallas' interpret mode, so they can be checked
-anywhere.
+On a GPU the Pallas kernels are the default (lookups and the fused backward);
+elsewhere the pure-XLA path is. ``backend="pallas"`` on a machine without a GPU
+runs the kernels in Pallas' interpret mode, so they can be checked anywhere.
 
 >>> resolve_backend("xla")
 Backend(name='xla', interpret=False)
@@ -46,16 +42,13 @@ class Backend(NamedTuple):
     interpret: bool  # Pallas interpret mode (no GPU)
 
 
-def resolve_backend(backend: str, *, pooled: bool = True) -> Backend:
-    """Turn ``"auto" | "pallas" | "xla"`` into the implementation that runs.
-
-    ``pooled=False`` asks for a sequence lookup, which "auto" runs on XLA.
-    """
+def resolve_backend(backend: str) -> Backend:
+    """Turn ``"auto" | "pallas" | "xla"`` into the implementation that runs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
-        backend = "pallas" if on_gpu and pooled else "xla"
+        backend = "pallas" if on_gpu else "xla"
     if backend == "pallas":
         return Backend("pallas", interpret=not on_gpu)
     return Backend("xla", interpret=False)

@@ -89,7 +89,7 @@ class LookupSpec:
         optimizer: Any = None,
         data_parallel_axis: str | None = None,
     ) -> LookupSpec:
-        chosen = resolve_backend(backend, pooled=plan.pooled)
+        chosen = resolve_backend(backend)
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
         groups = tuple(
             GroupSpec(

@@ -127,3 +127,28 @@ def test_bad_static_arguments_raise_value_error_naming_them(change, match):
     for fn in (sequence_lookup, sequence_lookup_reference):
         with pytest.raises(ValueError, match=match):
             fn(**args)
+
+
+@pytest.mark.parametrize("mode", ["warning", "ignore", "fatal"])
+def test_blocks_inside_one_long_feature_and_across_features_agree_with_the_oracle(mode):
+    # Features of ~100 ids and 8-id blocks: most blocks lie inside one feature (the scalar
+    # fast path), some straddle two features or a feature of another group (the slow path).
+    rng = np.random.default_rng(11)
+    batch, rows = 4, 50
+    ids, offsets = random_kjt(rng, 3, batch, 50, rows, bad_frac=0.1)
+    w = jnp.asarray(rng.normal(size=(2 * rows, 16)), jnp.float32)
+    feats = ((0, 0, rows, 0), (2, rows, rows, 0))  # feature 1 belongs to another group
+    got, got_bad = sequence_lookup(
+        w,
+        jnp.asarray(ids),
+        jnp.asarray(offsets),
+        feats,
+        batch_size=batch,
+        bounds_check=mode,
+        interpret=True,
+        config=SequenceConfig(block_ids=8, steps=2),
+    )
+    want, want_bad = numpy_sequence(w, ids, offsets, feats, batch)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert want_bad > 0
+    assert int(got_bad) == (0 if mode == "ignore" else want_bad)

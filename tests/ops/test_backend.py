@@ -6,14 +6,13 @@ from jaxrec.ops.backend import Backend, BoundsCheckMode, as_bounds_check_mode, r
 def test_auto_is_xla_on_cpu_and_pallas_is_interpreted_there():
     assert resolve_backend("auto") == Backend("xla", False)
     assert resolve_backend("pallas") == Backend("pallas", True)
-    assert resolve_backend("auto", pooled=False) == Backend("xla", False)
+    assert resolve_backend("xla") == Backend("xla", False)
 
 
-def test_auto_picks_pallas_for_pooled_and_xla_for_sequence_on_gpu(monkeypatch):
+def test_auto_is_pallas_compiled_on_gpu(monkeypatch):
     monkeypatch.setattr("jax.default_backend", lambda: "gpu")
     assert resolve_backend("auto") == Backend("pallas", False)
-    assert resolve_backend("auto", pooled=False) == Backend("xla", False)
-    assert resolve_backend("pallas", pooled=False) == Backend("pallas", False)
+    assert resolve_backend("xla") == Backend("xla", False)
 
 
 def test_unknown_backend_and_bounds_mode_are_refused():
