@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from float64_optimizers import reference_step, zero_state
 
 import jaxrec
 from jaxrec import (
@@ -267,3 +268,125 @@ def test_fused_step_time_does_not_grow_with_table_rows():
     small = _median_step_seconds(100_000)
     large = _median_step_seconds(4_000_000)
     assert large < 1.3 * small + 2e-3, (small, large)
+
+
+FULL_HYPERPARAMETERS = {
+    "EXACT_SGD": (jaxrec.optim.exact_sgd, dict(learning_rate=0.1)),
+    "EXACT_ADAGRAD": (jaxrec.optim.exact_adagrad, dict(learning_rate=0.1, eps=1e-8)),
+    "EXACT_ROWWISE_ADAGRAD": (
+        jaxrec.optim.exact_rowwise_adagrad,
+        dict(
+            learning_rate=0.1,
+            eps=1e-8,
+            weight_decay=0.01,
+            weight_decay_mode="DECOUPLE",
+            max_norm=0.0,
+        ),
+    ),
+    "ADAM": (
+        jaxrec.optim.adam,
+        dict(learning_rate=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+    ),
+    "PARTIAL_ROWWISE_ADAM": (
+        jaxrec.optim.partial_rowwise_adam,
+        dict(learning_rate=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+    ),
+    "LAMB": (
+        jaxrec.optim.lamb,
+        dict(learning_rate=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+    ),
+    "PARTIAL_ROWWISE_LAMB": (
+        jaxrec.optim.partial_rowwise_lamb,
+        dict(learning_rate=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+    ),
+    "LARS_SGD": (
+        jaxrec.optim.lars_sgd,
+        dict(learning_rate=0.1, eta=0.001, momentum=0.9, weight_decay=0.01),
+    ),
+}
+
+
+def numpy_row_gradients(kjt, g_out, features, dims, tables_np):
+    """Loop oracle: each table row's gradient summed over its occurrences, and the touched rows."""
+    values, offsets, weights = (
+        np.asarray(kjt.values()),
+        np.asarray(kjt.offsets()),
+        np.asarray(kjt.weights()),
+    )
+    batch = kjt.stride()
+    grads = {t: np.zeros_like(w) for t, w in tables_np.items()}
+    touched = {t: np.zeros(w.shape[0], bool) for t, w in tables_np.items()}
+    col = 0
+    for k, (table, mean) in enumerate(features):
+        for b in range(batch):
+            lo, hi = offsets[k * batch + b], offsets[k * batch + b + 1]
+            for i in range(lo, hi):
+                scale = weights[i] / (hi - lo if mean else 1)
+                grads[table][values[i]] += scale * g_out[b, col : col + dims[table]]
+                touched[table][values[i]] = True
+        col += dims[table]
+    return grads, touched
+
+
+@pytest.mark.parametrize("name", sorted(FULL_HYPERPARAMETERS))
+def test_every_optimizer_through_the_collection_matches_float64_over_five_steps(name):
+    make, hyper = FULL_HYPERPARAMETERS[name]
+    rng = np.random.default_rng(7)
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name="a", embedding_dim=4, num_embeddings=9, feature_names=["fa", "fb"]
+            ),
+            EmbeddingBagConfig(
+                name="b",
+                embedding_dim=3,
+                num_embeddings=6,
+                feature_names=["fc"],
+                pooling=PoolingType.MEAN,
+            ),
+        ],
+        is_weighted=True,
+        optimizer=make(**hyper),
+    )
+    features, dims = [("a", False), ("a", False), ("b", True)], {"a": 4, "b": 3}
+    batches = [random_kjt(rng, KEYS, ROWS, batch=4, weighted=True, capacity=128) for _ in range(5)]
+    params = ebc.init(jax.random.key(3), batches[0])["params"]
+    tables_np = {
+        t: np.asarray(ebc.state_dict({"params": params})[f"embedding_bags.{t}.weight"], np.float64)
+        for t in dims
+    }
+    states_np = {t: zero_state(name, (w.shape[0],), w.shape[1]) for t, w in tables_np.items()}
+    tx = jaxrec.optim.fused(optax.sgd(0.1))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, kjt, g_out):
+        grads = jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return jaxrec.optim.apply_updates(params, updates), opt_state
+
+    for t_step, kjt in enumerate(batches, start=1):
+        g_out = rng.normal(size=(4, 11)).astype(np.float32)
+        params, opt_state = step(params, opt_state, kjt, jnp.asarray(g_out))
+        grads, touched = numpy_row_gradients(
+            kjt, g_out.astype(np.float64), features, dims, tables_np
+        )
+        for t in dims:
+            rows = touched[t]
+            state_rows = {k: v[rows] for k, v in states_np[t].items()}
+            new_w, new_s = reference_step(
+                name, hyper, tables_np[t][rows], state_rows, grads[t][rows], t_step
+            )
+            tables_np[t][rows] = new_w
+            for k in new_s:
+                states_np[t][k][rows] = new_s[k]
+    got = ebc.state_dict({"params": params})
+    got_state = ebc.optimizer_state_dict({"params": params})
+    for t in dims:
+        np.testing.assert_allclose(
+            np.asarray(got[f"embedding_bags.{t}.weight"]), tables_np[t], rtol=2e-5, atol=2e-6
+        )
+        for k, v in states_np[t].items():
+            np.testing.assert_allclose(
+                np.asarray(got_state[f"embedding_bags.{t}.weight"][k]), v, rtol=2e-5, atol=2e-6
+            )

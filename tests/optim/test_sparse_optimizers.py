@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
+from float64_optimizers import ROWWISE_STATE, reference_step, zero_state
 
 from jaxrec.optim import sparse_optimizers as so
 
@@ -102,84 +103,6 @@ CASES = [
 ]
 CASES_BY_ID = {case_id: (make, kwargs) for case_id, make, kwargs in CASES}
 
-ELEMENTWISE = {"momentum1": True, "momentum2": True}
-ROWWISE_STATE = {
-    "EXACT_ROWWISE_ADAGRAD": {"momentum1"},
-    "PARTIAL_ROWWISE_ADAM": {"momentum2"},
-    "PARTIAL_ROWWISE_LAMB": {"momentum2"},
-}
-
-
-# ----------------------------------------------------------------------------
-# the float64 reference, written from OPTIMIZERS.md
-
-
-def _norm(x):
-    return np.sqrt(np.sum(x * x, axis=-1))
-
-
-def reference_step(name, hp, w, state, g, t):
-    """One step of optimizer ``name`` in float64 on rows ``[..., D]``."""
-    w = np.asarray(w, np.float64)
-    g = np.asarray(g, np.float64)
-    state = {k: np.asarray(v, np.float64) for k, v in state.items()}
-    lr = hp["learning_rate"]
-    lr = float(lr(t - 1)) if callable(lr) else lr
-    if hp.get("gradient_clipping", False):
-        g = np.clip(g, -hp["max_gradient"], hp["max_gradient"])
-    if name == "EXACT_SGD":
-        return w - lr * g, {}
-    if name == "EXACT_ADAGRAD":
-        s = state["momentum1"] + g * g
-        return w - lr * g / (np.sqrt(s) + hp["eps"]), {"momentum1": s}
-    if name == "EXACT_ROWWISE_ADAGRAD":
-        wd, mode = hp["weight_decay"], hp["weight_decay_mode"]
-        g_for_state = g + wd * w if mode == "L2" else g
-        s = state["momentum1"] + np.mean(g_for_state**2, axis=-1)
-        m = (lr / (np.sqrt(s) + hp["eps"]))[..., None]
-        if mode == "L2":
-            new_w = (1 - m * wd) * w - m * g
-        elif mode == "DECOUPLE":
-            new_w = (1 - lr * wd) * w - m * g
-        else:
-            new_w = w - m * g
-        if hp["max_norm"] > 0:
-            n = _norm(new_w)[..., None]
-            new_w = np.where(n > hp["max_norm"], new_w * hp["max_norm"] / n, new_w)
-        return new_w, {"momentum1": s}
-    if name in ("ADAM", "PARTIAL_ROWWISE_ADAM", "LAMB", "PARTIAL_ROWWISE_LAMB"):
-        b1, b2, eps, wd = hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]
-        m1 = b1 * state["momentum1"] + (1 - b1) * g
-        if name.startswith("PARTIAL"):
-            m2 = b2 * state["momentum2"] + (1 - b2) * np.mean(g * g, axis=-1)
-            v_hat = (m2 / (1 - b2**t))[..., None]
-        else:
-            m2 = b2 * state["momentum2"] + (1 - b2) * g * g
-            v_hat = m2 / (1 - b2**t)
-        r = m1 / (1 - b1**t) / (np.sqrt(v_hat) + eps) + wd * w
-        if name.endswith("LAMB"):
-            new_w = w - lr * (_norm(w) / _norm(r))[..., None] * r
-        else:
-            new_w = w - lr * r
-        return new_w, {"momentum1": m1, "momentum2": m2}
-    if name == "LARS_SGD":
-        eta, mom, wd = hp["eta"], hp["momentum"], hp["weight_decay"]
-        a = lr * eta * _norm(w) / (_norm(g) + wd * _norm(w))
-        m1 = mom * state["momentum1"] + a[..., None] * (g + wd * w)
-        return w - m1, {"momentum1": m1}
-    raise AssertionError(name)
-
-
-def _zero_state(name, lead, dim):
-    keys = {
-        "EXACT_SGD": [],
-        "EXACT_ADAGRAD": ["momentum1"],
-        "EXACT_ROWWISE_ADAGRAD": ["momentum1"],
-        "LARS_SGD": ["momentum1"],
-    }.get(name, ["momentum1", "momentum2"])
-    rowwise = ROWWISE_STATE.get(name, set())
-    return {k: np.zeros(lead if k in rowwise else (*lead, dim)) for k in keys}
-
 
 def _random_rows(rng, lead, dim, steps):
     w = rng.normal(0.0, 0.5, size=(*lead, dim))
@@ -223,7 +146,7 @@ def _check_against_reference(case_id, lead, wrap, seed=0):
     dim = 6
     rng = np.random.default_rng(seed)
     w, grads = _random_rows(rng, lead, dim, NUM_STEPS)
-    state = _zero_state(opt.name, lead, dim)
+    state = zero_state(opt.name, lead, dim)
     got = _run(wrap(functools.partial(opt.update, dim=dim)), w, state, grads)
     want = _run_reference(opt.name, kwargs, w, state, grads)
     _assert_history_close(got, want)
@@ -279,7 +202,7 @@ def test_zero_padded_lanes_leave_real_lanes_unchanged(case_id, dim, padded):
     rng = np.random.default_rng(2)
     lead = (3,)
     w, grads = _random_rows(rng, lead, dim, 4)
-    state = _zero_state(opt.name, lead, dim)
+    state = zero_state(opt.name, lead, dim)
 
     def pad(x):
         return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded - dim)])
@@ -342,7 +265,7 @@ def test_schedule_learning_rate_is_traced_and_evaluated_at_step_minus_one(case_i
     opt = make(**{**kwargs, "learning_rate": counted})
     rng = np.random.default_rng(5)
     w, grads = _random_rows(rng, (3,), 4, NUM_STEPS)
-    state = _zero_state(opt.name, (3,), 4)
+    state = zero_state(opt.name, (3,), 4)
     update = jax.jit(opt.update, static_argnums=4)
     got = _run(lambda *a: update(*a, 4), w, state, grads)
     assert len(traces) == 1  # one trace for all steps: lr(t - 1) is traced, not baked in
@@ -356,7 +279,7 @@ def test_int32_and_float32_steps_agree(case_id):
     opt = make(**kwargs)
     rng = np.random.default_rng(6)
     w, grads = _random_rows(rng, (2,), 4, 3)
-    state = _zero_state(opt.name, (2,), 4)
+    state = zero_state(opt.name, (2,), 4)
     update = jax.jit(functools.partial(opt.update, dim=4))
     as_float = _run(update, w, state, grads, steps_as=jnp.float32)
     as_int = _run(update, w, state, grads, steps_as=jnp.int32)
