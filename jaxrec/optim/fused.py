@@ -136,25 +136,38 @@ def _raise_if_misused(uses: Any, *, path: str) -> None:
         raise ValueError(message)
 
 
+def _raise_first_misuse(*uses: Any, paths: tuple[str, ...]) -> None:
+    for path, value in zip(paths, uses, strict=True):
+        _raise_if_misused(value, path=path)
+
+
 def _check_uses(grads: Any) -> None:
     entries, _ = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_is_fused)
-    for key_path, node in entries:
-        if not _is_fused(node):
-            continue
-        path = jax.tree_util.keystr(key_path)
+    fused_entries = [
+        (jax.tree_util.keystr(key_path), node.uses) for key_path, node in entries if _is_fused(node)
+    ]
+    traced = []
+    for path, uses in fused_entries:
         try:
-            concrete = float(np.asarray(node.uses))
+            concrete = float(np.asarray(uses))
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-            # The host is called only on misuse: an unconditional callback stalls every step.
-            report = functools.partial(_raise_if_misused, path=path)
-            jax.lax.cond(
-                node.uses != 1.0,
-                lambda uses, report=report: jax.debug.callback(report, uses),
-                lambda uses: None,
-                node.uses,
-            )
+            traced.append((path, uses))
         else:
             _raise_if_misused(concrete, path=path)
+    if not traced:
+        return
+    # One device-side predicate for all fused entries; the host is called only on misuse
+    # (an unconditional callback stalls every step, and each conditional costs a round trip).
+    paths = tuple(path for path, _ in traced)
+    values = tuple(uses for _, uses in traced)
+    report = functools.partial(_raise_first_misuse, paths=paths)
+    misused = functools.reduce(jnp.logical_or, [uses != 1.0 for uses in values])
+    jax.lax.cond(
+        misused,
+        lambda *uses: jax.debug.callback(report, *uses),
+        lambda *uses: None,
+        *values,
+    )
 
 
 def fused(

@@ -203,6 +203,24 @@ def test_misused_table_raises_at_run_time_under_jit(uses, message):
     assert "['ebc']['group_0']" in str(info.value)
 
 
+def test_under_jit_the_misused_one_of_several_fused_tables_is_named():
+    rng = np.random.default_rng(8)
+    params = _params(rng)
+    params["ebc"]["group_1"] = params["ebc"]["group_0"]
+    tx = fused(optax.adam(1e-3))
+    state = tx.init(params)
+    grads = _grads(rng, params)
+    good = dataclasses.replace(grads["ebc"]["group_0"], uses=jnp.float32(1))
+    bad = dataclasses.replace(grads["ebc"]["group_0"], uses=jnp.float32(2))
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    jax.block_until_ready(step({**grads, "ebc": {"group_0": good, "group_1": good}}, state, params))
+    with pytest.raises(Exception, match="entered 2 fused lookups") as info:
+        jax.block_until_ready(
+            step({**grads, "ebc": {"group_0": good, "group_1": bad}}, state, params)
+        )
+    assert "['ebc']['group_1']" in str(info.value)
+
+
 def test_check_uses_false_passes_any_entry_through():
     rng = np.random.default_rng(6)
     params = _params(rng)
