@@ -459,17 +459,19 @@ def test_kernel_updates_tables_in_place_on_gpu():
             optimizer=opt,
         )
 
-    lowered = (
-        jax.jit(fn, donate_argnums=(0, 1))
-        .trace(
-            weights,
-            state,
-            jax.ShapeDtypeStruct((2, dim), jnp.float32),
-            jax.ShapeDtypeStruct((8,), jnp.int32),
-            jax.ShapeDtypeStruct((3,), jnp.int32),
-        )
-        .lower(lowering_platforms=("cuda",))
+    traced = jax.jit(fn, donate_argnums=(0, 1)).trace(
+        weights,
+        state,
+        jax.ShapeDtypeStruct((2, dim), jnp.float32),
+        jax.ShapeDtypeStruct((8,), jnp.int32),
+        jax.ShapeDtypeStruct((3,), jnp.int32),
     )
+    try:
+        lowered = traced.lower(lowering_platforms=("cuda",))
+    except RuntimeError as err:  # newer jax lowers Triton kernels only where a GPU is present
+        if "No supported GPU devices found" not in str(err):
+            raise
+        pytest.skip("this jax version cannot lower Triton kernels without a GPU")
     text = lowered.as_text()
     calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*", text)
     assert len(calls) == 1  # one launch for the group
