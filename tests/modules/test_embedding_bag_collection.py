@@ -328,3 +328,46 @@ def test_sparse_gradients_are_the_nonzero_rows_of_the_dense_gradient():
         rebuilt[np.asarray(rows)[real]] = np.asarray(grads)[real]
         np.testing.assert_allclose(rebuilt, table, rtol=1e-5, atol=1e-6)
         assert np.all(np.diff(np.asarray(rows)[real]) > 0)  # unique, ascending
+
+
+def test_fatal_bounds_mode_is_a_checkify_error_inside_jit():
+    from jax.experimental import checkify
+
+    ebc, features = seed_example()
+    fatal = EmbeddingBagCollection(tables=ebc.tables, bounds_check_mode="fatal")
+    variables = fatal.init(jax.random.key(0), features)
+    bad = KeyedJaggedTensor(
+        keys=["f1", "f2"], values=jnp.array([1, 99]), lengths=jnp.array([1, 0, 0, 1, 0, 0])
+    )
+    checked = jax.jit(checkify.checkify(lambda v, k: fatal.apply(v, k).values()))
+    err, _ = checked(variables, features)
+    assert err.get() is None
+    err, _ = checked(variables, bad)
+    assert "1 ids are outside their tables" in err.get()
+
+
+def test_ignore_bounds_mode_gives_zero_rows_and_counts_nothing():
+    ebc, features = seed_example()
+    ignore = EmbeddingBagCollection(tables=ebc.tables, bounds_check_mode="ignore")
+    variables = ignore.init(jax.random.key(0), features)
+    bad = KeyedJaggedTensor(
+        keys=["f1", "f2"], values=jnp.array([1, 99]), lengths=jnp.array([1, 0, 0, 1, 0, 0])
+    )
+    kt, state = jax.jit(lambda v, k: ignore.apply(v, k, mutable=["bounds_check"]))(variables, bad)
+    assert "bounds_check" not in state
+    np.testing.assert_array_equal(np.asarray(kt.values()[0, 3:]), np.zeros(4))
+
+
+def test_output_dtype_selects_the_pooled_dtype():
+    from jaxrec import DataType
+
+    tables = [bag("t", 8, 10, ["f"], data_type=DataType.BF16)]
+    kjt = KeyedJaggedTensor(keys=["f"], values=jnp.array([1, 2, 3]), lengths=jnp.array([2, 1]))
+    plain = EmbeddingBagCollection(tables=tables)
+    wide = EmbeddingBagCollection(tables=tables, output_dtype=jnp.float32)
+    variables = plain.init(jax.random.key(0), kjt)
+    assert plain.apply(variables, kjt).values().dtype == jnp.bfloat16
+    out = wide.apply(variables, kjt).values()
+    assert out.dtype == jnp.float32
+    w = np.asarray(plain.state_dict(variables)["embedding_bags.t.weight"], np.float32)
+    np.testing.assert_allclose(np.asarray(out), [w[1] + w[2], w[3]], rtol=1e-6)
