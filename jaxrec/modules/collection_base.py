@@ -25,17 +25,36 @@ class CollectionMixin:
     """Shared behaviour of the Flax embedding collections over stacked groups.
 
     A class using it is a Flax module with the fields ``tables``, ``optimizer``,
-    ``backend``, ``bounds_check_mode``, ``output_dtype`` and ``data_parallel_axis``, and
-    names its params entry in ``PARAMS_NAME`` (TorchRec's prefix: ``"embedding_bags"`` or
-    ``"embeddings"``).
+    ``table_optimizers``, ``backend``, ``bounds_check_mode``, ``output_dtype`` and
+    ``data_parallel_axis``, and names its params entry in ``PARAMS_NAME`` (TorchRec's prefix:
+    ``"embedding_bags"`` or ``"embeddings"``).
     """
 
     PARAMS_NAME: ClassVar[str]
 
+    def _optimizer_of_tables(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+        """(a tag per table, the optimizer of each tag); tag 0 is ``optimizer``'s."""
+        distinct: list[Any] = [self.optimizer]
+        tags = []
+        overrides = self.table_optimizers or {}
+        for table in self.tables:
+            chosen = overrides.get(table.name, self.optimizer)
+            index = next((i for i, o in enumerate(distinct) if o is chosen), None)
+            if index is None:
+                distinct.append(chosen)
+                index = len(distinct) - 1
+            tags.append(index)
+        return tuple(tags), tuple(distinct)
+
     @property
     def plan(self) -> LookupPlan:
         """The static group layout of the tables (computed once per table set)."""
-        return build_plan(self.tables)
+        return build_plan(self.tables, self._optimizer_of_tables()[0])
+
+    def _group_optimizers(self) -> tuple[Any, ...]:
+        """The fused optimizer (or None) of each group of the plan."""
+        optimizers = self._optimizer_of_tables()[1]
+        return tuple(optimizers[g.optimizer_tag] for g in self.plan.groups)
 
     def _check_fields(self, config_type: type, flag: str) -> None:
         """Normalise and check the fields at construction (called from ``__post_init__``)."""
@@ -47,15 +66,19 @@ class CollectionMixin:
                 raise ValueError(
                     f"{type(self).__name__} takes {config_type.__name__}s, got {type(table).__name__}"
                 )
-        build_plan(self.tables)  # raises on an invalid table set
+        unknown = sorted(set(self.table_optimizers or {}) - {t.name for t in self.tables})
+        if unknown:
+            raise ValueError(f"table_optimizers names unknown tables {unknown}")
+        self.plan  # noqa: B018 (builds the plan: raises on an invalid table set)
         resolve_backend(self.backend)
         as_bounds_check_mode(self.bounds_check_mode)
 
     def _lookup_groups(self, features: KeyedJaggedTensor, weights: jax.Array | None):
         """Declare the group params and look every group up (inside the compact ``__call__``)."""
         plan = self.plan
+        optimizers = self._group_optimizers()
         groups = self.param(
-            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, self.optimizer, key)
+            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, optimizers, key)
         )
         mode = as_bounds_check_mode(self.bounds_check_mode)
         spec = LookupSpec.create(
@@ -65,7 +88,7 @@ class CollectionMixin:
             bounds_check=mode,
             backend=self.backend,
             out_dtype=self.output_dtype,
-            optimizer=self.optimizer,
+            optimizer=optimizers,
             data_parallel_axis=self.data_parallel_axis,
         )
         out, bad = lookup(

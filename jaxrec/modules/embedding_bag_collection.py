@@ -26,7 +26,7 @@ TorchRec's example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -51,6 +51,10 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
         etc.). When set, tables and their optimizer state are stored as
         :class:`~jaxrec.optim.FusedTableParams` and the backward pass updates
         the touched rows in place; train with ``jaxrec.optim.fused``.
+      table_optimizers: per-table overrides of ``optimizer``, ``{table name: optimizer or
+        None}``; ``None`` keeps that table a plain array with a dense gradient (e.g. a
+        table that is also used outside the lookup). Tables with different optimizers are
+        stacked in different groups.
       backend: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"pallas"`` or ``"xla"``.
       bounds_check_mode: what an id outside its table does inside ``jit``
         (:class:`~jaxrec.ops.BoundsCheckMode`); outside ``jit`` it always raises.
@@ -65,6 +69,7 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
     tables: Sequence[EmbeddingBagConfig]
     is_weighted: bool = False
     optimizer: Any = None
+    table_optimizers: Mapping[str, Any] | None = None
     backend: str = "auto"
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
     output_dtype: Any = None

@@ -25,7 +25,7 @@ TorchRec's example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -56,7 +56,8 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
       tables: the :class:`~jaxrec.EmbeddingConfig` of each table.
       need_indices: also return each feature's ids (in the JaggedTensor's
         weights, as TorchRec). ``ec.need_indices()`` reads it back.
-      optimizer, backend, bounds_check_mode, output_dtype, data_parallel_axis: as for
+      optimizer, table_optimizers, backend, bounds_check_mode, output_dtype,
+        data_parallel_axis: as for
         :class:`~jaxrec.EmbeddingBagCollection`.
     """
 
@@ -65,6 +66,7 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
     tables: Sequence[EmbeddingConfig]
     need_indices: bool = False
     optimizer: Any = None
+    table_optimizers: Mapping[str, Any] | None = None
     backend: str = "auto"
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
     output_dtype: Any = None

@@ -29,19 +29,25 @@ import jax.numpy as jnp
 from jaxrec.configs import BaseEmbeddingConfig
 from jaxrec.ops.plan import LookupPlan
 from jaxrec.optim.fused import FusedTableParams, init_fused_table
+from jaxrec.optim.sparse_optimizers import SparseOptimizer
 
 
 def init_groups(
     plan: LookupPlan,
     tables: Sequence[BaseEmbeddingConfig],
-    optimizer: Any,
+    optimizers: Any,
     key: jax.Array,
 ) -> dict[str, jax.Array | FusedTableParams]:
-    """Initialise every group buffer; each table from its own config's initialiser."""
+    """Initialise every group buffer; each table from its own config's initialiser.
+
+    ``optimizers``: one fused optimizer (or None) for every group, or one per group.
+    """
+    if not isinstance(optimizers, list | tuple) or isinstance(optimizers, SparseOptimizer):
+        optimizers = (optimizers,) * len(plan.groups)
     by_name = {t.name: t for t in tables}
     index = {t.name: i for i, t in enumerate(tables)}
     groups: dict[str, jax.Array | FusedTableParams] = {}
-    for group in plan.groups:
+    for group, optimizer in zip(plan.groups, optimizers, strict=True):
         parts = [
             by_name[name].initialize(jax.random.fold_in(key, index[name])) for name in group.tables
         ]
@@ -69,18 +75,21 @@ def table_views(plan: LookupPlan, prefix: str, groups: Mapping[str, Any]) -> dic
 def optimizer_state_views(
     plan: LookupPlan, prefix: str, groups: Mapping[str, Any]
 ) -> dict[str, dict[str, jax.Array]]:
-    """Per-table optimizer state: ``{"<prefix>.<table>.weight": {"momentum1": rows, "step": t}}``."""
+    """Per-table optimizer state of the fused tables:
+    ``{"<prefix>.<table>.weight": {"momentum1": rows, "step": t}}``."""
     out: dict[str, dict[str, jax.Array]] = {}
     for table in plan.tables:
         entry = groups[plan.groups[table.group].name]
         if not isinstance(entry, FusedTableParams):
-            raise ValueError(
-                f"table {table.name!r} has no fused optimizer, so it has no optimizer state"
-            )
+            continue
         rows = slice(table.row_offset, table.row_offset + table.num_rows)
         state = {name: value[rows] for name, value in entry.state.items()}
         state["step"] = entry.step
         out[f"{prefix}.{table.name}.weight"] = state
+    if not out:
+        raise ValueError(
+            "no table of this collection has a fused optimizer, so none has optimizer state"
+        )
     return out
 
 

@@ -49,6 +49,7 @@ from jaxrec_kernels.sparse_update import (
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
 from jaxrec.ops.plan import LookupPlan
 from jaxrec.optim.fused import FusedTableParams
+from jaxrec.optim.sparse_optimizers import SparseOptimizer
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class GroupSpec:
     dim: int
     num_rows: int
     pooling: str  # "sum" | "mean" | "none"
+    optimizer: Any = None  # the jaxrec.optim.SparseOptimizer of a fused group
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,6 @@ class LookupSpec:
     backend: str
     interpret: bool
     out_dtype: str | None
-    optimizer: Any = None  # a jaxrec.optim.SparseOptimizer for fused groups
     data_parallel_axis: str | None = None  # mesh axis of data-parallel replicas (shard_map)
 
     @classmethod
@@ -89,11 +90,26 @@ class LookupSpec:
         optimizer: Any = None,
         data_parallel_axis: str | None = None,
     ) -> LookupSpec:
+        """The spec of a lookup of ``plan`` for a KJT with ``kjt_keys``.
+
+        ``optimizer``: the fused optimizer of every group, or a sequence with one entry per
+        group (``None`` for a plain table).
+        """
         chosen = resolve_backend(backend)
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
+        if isinstance(optimizer, list | tuple) and not isinstance(optimizer, SparseOptimizer):
+            if len(optimizer) != len(plan.groups):
+                raise ValueError(f"got {len(optimizer)} optimizers for {len(plan.groups)} groups")
+            optimizers = tuple(optimizer)
+        else:
+            optimizers = (optimizer,) * len(plan.groups)
         groups = tuple(
             GroupSpec(
-                plan.kernel_features(g, tuple(kjt_keys)), group.dim, group.num_rows, group.pooling
+                plan.kernel_features(g, tuple(kjt_keys)),
+                group.dim,
+                group.num_rows,
+                group.pooling,
+                optimizers[g],
             )
             for g, group in enumerate(plan.groups)
         )
@@ -106,7 +122,6 @@ class LookupSpec:
             backend=chosen.name,
             interpret=chosen.interpret,
             out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
-            optimizer=optimizer,
             data_parallel_axis=data_parallel_axis,
         )
 
@@ -186,8 +201,8 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
         rows, row_grads = _row_gradients(spec, group, grad_out, ids, offsets, weights)
         dense = jnp.zeros(param.shape, jnp.float32).at[rows].add(row_grads, mode="drop")
         return dense.astype(param.dtype)
-    if spec.optimizer is None:
-        raise ValueError("a FusedTableParams group needs the lookup's optimizer")
+    if group.optimizer is None:
+        raise ValueError("a FusedTableParams group needs an optimizer in the lookup's spec")
     step = param.step + 1
     if spec.data_parallel_axis is not None:
         new_weight, new_state = _data_parallel_update(
@@ -210,7 +225,7 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             batch_size=spec.batch_size,
             dim=group.dim,
             pooling=group.pooling,
-            optimizer=spec.optimizer,
+            optimizer=group.optimizer,
         )
     return FusedTableParams(
         weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
@@ -224,7 +239,7 @@ def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weig
     rows = jax.lax.all_gather(rows, axis, tiled=True)
     row_grads = jax.lax.all_gather(row_grads, axis, tiled=True)
     return fused_update_from_row_gradients(
-        param.weight, param.state, step, rows, row_grads, dim=group.dim, optimizer=spec.optimizer
+        param.weight, param.state, step, rows, row_grads, dim=group.dim, optimizer=group.optimizer
     )
 
 

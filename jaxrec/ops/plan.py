@@ -62,7 +62,11 @@ class FeaturePlacement:
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """One stacked buffer [num_rows, dim] of `dtype`, looked up with one launch."""
+    """One stacked buffer [num_rows, dim] of `dtype`, looked up with one launch.
+
+    ``optimizer_tag`` tells apart tables that share (pooling, dtype, dim) but are trained by
+    different fused optimizers (tag 0: the collection's default).
+    """
 
     name: str
     dim: int
@@ -70,6 +74,7 @@ class GroupLayout:
     pooling: str
     tables: tuple[str, ...]
     num_rows: int
+    optimizer_tag: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,26 +131,32 @@ def _pooling_name(table: BaseEmbeddingConfig) -> str:
     return "none"
 
 
-def build_plan(tables: Sequence[BaseEmbeddingConfig]) -> LookupPlan:
+def build_plan(
+    tables: Sequence[BaseEmbeddingConfig], optimizer_tags: Sequence[int] | None = None
+) -> LookupPlan:
     """Group `tables` by (pooling, dtype, dim) and place tables, features and columns.
 
-    Configs are hashable, so the plan of a table set is computed once.
+    ``optimizer_tags`` (one int per table) also separates tables trained by different fused
+    optimizers. Configs are hashable, so the plan of a table set is computed once.
     """
-    return _build_plan(tuple(tables))
+    tags = tuple(optimizer_tags) if optimizer_tags is not None else (0,) * len(tables)
+    if len(tags) != len(tables):
+        raise ValueError(f"got {len(tags)} optimizer tags for {len(tables)} tables")
+    return _build_plan(tuple(tables), tags)
 
 
 @functools.lru_cache(maxsize=128)
-def _build_plan(tables: tuple[BaseEmbeddingConfig, ...]) -> LookupPlan:
+def _build_plan(tables: tuple[BaseEmbeddingConfig, ...], tags: tuple[int, ...]) -> LookupPlan:
     validate_table_set(tables)
     pooled = isinstance(tables[0], EmbeddingBagConfig)
     if any(isinstance(t, EmbeddingBagConfig) != pooled for t in tables):
         raise ValueError(
             "a collection takes either EmbeddingBagConfigs or EmbeddingConfigs, not both"
         )
-    group_keys: list[tuple[str, str, int]] = []
-    members: dict[tuple[str, str, int], list[BaseEmbeddingConfig]] = {}
-    for table in tables:
-        key = (_pooling_name(table), jnp.dtype(table.dtype).name, table.embedding_dim)
+    group_keys: list[tuple[str, str, int, int]] = []
+    members: dict[tuple[str, str, int, int], list[BaseEmbeddingConfig]] = {}
+    for table, tag in zip(tables, tags, strict=True):
+        key = (_pooling_name(table), jnp.dtype(table.dtype).name, table.embedding_dim, tag)
         if key not in members:
             group_keys.append(key)
             members[key] = []
@@ -154,19 +165,20 @@ def _build_plan(tables: tuple[BaseEmbeddingConfig, ...]) -> LookupPlan:
     groups: list[GroupLayout] = []
     placements: dict[str, TablePlacement] = {}
     for g, key in enumerate(group_keys):
-        pooling, dtype, dim = key
+        pooling, dtype, dim, tag = key
         row = 0
         for table in members[key]:
             placements[table.name] = TablePlacement(table.name, g, row, table.num_embeddings, dim)
             row += table.num_embeddings
         groups.append(
             GroupLayout(
-                name=f"{pooling}_{dtype}_d{dim}",
+                name=f"{pooling}_{dtype}_d{dim}" + (f"_o{tag}" if tag else ""),
                 dim=dim,
                 dtype=dtype,
                 pooling=pooling,
                 tables=tuple(t.name for t in members[key]),
                 num_rows=row,
+                optimizer_tag=tag,
             )
         )
 

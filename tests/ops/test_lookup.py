@@ -394,3 +394,101 @@ def test_every_optimizer_through_the_collection_matches_float64_over_five_steps(
             np.testing.assert_allclose(
                 np.asarray(got_state[f"embedding_bags.{t}.weight"][k]), v, rtol=2e-5, atol=2e-6
             )
+
+
+def two_tables(**kw):
+    return EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name="a", embedding_dim=4, num_embeddings=9, feature_names=["fa", "fb"]
+            ),
+            EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=6, feature_names=["fc"]),
+        ],
+        **kw,
+    )
+
+
+def test_per_table_optimizers_stack_apart_and_follow_their_own_rules():
+    sgd = dict(learning_rate=0.3)
+    adagrad = dict(learning_rate=0.1, eps=1e-8)
+    ebc = two_tables(
+        optimizer=jaxrec.optim.exact_sgd(**sgd),
+        table_optimizers={"b": jaxrec.optim.exact_adagrad(**adagrad)},
+    )
+    assert [g.name for g in ebc.plan.groups] == ["sum_float32_d4", "sum_float32_d4_o1"]
+    rng = np.random.default_rng(2)
+    kjt = random_kjt(rng, KEYS, [9, 9, 6], batch=3, weighted=False)
+    params = ebc.init(jax.random.key(0), kjt)["params"]
+    before = {k: np.asarray(v, np.float64) for k, v in ebc.state_dict({"params": params}).items()}
+    g_out = rng.normal(size=(3, 12)).astype(np.float32)
+    grads = jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out))(params)
+    after = ebc.state_dict({"params": jaxrec.optim.apply_updates(params, grads)})
+    ones = KeyedJaggedTensor(
+        keys=KEYS,
+        values=kjt.values(),
+        lengths=kjt.lengths(),
+        weights=np.ones(kjt.capacity(), np.float32),
+    )
+    row_grads, touched = numpy_row_gradients(
+        ones,
+        g_out.astype(np.float64),
+        [("a", False), ("a", False), ("b", False)],
+        {"a": 4, "b": 4},
+        {"a": before["embedding_bags.a.weight"], "b": before["embedding_bags.b.weight"]},
+    )
+    for t, name, hyper in (("a", "EXACT_SGD", sgd), ("b", "EXACT_ADAGRAD", adagrad)):
+        want = before[f"embedding_bags.{t}.weight"].copy()
+        rows = touched[t]
+        state = zero_state(name, (int(rows.sum()),), 4)
+        want[rows], _ = reference_step(name, hyper, want[rows], state, row_grads[t][rows], 1)
+        np.testing.assert_allclose(
+            np.asarray(after[f"embedding_bags.{t}.weight"]), want, rtol=1e-5, atol=1e-6
+        )
+    states = ebc.optimizer_state_dict({"params": params})
+    assert set(states["embedding_bags.a.weight"]) == {"step"}  # SGD keeps no row state
+    assert set(states["embedding_bags.b.weight"]) == {"momentum1", "step"}
+
+
+def test_a_weight_tied_table_takes_the_unfused_path_beside_fused_ones():
+    lr = 0.2
+    ebc = two_tables(
+        optimizer=jaxrec.optim.exact_sgd(learning_rate=lr), table_optimizers={"b": None}
+    )
+    rng = np.random.default_rng(4)
+    kjt = random_kjt(rng, KEYS, [9, 9, 6], batch=3)
+    params = ebc.init(jax.random.key(0), kjt)["params"]
+    groups = params["embedding_bags"]
+    assert isinstance(groups["sum_float32_d4"], FusedTableParams)
+    assert not isinstance(groups["sum_float32_d4_o1"], FusedTableParams)
+    assert set(ebc.optimizer_state_dict({"params": params})) == {"embedding_bags.a.weight"}
+    g_out = rng.normal(size=(3, 12)).astype(np.float32)
+
+    def loss(p):  # table b is also used outside the lookup (weight tying)
+        tied = p["embedding_bags"]["sum_float32_d4_o1"]
+        return jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out) + jnp.sum(tied**2)
+
+    tx = jaxrec.optim.fused(optax.sgd(lr))
+    grads = jax.grad(loss)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = jaxrec.optim.apply_updates(params, updates)
+    plain = two_tables()
+    plain_params = plain.load_state_dict(
+        {"params": {"embedding_bags": {"sum_float32_d4": jnp.zeros((15, 4))}}},
+        ebc.state_dict({"params": params}),
+    )["params"]
+    dense = jax.grad(lambda p: jnp.sum(plain.apply({"params": p}, kjt).values() * g_out))(
+        plain_params
+    )
+    dense_b = np.asarray(plain.state_dict({"params": dense})["embedding_bags.b.weight"])
+    b = np.asarray(ebc.state_dict({"params": params})["embedding_bags.b.weight"])
+    np.testing.assert_allclose(
+        np.asarray(ebc.state_dict({"params": new})["embedding_bags.b.weight"]),
+        b - lr * (dense_b + 2 * b),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_table_optimizers_naming_an_unknown_table_is_refused():
+    with pytest.raises(ValueError, match=r"table_optimizers names unknown tables \['zz'\]"):
+        two_tables(optimizer=jaxrec.optim.exact_sgd(), table_optimizers={"zz": None})
