@@ -259,8 +259,12 @@ def pooled_fn(
             out = None
             for g, w in zip(groups, tables, strict=True):
                 extra = {}
-                if impl == "pallas":
-                    extra = {"interpret": interpret, "config": config(g) if config else None}
+                if impl == "pallas":  # the groups cover every column: no zero fill
+                    extra = {
+                        "interpret": interpret,
+                        "config": config(g) if config else None,
+                        "fill_uncovered": False,
+                    }
                 out, _ = lookup(
                     w,
                     ids,

@@ -28,12 +28,26 @@ def compiler_params(num_warps: int, num_stages: int) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def masked_load(ref_view, mask: jax.Array, other=0) -> jax.Array:
+def masked_load(
+    ref_view,
+    mask: jax.Array,
+    other=0,
+    *,
+    eviction_policy: str | None = None,
+    cache_modifier: str | None = None,
+) -> jax.Array:
     """Load ``ref_view`` (a ``ref.at[...]`` view, gathers allowed) where ``mask`` holds.
 
-    Lanes where ``mask`` is false read nothing and yield ``other``.
+    Lanes where ``mask`` is false read nothing and yield ``other``. ``eviction_policy`` and
+    ``cache_modifier`` are Triton's cache hints (ignored in interpret mode).
     """
-    return plgpu.load(ref_view, mask=mask, other=other)
+    return plgpu.load(
+        ref_view,
+        mask=mask,
+        other=other,
+        eviction_policy=eviction_policy,
+        cache_modifier=cache_modifier,
+    )
 
 
 def masked_store(ref_view, value: jax.Array, mask: jax.Array) -> None:

@@ -35,16 +35,32 @@ from ._pallas_compat import next_power_of_2
 from .pooled_lookup import PooledConfig, pooled_lookup, pooled_lookup_reference
 from .sequence_lookup import SequenceConfig, sequence_lookup, sequence_lookup_reference
 
-POOLED_VARIANTS = [
-    PooledConfig(1, 8, 2, 2),
+# Candidate launch shapes: for short rows (D <= 64) and for wide rows (D >= 128).
+SHORT_ROW_VARIANTS = [
     PooledConfig(1, 16, 2, 2),
-    PooledConfig(1, 16, 4, 2),
-    PooledConfig(1, 32, 4, 2),
-    PooledConfig(2, 16, 4, 2),
-    PooledConfig(16, 1, 4, 2),
-    PooledConfig(16, 16, 2, 2, strategy="segmented"),
-    PooledConfig(16, 32, 4, 2, strategy="segmented"),
+    PooledConfig(1, 16, 1, 2),
+    PooledConfig(1, 32, 2, 2),
+    PooledConfig(1, 64, 2, 2),
+    PooledConfig(1, 64, 4, 2),
+    PooledConfig(2, 32, 2, 2),
+    PooledConfig(4, 16, 4, 2),
+    PooledConfig(1, 32, 2, 2, eviction_policy="evict_first"),
+    PooledConfig(16, 64, 2, 2, strategy="segmented"),
+    PooledConfig(16, 64, 4, 2, strategy="segmented"),
+    PooledConfig(32, 64, 4, 2, strategy="segmented"),
 ]
+WIDE_ROW_VARIANTS = [
+    PooledConfig(1, 32, 4, 2),
+    PooledConfig(1, 16, 2, 2),
+    PooledConfig(1, 8, 2, 2),
+    PooledConfig(1, 64, 4, 2),
+    PooledConfig(1, 64, 8, 2),
+    PooledConfig(16, 32, 4, 2, strategy="segmented"),
+    PooledConfig(1, 32, 4, 2, eviction_policy="evict_first"),
+    PooledConfig(1, 32, 4, 2, cache_modifier=".cg"),
+    PooledConfig(1, 32, 4, 2, eviction_policy="evict_first", cache_modifier=".cg"),
+]
+POOLED_VARIANTS = list(dict.fromkeys(SHORT_ROW_VARIANTS + WIDE_ROW_VARIANTS))
 SEQUENCE_VARIANTS = [
     SequenceConfig(32, 1, 4),
     SequenceConfig(32, 8, 4),
@@ -55,9 +71,16 @@ SEQUENCE_VARIANTS = [
 ]
 TUNE_DIMS = {"fp32": (16, 32, 64, 128, 256), "bf16": (16, 128)}
 TUNE_ROWS, TUNE_TABLES, TUNE_BATCH = 1_000_000, 8, 8192
+TUNE_CATEGORIES = tuple(f"{t}:{d}" for t, dims in TUNE_DIMS.items() for d in dims) + (
+    "fbgemm-default",
+    "large",
+    "sequence",
+)
 
 
 def _cfg_name(cfg) -> str:
+    if cfg is None:
+        return "default"
     return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
 
 
@@ -238,33 +261,91 @@ def correctness(seed: int, interpret: bool = False, limit: int | None = None) ->
     return records
 
 
-def tune(iters: int, interpret: bool = False) -> tuple[list[dict], dict]:
+def _tune_job(category: str):
+    """(dtype, shape, op, candidate launch shapes) of one tuning category."""
+    if category == "sequence":
+        return "fp32", bench.SHAPES["large"], "sequence", SEQUENCE_VARIANTS
+    if category in ("fbgemm-default", "large"):
+        return "fp32", bench.SHAPES[category], "pooled", WIDE_ROW_VARIANTS
+    dtype, dim = category.split(":")
+    shape = bench.BenchShape(f"tune-{dim}", ((TUNE_ROWS, int(dim)),) * TUNE_TABLES, TUNE_BATCH, 20)
+    variants = SHORT_ROW_VARIANTS if int(dim) <= 64 else WIDE_ROW_VARIANTS
+    return dtype, shape, "pooled", variants
+
+
+def tune(
+    iters: int, interpret: bool = False, categories=TUNE_CATEGORIES
+) -> tuple[list[dict], dict]:
     """Time every candidate launch shape; returns (records, fastest config per category).
 
-    Categories: ``"{dtype}:{dim}"`` on the tuning model, ``"fbgemm-default"`` (fp32), and
-    ``"sequence"`` (fp32, "large").
+    Categories: ``"{dtype}:{dim}"`` on the tuning model (8 tables x 1M rows, B=8192),
+    ``"fbgemm-default"`` and ``"large"`` (fp32), and ``"sequence"`` (fp32, "large"). Each
+    pooled category also times a plain random-row gather (XLA ``take`` fused into a sum over
+    the same ids), the rate DRAM serves rows of that width, and the sequence kernel over the
+    same ids (rows read and written).
     """
     rows, best = [], {}
-    jobs = [
-        (f"{t}:{d}", t, bench.BenchShape(f"tune-{d}", ((1_000_000, d),) * 8, 8192, 20))
-        for t, dims in TUNE_DIMS.items()
-        for d in dims
-    ]
-    jobs.append(("fbgemm-default", "fp32", bench.SHAPES["fbgemm-default"]))
-    jobs.append(("sequence", "fp32", bench.SHAPES["large"]))
-    for category, dtype, shape in jobs:
+    for category in categories:
+        if category not in TUNE_CATEGORIES:
+            raise ValueError(f"unknown tuning category {category!r}; known: {TUNE_CATEGORIES}")
+        dtype, shape, op, variants = _tune_job(category)
         inputs = bench.make_inputs(shape, dtype, weighted=False, rotations=2)
         arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
-        op = "sequence" if category == "sequence" else "pooled"
         nbytes = (bench.sequence_bytes if op == "sequence" else bench.pooled_bytes)(inputs, dtype)
-        for cfg in SEQUENCE_VARIANTS if op == "sequence" else POOLED_VARIANTS:
+        for cfg in variants:
             rec = _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret)
             rec.update(category=category, shape=shape.name, dtype=dtype)
             rows.append(rec)
             if "ms" in rec and rec["ms"] < best.get(category, (None, float("inf")))[1]:
                 best[category] = (cfg, rec["ms"])
+        if op == "pooled":
+            seq_bytes = bench.sequence_bytes(inputs, dtype)
+            for rec in (
+                _time_gather(inputs, arg_sets, iters),
+                _time_variant(inputs, "sequence", None, arg_sets, seq_bytes, iters, interpret),
+            ):
+                rec.update(category=category, shape=shape.name, dtype=dtype)
+                rows.append(rec)
         del inputs
     return rows, {k: v[0] for k, v in best.items()}
+
+
+def _time_gather(inputs, arg_sets, iters):
+    """XLA: every id's row gathered and summed into one row per group (reads the rows only)."""
+    groups, batch = inputs.groups, inputs.shape.batch_size
+
+    offs = inputs.host_offsets[0]
+    spans = [
+        [
+            (int(offs[t * batch]), int(offs[(t + 1) * batch]), f[1])
+            for t, f in zip(g.tables, g.features, strict=True)
+        ]
+        for g in groups
+    ]
+
+    @jax.jit
+    def gather(tables, ids, offsets):
+        del offsets
+        sums = []
+        for span, w in zip(spans, tables, strict=True):
+            rows = jnp.concatenate([ids[lo:hi] + row_offset for lo, hi, row_offset in span])
+            sums.append(jnp.take(w, rows, axis=0).astype(jnp.float32).sum(axis=0))
+        return sums
+
+    tables = [g.weights for g in groups]
+    item = jnp.dtype(tables[0].dtype).itemsize
+    nbytes = sum(
+        (hi - lo) * g.dim * item
+        for span, g in zip(spans, groups, strict=True)
+        for lo, hi, _ in span
+    )
+    rec = {"op": "gather", "config": "xla take+sum", "bytes": int(nbytes)}
+    try:
+        ms = bench.time_op(lambda i, o: gather(tables, i, o), arg_sets, iters=iters)
+        rec.update(ms=ms, GBps=nbytes / ms / 1e6)
+    except Exception as ex:
+        rec["error"] = f"{type(ex).__name__}: {ex}"[:1500]
+    return rec
 
 
 def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret=False):
@@ -287,6 +368,7 @@ def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret=False):
                 interpret=interpret,
                 batch_size=shape.batch_size,
                 num_columns=cols,
+                fill_uncovered=False,
             )
         return out
 
@@ -345,6 +427,11 @@ def main(argv=None) -> int:
         help="comma list of shape:dtype:pooling:weighted[:ops]",
     )
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument(
+        "--tune",
+        default=",".join(TUNE_CATEGORIES),
+        help=f"comma list of tuning categories out of {TUNE_CATEGORIES}",
+    )
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--interpret", action="store_true", help="CPU dry run of the checks")
     p.add_argument("--limit", type=int, default=None, help="run only the first N checks")
@@ -377,7 +464,7 @@ def main(argv=None) -> int:
             print(bad[0]["trace"])
     best = {}
     if "tune" in sections:
-        rows, best = tune(args.iters, args.interpret)
+        rows, best = tune(args.iters, args.interpret, args.tune.split(","))
         record["tune"] = rows
         record["tuned"] = {k: _cfg_name(v) for k, v in best.items()}
         save()
@@ -391,10 +478,10 @@ def main(argv=None) -> int:
         results = []
         for spec in args.bench.split(","):
             name, dtype, pooling, weighted, *ops = spec.split(":")
-            key = "fbgemm-default" if name == "fbgemm-default" else None
+            key = name if name in ("fbgemm-default", "large") and dtype == "fp32" else None
 
             def pick(g, dtype=dtype, key=key):
-                return best.get(key or f"{dtype}:{next_power_of_2(g.dim)}")
+                return best.get(key) or best.get(f"{dtype}:{next_power_of_2(g.dim)}")
 
             results += bench.run_shape(
                 bench.SHAPES[name],

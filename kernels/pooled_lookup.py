@@ -69,7 +69,9 @@ class PooledConfig:
     next ``block_len`` ids of the block's contiguous id range, ``[block_len, D]`` rows, and
     adds them to their bags with a one-hot fp32 product (no masked-off lanes however uneven
     the bags; needs ``block_bags``, ``block_len`` and the padded D to be >= 16).
-    ``num_warps`` and ``num_stages`` as in Triton. BENCHMARKS.md has the measurements.
+    ``num_warps`` and ``num_stages`` as in Triton. ``eviction_policy`` ("evict_first",
+    "evict_last") and ``cache_modifier`` (".ca", ".cg", ".cv") are Triton's load hints, applied
+    to the row gathers only. BENCHMARKS.md has the measurements.
     """
 
     block_bags: int = 1
@@ -77,6 +79,8 @@ class PooledConfig:
     num_warps: int = 2
     num_stages: int = 2
     strategy: str = "bags"
+    eviction_policy: str | None = None
+    cache_modifier: str | None = None
 
     def __post_init__(self):
         for name in ("block_bags", "block_len", "num_warps"):
@@ -92,6 +96,16 @@ class PooledConfig:
                 f"segmented strategy needs block_bags, block_len >= 16, got {self.block_bags}, "
                 f"{self.block_len}"
             )
+        if self.eviction_policy not in (None, "evict_first", "evict_last"):
+            raise ValueError(
+                f"PooledConfig.eviction_policy must be None|evict_first|evict_last, got "
+                f"{self.eviction_policy!r}"
+            )
+        if self.cache_modifier not in (None, ".ca", ".cg", ".cv"):
+            raise ValueError(
+                f"PooledConfig.cache_modifier must be None|.ca|.cg|.cv, got "
+                f"{self.cache_modifier!r}"
+            )
 
 
 def default_pooled_config(dim: int, dtype) -> PooledConfig:
@@ -100,8 +114,9 @@ def default_pooled_config(dim: int, dtype) -> PooledConfig:
     One bag per program, 16 ids per step, 2 warps; fp32 tables with D in (64, 128] take
     32 ids and 4 warps, and wider fp32 tables 8 ids (BENCHMARKS.md, "tuning").
 
-    >>> default_pooled_config(128, "float32")
-    PooledConfig(block_bags=1, block_len=32, num_warps=4, num_stages=2, strategy='bags')
+    >>> cfg = default_pooled_config(128, "float32")
+    >>> cfg.block_bags, cfg.block_len, cfg.num_warps, cfg.strategy
+    (1, 32, 4, 'bags')
     """
     dim_pad = next_power_of_2(dim)
     if jnp.dtype(dtype).itemsize == 4 and dim_pad == 128:
@@ -214,6 +229,7 @@ def _gather_rows(
     *,
     checked,
     counted,
+    config,
 ):
     """Rows ``weights[row_offset + ids[pos]]`` as fp32 (zero where inactive or invalid),
     times the per-sample weight when ``psw_ref`` is given, and the number of bad ids."""
@@ -232,6 +248,8 @@ def _gather_rows(
         weights_ref.at[rows, jnp.expand_dims(cols, leading_axes)],
         jnp.expand_dims(valid, -1) & jnp.expand_dims(col_ok, leading_axes),
         0,
+        eviction_policy=config.eviction_policy,
+        cache_modifier=config.cache_modifier,
     ).astype(jnp.float32)
     if psw_ref is not None:
         psw = masked_load(psw_ref.at[pos], valid, 0).astype(jnp.float32)
@@ -289,6 +307,7 @@ def _pooled_kernel(
         col_ok=col_ok,
         checked=checked,
         counted=counted,
+        config=config,
     )
     acc0 = jnp.zeros((block_bags, dim_pad), jnp.float32)
 
@@ -347,6 +366,7 @@ def _pooled_kernel(
         "out_dtype",
         "interpret",
         "config",
+        "fill_uncovered",
     ),
 )
 def _pooled_pallas(
@@ -364,12 +384,13 @@ def _pooled_pallas(
     out_dtype,
     interpret,
     config,
+    fill_uncovered,
 ):
     dim = weights.shape[1]
     num_blocks = pl.cdiv(batch_size, config.block_bags)
     meta = jnp.asarray(np.asarray(features, np.int32).reshape(len(features), 4))
     weighted = per_sample_weights is not None
-    if out is None and not covers_all_columns(features, dim, num_columns):
+    if out is None and fill_uncovered and not covers_all_columns(features, dim, num_columns):
         out = jnp.zeros((batch_size, num_columns), out_dtype)
     aliased = out is not None
     inputs = [meta, offsets, ids, weights]
@@ -419,12 +440,15 @@ def pooled_lookup(
     out_dtype=None,
     interpret: bool = False,
     config: PooledConfig | None = None,
+    fill_uncovered: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Pooled lookup of one stacked table group with the Pallas (Triton) kernel.
 
     Returns ``(out [batch_size, num_columns], bad_id_count int32 scalar)``. With ``out`` given,
     only this group's columns are written into it (in place when donated); otherwise columns
-    no feature covers are zeros. ``interpret=True`` runs the same kernel on the CPU.
+    no feature covers are zeros, or, with ``fill_uncovered=False``, left unwritten (undefined)
+    for later groups to fill, which saves a zero pass over the whole output when several
+    groups share it. ``interpret=True`` runs the same kernel on the CPU.
     See the module docstring for the layout and bounds rules.
 
     >>> import jax.numpy as jnp
@@ -456,6 +480,7 @@ def pooled_lookup(
         out_dtype=out_dt,
         interpret=interpret,
         config=config,
+        fill_uncovered=bool(fill_uncovered),
     )
 
 
@@ -591,11 +616,13 @@ def pooled_lookup_reference(
     bounds_check: str = "warning",
     out: jax.Array | None = None,
     out_dtype=None,
+    fill_uncovered: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Pure-XLA pooled lookup (gather + ``segment_sum``), same contract as :func:`pooled_lookup`.
 
     The backend for CPU/TPU and the oracle the kernel is tested against. "none" behaves as
-    "ignore" here.
+    "ignore" here. Uncovered columns of a fresh output are always zeros here (XLA has no
+    unwritten buffers), so ``fill_uncovered`` only keeps the signatures alike.
     """
     validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check)
     out_dt = _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size)

@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference
 from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
@@ -134,6 +135,15 @@ def _kernel_options(spec: LookupSpec) -> dict[str, Any]:
     return {"interpret": spec.interpret} if spec.backend == "pallas" else {}
 
 
+def _groups_cover_output(spec: LookupSpec) -> bool:
+    """Whether the groups' features together write every column of the pooled output."""
+    covered = np.zeros(spec.num_columns, bool)
+    for group in spec.groups:
+        for feat in group.features:
+            covered[feat[3] : feat[3] + group.dim] = True
+    return bool(covered.all())
+
+
 def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
     """Run every group's forward kernel; returns (outputs, bad id count)."""
     bad = jnp.zeros((), jnp.int32)
@@ -142,6 +152,9 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
         fn = pooled_lookup if spec.backend == "pallas" else (pooled_lookup_reference)
         out_dtype = spec.out_dtype or jnp.result_type(*(_weight(p).dtype for p in params)).name
         out = None
+        # Every output column belongs to some group, so the first group need not zero-fill
+        # the columns of the others.
+        fill = not _groups_cover_output(spec)
         for group, param in zip(spec.groups, params, strict=True):
             out, count = fn(
                 _weight(param),
@@ -155,6 +168,7 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
                 bounds_check=spec.bounds_check,
                 out=out,
                 out_dtype=out_dtype,
+                fill_uncovered=fill,
                 **options,
             )
             bad = bad + count

@@ -141,6 +141,60 @@ def test_uncovered_columns_are_zero_without_out():
     np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6)
 
 
+def test_groups_chained_without_zero_fill_cover_every_column():
+    rng = np.random.default_rng(23)
+    batch, rows = 6, 11
+    ids, offsets = random_kjt(rng, 2, batch, 9, rows)
+    ids_j, offs_j = jnp.asarray(ids), jnp.asarray(offsets)
+    w8 = jnp.asarray(rng.normal(size=(rows, 8)), jnp.float32)
+    w5 = jnp.asarray(rng.normal(size=(rows, 5)), jnp.float32)
+    g8, g5 = ((1, 0, rows, 0),), ((0, 0, rows, 8),)
+    kw = dict(batch_size=batch, num_columns=13, interpret=True, fill_uncovered=False)
+    out, _ = pooled_lookup(w8, ids_j, offs_j, None, g8, **kw)
+    out, _ = pooled_lookup(w5, ids_j, offs_j, None, g5, out=out, **kw)
+    want, _ = numpy_pooled(w8, ids, offsets, None, g8, batch, 13, "sum")
+    want, _ = numpy_pooled(w5, ids, offsets, None, g5, batch, 13, "sum", want)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "hints", [dict(eviction_policy="evict_first"), dict(cache_modifier=".cg")]
+)
+def test_cache_hints_do_not_change_results(hints):
+    rng = np.random.default_rng(29)
+    ids, offsets = random_kjt(rng, 1, 5, 12, 20, bad_frac=0.1)
+    w = jnp.asarray(rng.normal(size=(20, 16)), jnp.float32)
+    feats = ((0, 0, 20, 0),)
+    got, bad = pooled_lookup(
+        w,
+        jnp.asarray(ids),
+        jnp.asarray(offsets),
+        None,
+        feats,
+        batch_size=5,
+        num_columns=16,
+        interpret=True,
+        config=PooledConfig(block_len=32, **hints),
+    )
+    want, want_bad = numpy_pooled(w, ids, offsets, None, feats, 5, 16, "sum")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert int(bad) == want_bad
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(block_len=12), "block_len"),
+        (dict(eviction_policy="evict_never"), "eviction_policy"),
+        (dict(cache_modifier=".wb"), "cache_modifier"),
+        (dict(strategy="segmented", block_bags=4), "segmented"),
+    ],
+)
+def test_bad_launch_shapes_are_refused_by_name(fields, match):
+    with pytest.raises(ValueError, match=match):
+        PooledConfig(**fields)
+
+
 @pytest.mark.parametrize("mode", ["warning", "fatal", "ignore"])
 def test_out_of_range_ids_give_zero_rows_and_are_counted_by_mode(mode):
     rng = np.random.default_rng(len(mode))

@@ -1,0 +1,40 @@
+"""The GPU check script's pieces, run on the CPU (interpret mode) on small inputs."""
+
+import numpy as np
+from jaxrec_kernels import gpu_check
+from jaxrec_kernels.pooled_lookup import PooledConfig
+
+from jaxrec import bench
+
+
+def test_first_correctness_cases_pass_in_interpret_mode():
+    records = gpu_check.correctness(seed=3, interpret=True, limit=3)
+    assert len(records) == 3
+    assert all(r["ok"] for r in records), records
+
+
+def test_variant_and_gather_timings_on_a_tiny_model():
+    inputs = bench.make_inputs(bench.SHAPES["tiny"], "fp32", weighted=False, rotations=2)
+    arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
+    nbytes = bench.pooled_bytes(inputs, "fp32")
+    rec = gpu_check._time_variant(
+        inputs, "pooled", PooledConfig(1, 16, 2), arg_sets, nbytes, iters=2, interpret=True
+    )
+    assert rec["ms"] > 0 and "error" not in rec
+    gather = gpu_check._time_gather(inputs, arg_sets, iters=2)
+    rows = sum(
+        g.dim * 4 * n for g, n in zip(inputs.groups, bench._lookups_per_group(inputs), strict=True)
+    )
+    assert gather["bytes"] == rows and gather["ms"] > 0
+    seq = gpu_check._time_variant(
+        inputs, "sequence", None, arg_sets, 2 * rows, iters=2, interpret=True
+    )
+    assert seq["ms"] > 0 and seq["config"] == "default"
+
+
+def test_every_candidate_launch_shape_is_distinct_and_valid():
+    assert len(set(gpu_check.POOLED_VARIANTS)) == len(gpu_check.POOLED_VARIANTS)
+    assert set(gpu_check.SHORT_ROW_VARIANTS) | set(gpu_check.WIDE_ROW_VARIANTS) == set(
+        gpu_check.POOLED_VARIANTS
+    )
+    assert np.all([c.num_warps in (1, 2, 4, 8) for c in gpu_check.POOLED_VARIANTS])
