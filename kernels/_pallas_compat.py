@@ -34,19 +34,17 @@ def masked_load(
     other=0,
     *,
     eviction_policy: str | None = None,
-    cache_modifier: str | None = None,
 ) -> jax.Array:
     """Load ``ref_view`` (a ``ref.at[...]`` view, gathers allowed) where ``mask`` holds.
 
-    Lanes where ``mask`` is false read nothing and yield ``other``. ``eviction_policy`` and
-    ``cache_modifier`` are Triton's cache hints (ignored in interpret mode).
+    Lanes where ``mask`` is false read nothing and yield ``other``. ``eviction_policy`` is
+    Triton's L2 hint ("evict_first", "evict_last"; ignored in interpret mode).
     """
     return plgpu.load(
         ref_view,
         mask=mask,
         other=other,
         eviction_policy=eviction_policy,
-        cache_modifier=cache_modifier,
     )
 
 

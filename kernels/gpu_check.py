@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -39,26 +40,23 @@ from .sequence_lookup import SequenceConfig, sequence_lookup, sequence_lookup_re
 SHORT_ROW_VARIANTS = [
     PooledConfig(1, 16, 2, 2),
     PooledConfig(1, 16, 1, 2),
+    PooledConfig(1, 8, 1, 2),
+    PooledConfig(1, 32, 1, 2),
     PooledConfig(1, 32, 2, 2),
-    PooledConfig(1, 64, 2, 2),
-    PooledConfig(1, 64, 4, 2),
-    PooledConfig(2, 32, 2, 2),
-    PooledConfig(4, 16, 4, 2),
+    PooledConfig(1, 16, 1, 2, eviction_policy="evict_first"),
+    PooledConfig(1, 16, 2, 2, eviction_policy="evict_first"),
     PooledConfig(1, 32, 2, 2, eviction_policy="evict_first"),
-    PooledConfig(16, 64, 2, 2, strategy="segmented"),
-    PooledConfig(16, 64, 4, 2, strategy="segmented"),
-    PooledConfig(32, 64, 4, 2, strategy="segmented"),
 ]
 WIDE_ROW_VARIANTS = [
     PooledConfig(1, 32, 4, 2),
     PooledConfig(1, 16, 2, 2),
     PooledConfig(1, 8, 2, 2),
-    PooledConfig(1, 64, 4, 2),
-    PooledConfig(1, 64, 8, 2),
-    PooledConfig(16, 32, 4, 2, strategy="segmented"),
+    PooledConfig(1, 16, 4, 2),
     PooledConfig(1, 32, 4, 2, eviction_policy="evict_first"),
-    PooledConfig(1, 32, 4, 2, cache_modifier=".cg"),
-    PooledConfig(1, 32, 4, 2, eviction_policy="evict_first", cache_modifier=".cg"),
+    PooledConfig(1, 16, 2, 2, eviction_policy="evict_first"),
+    PooledConfig(1, 8, 2, 2, eviction_policy="evict_first"),
+    PooledConfig(16, 32, 4, 2, strategy="segmented"),
+    PooledConfig(16, 32, 4, 2, strategy="segmented", eviction_policy="evict_first"),
 ]
 POOLED_VARIANTS = list(dict.fromkeys(SHORT_ROW_VARIANTS + WIDE_ROW_VARIANTS))
 SEQUENCE_VARIANTS = [
@@ -113,10 +111,23 @@ def _random_kjt(rng, num_kjt, batch, max_len, table_rows, bad_frac, pad):
 
 
 def _pooled_case(
-    rng, *, dims, dtype, pooling, weighted, bounds, config, max_len, rows, shared, interpret
+    rng,
+    *,
+    dims,
+    dtype,
+    pooling,
+    weighted,
+    bounds,
+    config,
+    max_len,
+    rows,
+    shared,
+    interpret,
+    batch=None,
 ):
     """Groups of one dim each, written into one NaN-poisoned output; returns (relerr, ok)."""
-    num_kjt, batch = 2 * len(dims), int(rng.integers(3, 70))
+    num_kjt = 2 * len(dims)
+    batch = int(rng.integers(3, 70)) if batch is None else batch
     table_rows = [rows] * num_kjt
     bad_frac = 0.0 if bounds == "none" else 0.05
     ids, offsets = _random_kjt(rng, num_kjt, batch, max_len, table_rows, bad_frac, 37)
@@ -223,6 +234,11 @@ def correctness(seed: int, interpret: bool = False, limit: int | None = None) ->
             cases.append(("pooled", dict(kw, config=cfg, max_len=70, rows=9, shared=True)))
     kw = dict(dims=[128], dtype="fp32", pooling="sum", weighted=False, bounds="none")
     cases.append(("pooled", dict(kw, config=None, max_len=400, rows=1000, shared=False)))
+    # Enough bags for the default launch shape of 512-byte rows to switch to "segmented".
+    kw = dict(dims=[128], dtype="fp32", pooling="mean", weighted=True, bounds="warning")
+    cases.append(
+        ("pooled", dict(kw, config=None, max_len=6, rows=5000, shared=False, batch=70_001))
+    )
     for dim in (48, 128):
         cases.append(("fresh", dict(dim=dim, dtype="fp32", config=None)))
     seq_cases = ((128, "fp32", "warning"), (24, "bf16", "ignore"), (160, "fp16", "fatal"))
@@ -269,20 +285,21 @@ def _tune_job(category: str):
         return "fp32", bench.SHAPES[category], "pooled", WIDE_ROW_VARIANTS
     dtype, dim = category.split(":")
     shape = bench.BenchShape(f"tune-{dim}", ((TUNE_ROWS, int(dim)),) * TUNE_TABLES, TUNE_BATCH, 20)
-    variants = SHORT_ROW_VARIANTS if int(dim) <= 64 else WIDE_ROW_VARIANTS
+    row_bytes = next_power_of_2(int(dim)) * jnp.dtype(bench.DTYPES[dtype]).itemsize
+    variants = SHORT_ROW_VARIANTS if row_bytes <= 256 else WIDE_ROW_VARIANTS
     return dtype, shape, "pooled", variants
 
 
 def tune(
-    iters: int, interpret: bool = False, categories=TUNE_CATEGORIES
+    iters: int, interpret: bool = False, categories=TUNE_CATEGORIES, repeats: int = 1
 ) -> tuple[list[dict], dict]:
     """Time every candidate launch shape; returns (records, fastest config per category).
 
     Categories: ``"{dtype}:{dim}"`` on the tuning model (8 tables x 1M rows, B=8192),
-    ``"fbgemm-default"`` and ``"large"`` (fp32), and ``"sequence"`` (fp32, "large"). Each
+    ``"fbgemm-default"`` and ``"large"`` (fp32), and ``"sequence"`` (fp32, "large"). The
+    candidates are timed ``repeats`` times, interleaved, and ranked by their median. Each
     pooled category also times a plain random-row gather (XLA ``take`` fused into a sum over
-    the same ids), the rate DRAM serves rows of that width, and the sequence kernel over the
-    same ids (rows read and written).
+    the same ids) and the sequence kernel over the same ids (rows read and written).
     """
     rows, best = [], {}
     for category in categories:
@@ -292,12 +309,16 @@ def tune(
         inputs = bench.make_inputs(shape, dtype, weighted=False, rotations=2)
         arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
         nbytes = (bench.sequence_bytes if op == "sequence" else bench.pooled_bytes)(inputs, dtype)
-        for cfg in variants:
-            rec = _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret)
-            rec.update(category=category, shape=shape.name, dtype=dtype)
-            rows.append(rec)
-            if "ms" in rec and rec["ms"] < best.get(category, (None, float("inf")))[1]:
-                best[category] = (cfg, rec["ms"])
+        times: dict = {}
+        for r in range(repeats):
+            for cfg in variants:
+                rec = _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret)
+                rec.update(category=category, shape=shape.name, dtype=dtype, repeat=r)
+                rows.append(rec)
+                if "ms" in rec:
+                    times.setdefault(cfg, []).append(rec["ms"])
+        if times:
+            best[category] = min(times, key=lambda c: float(np.median(times[c])))
         if op == "pooled":
             seq_bytes = bench.sequence_bytes(inputs, dtype)
             for rec in (
@@ -307,7 +328,7 @@ def tune(
                 rec.update(category=category, shape=shape.name, dtype=dtype)
                 rows.append(rec)
         del inputs
-    return rows, {k: v[0] for k, v in best.items()}
+    return rows, best
 
 
 def _time_gather(inputs, arg_sets, iters):
@@ -348,46 +369,43 @@ def _time_gather(inputs, arg_sets, iters):
     return rec
 
 
-def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret=False):
-    shape, cols = inputs.shape, inputs.num_columns
-    tables = [g.weights for g in inputs.groups]
-    groups = inputs.groups
-
-    @jax.jit
-    def pooled(tables, ids, offsets):
-        out = None
-        for g, w in zip(groups, tables, strict=True):
-            out, _ = pooled_lookup(
-                w,
-                ids,
-                offsets,
-                None,
-                g.features,
-                out=out,
-                config=cfg,
-                interpret=interpret,
-                batch_size=shape.batch_size,
-                num_columns=cols,
-                fill_uncovered=False,
-            )
-        return out
-
-    @jax.jit
-    def sequence(tables, ids, offsets):
+@functools.partial(jax.jit, static_argnames=("op", "cfg", "layout", "interpret"))
+def _run_variant(tables, ids, offsets, *, op, cfg, layout, interpret):
+    """All groups of a bench model through one kernel launch shape (jit-cached per shape)."""
+    batch, cols, group_features = layout
+    if op == "sequence":
         return [
             sequence_lookup(
-                w,
-                ids,
-                offsets,
-                g.features,
-                batch_size=shape.batch_size,
-                config=cfg,
-                interpret=interpret,
+                w, ids, offsets, feats, batch_size=batch, config=cfg, interpret=interpret
             )[0]
-            for g, w in zip(groups, tables, strict=True)
+            for feats, w in zip(group_features, tables, strict=True)
         ]
+    out = None
+    for feats, w in zip(group_features, tables, strict=True):
+        out, _ = pooled_lookup(
+            w,
+            ids,
+            offsets,
+            None,
+            feats,
+            out=out,
+            config=cfg,
+            interpret=interpret,
+            batch_size=batch,
+            num_columns=cols,
+            fill_uncovered=False,
+        )
+    return out
 
-    fn = pooled if op == "pooled" else sequence
+
+def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret=False):
+    tables = [g.weights for g in inputs.groups]
+    layout = (
+        inputs.shape.batch_size,
+        inputs.num_columns,
+        tuple(g.features for g in inputs.groups),
+    )
+    fn = functools.partial(_run_variant, op=op, cfg=cfg, layout=layout, interpret=interpret)
     rec = {"op": op, "config": _cfg_name(cfg), "bytes": nbytes}
     try:
         t0 = time.perf_counter()
@@ -427,6 +445,7 @@ def main(argv=None) -> int:
         help="comma list of shape:dtype:pooling:weighted[:ops]",
     )
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved timings per candidate")
     p.add_argument(
         "--tune",
         default=",".join(TUNE_CATEGORIES),
@@ -464,7 +483,7 @@ def main(argv=None) -> int:
             print(bad[0]["trace"])
     best = {}
     if "tune" in sections:
-        rows, best = tune(args.iters, args.interpret, args.tune.split(","))
+        rows, best = tune(args.iters, args.interpret, args.tune.split(","), args.repeats)
         record["tune"] = rows
         record["tuned"] = {k: _cfg_name(v) for k, v in best.items()}
         save()

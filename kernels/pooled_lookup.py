@@ -23,8 +23,8 @@ The kernel runs one program per (group feature, block of ``block_bags`` bags). E
 its loop gathers ``[block_bags, block_len, D]`` rows at once (the next ``block_len`` ids of
 every bag in the block), so many independent row loads are in flight; lanes past a bag's end
 or past ``D`` (padded to a power of two) are masked off and read nothing. The default, the
-fastest measured, is one bag per program and 16 or 32 ids per step (see
-:func:`default_pooled_config`).
+fastest measured, is one bag per program and 16 or 32 ids per step, or for many bags of
+512-byte rows the "segmented" strategy (see :func:`default_pooled_config`).
 
 >>> import jax.numpy as jnp
 >>> w = jnp.arange(12.0).reshape(6, 2)            # two tables of 3 rows, D=2
@@ -70,8 +70,8 @@ class PooledConfig:
     adds them to their bags with a one-hot fp32 product (no masked-off lanes however uneven
     the bags; needs ``block_bags``, ``block_len`` and the padded D to be >= 16).
     ``num_warps`` and ``num_stages`` as in Triton. ``eviction_policy`` ("evict_first",
-    "evict_last") and ``cache_modifier`` (".ca", ".cg", ".cv") are Triton's load hints, applied
-    to the row gathers only. BENCHMARKS.md has the measurements.
+    "evict_last"), Triton's L2 hint, applies to the row gathers only (rows are mostly read
+    once). BENCHMARKS.md has the measurements.
     """
 
     block_bags: int = 1
@@ -80,7 +80,6 @@ class PooledConfig:
     num_stages: int = 2
     strategy: str = "bags"
     eviction_policy: str | None = None
-    cache_modifier: str | None = None
 
     def __post_init__(self):
         for name in ("block_bags", "block_len", "num_warps"):
@@ -101,27 +100,38 @@ class PooledConfig:
                 f"PooledConfig.eviction_policy must be None|evict_first|evict_last, got "
                 f"{self.eviction_policy!r}"
             )
-        if self.cache_modifier not in (None, ".ca", ".cg", ".cv"):
-            raise ValueError(
-                f"PooledConfig.cache_modifier must be None|.ca|.cg|.cv, got "
-                f"{self.cache_modifier!r}"
-            )
 
 
-def default_pooled_config(dim: int, dtype) -> PooledConfig:
+SEGMENTED_MIN_BAGS = 1 << 17
+
+
+def default_pooled_config(dim: int, dtype, num_bags: int | None = None) -> PooledConfig:
     """The launch shape used when none is given: the fastest measured on an H100.
 
-    One bag per program, 16 ids per step, 2 warps; fp32 tables with D in (64, 128] take
-    32 ids and 4 warps, and wider fp32 tables 8 ids (BENCHMARKS.md, "tuning").
+    By the padded row width in bytes: rows of at most 64 B take one warp and 16 ids per
+    step with the rows marked evict-first; fp32 rows of 512 B (D in (64, 128]) take the
+    segmented strategy (16 bags x 32 ids, 4 warps) when there are at least
+    ``SEGMENTED_MIN_BAGS`` bags (``num_bags`` = features x batch), else one bag with 32 ids and
+    4 warps; wider fp32 rows take 8 ids and 2 warps; the rest 16 ids and 2 warps
+    (BENCHMARKS.md, "tuning").
 
     >>> cfg = default_pooled_config(128, "float32")
     >>> cfg.block_bags, cfg.block_len, cfg.num_warps, cfg.strategy
     (1, 32, 4, 'bags')
+    >>> default_pooled_config(128, "float32", num_bags=32 * 8192).strategy
+    'segmented'
+    >>> default_pooled_config(16, "float32").num_warps
+    1
     """
     dim_pad = next_power_of_2(dim)
-    if jnp.dtype(dtype).itemsize == 4 and dim_pad == 128:
+    itemsize = jnp.dtype(dtype).itemsize
+    if dim_pad * itemsize <= 64:
+        return PooledConfig(block_bags=1, block_len=16, num_warps=1, eviction_policy="evict_first")
+    if itemsize == 4 and dim_pad == 128:
+        if num_bags is not None and num_bags >= SEGMENTED_MIN_BAGS:
+            return PooledConfig(block_bags=16, block_len=32, num_warps=4, strategy="segmented")
         return PooledConfig(block_bags=1, block_len=32, num_warps=4)
-    if jnp.dtype(dtype).itemsize == 4 and dim_pad > 128:
+    if itemsize == 4 and dim_pad > 128:
         return PooledConfig(block_bags=1, block_len=8, num_warps=2)
     return PooledConfig()
 
@@ -249,7 +259,6 @@ def _gather_rows(
         jnp.expand_dims(valid, -1) & jnp.expand_dims(col_ok, leading_axes),
         0,
         eviction_policy=config.eviction_policy,
-        cache_modifier=config.cache_modifier,
     ).astype(jnp.float32)
     if psw_ref is not None:
         psw = masked_load(psw_ref.at[pos], valid, 0).astype(jnp.float32)
@@ -463,7 +472,7 @@ def pooled_lookup(
     validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check)
     out_dt = _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size)
     if config is None:
-        config = default_pooled_config(weights.shape[1], weights.dtype)
+        config = default_pooled_config(weights.shape[1], weights.dtype, len(features) * batch_size)
     if config.strategy == "segmented" and next_power_of_2(weights.shape[1]) < 16:
         raise ValueError(f"segmented strategy needs dim > 8, got dim={weights.shape[1]}")
     return _pooled_pallas(

@@ -157,10 +157,8 @@ def test_groups_chained_without_zero_fill_cover_every_column():
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "hints", [dict(eviction_policy="evict_first"), dict(cache_modifier=".cg")]
-)
-def test_cache_hints_do_not_change_results(hints):
+@pytest.mark.parametrize("policy", ["evict_first", "evict_last"])
+def test_eviction_hints_do_not_change_results(policy):
     rng = np.random.default_rng(29)
     ids, offsets = random_kjt(rng, 1, 5, 12, 20, bad_frac=0.1)
     w = jnp.asarray(rng.normal(size=(20, 16)), jnp.float32)
@@ -174,7 +172,7 @@ def test_cache_hints_do_not_change_results(hints):
         batch_size=5,
         num_columns=16,
         interpret=True,
-        config=PooledConfig(block_len=32, **hints),
+        config=PooledConfig(block_len=32, eviction_policy=policy),
     )
     want, want_bad = numpy_pooled(w, ids, offsets, None, feats, 5, 16, "sum")
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -186,7 +184,6 @@ def test_cache_hints_do_not_change_results(hints):
     [
         (dict(block_len=12), "block_len"),
         (dict(eviction_policy="evict_never"), "eviction_policy"),
-        (dict(cache_modifier=".wb"), "cache_modifier"),
         (dict(strategy="segmented", block_bags=4), "segmented"),
     ],
 )
