@@ -58,7 +58,12 @@ WIDE_ROW_VARIANTS = [
     PooledConfig(16, 32, 4, 2, strategy="segmented"),
     PooledConfig(16, 32, 4, 2, strategy="segmented", eviction_policy="evict_first"),
 ]
-POOLED_VARIANTS = list(dict.fromkeys(SHORT_ROW_VARIANTS + WIDE_ROW_VARIANTS))
+BF16_VARIANTS = [  # 256-byte rows, many bags
+    PooledConfig(16, 32, 4, 2, strategy="segmented"),
+    PooledConfig(16, 32, 2, 2, strategy="segmented"),
+    PooledConfig(16, 64, 4, 2, strategy="segmented"),
+]
+POOLED_VARIANTS = list(dict.fromkeys(SHORT_ROW_VARIANTS + WIDE_ROW_VARIANTS + BF16_VARIANTS))
 SEQUENCE_VARIANTS = [
     SequenceConfig(32, 1, 4),
     SequenceConfig(32, 8, 4),
@@ -72,6 +77,8 @@ TUNE_ROWS, TUNE_TABLES, TUNE_BATCH = 1_000_000, 8, 8192
 TUNE_CATEGORIES = tuple(f"{t}:{d}" for t, dims in TUNE_DIMS.items() for d in dims) + (
     "fbgemm-default",
     "large",
+    "large-weighted",
+    "large-bf16",
     "sequence",
 )
 
@@ -278,16 +285,20 @@ def correctness(seed: int, interpret: bool = False, limit: int | None = None) ->
 
 
 def _tune_job(category: str):
-    """(dtype, shape, op, candidate launch shapes) of one tuning category."""
+    """(dtype, shape, weighted, op, candidate launch shapes) of one tuning category."""
     if category == "sequence":
-        return "fp32", bench.SHAPES["large"], "sequence", SEQUENCE_VARIANTS
-    if category in ("fbgemm-default", "large"):
-        return "fp32", bench.SHAPES[category], "pooled", WIDE_ROW_VARIANTS
+        return "fp32", bench.SHAPES["large"], False, "sequence", SEQUENCE_VARIANTS
+    if category in ("fbgemm-default", "large", "large-weighted"):
+        weighted = category == "large-weighted"
+        shape = bench.SHAPES[category.removesuffix("-weighted")]
+        return "fp32", shape, weighted, "pooled", WIDE_ROW_VARIANTS
+    if category == "large-bf16":
+        return "bf16", bench.SHAPES["large"], False, "pooled", SHORT_ROW_VARIANTS + BF16_VARIANTS
     dtype, dim = category.split(":")
     shape = bench.BenchShape(f"tune-{dim}", ((TUNE_ROWS, int(dim)),) * TUNE_TABLES, TUNE_BATCH, 20)
     row_bytes = next_power_of_2(int(dim)) * jnp.dtype(bench.DTYPES[dtype]).itemsize
     variants = SHORT_ROW_VARIANTS if row_bytes <= 256 else WIDE_ROW_VARIANTS
-    return dtype, shape, "pooled", variants
+    return dtype, shape, False, "pooled", variants
 
 
 def tune(
@@ -305,10 +316,13 @@ def tune(
     for category in categories:
         if category not in TUNE_CATEGORIES:
             raise ValueError(f"unknown tuning category {category!r}; known: {TUNE_CATEGORIES}")
-        dtype, shape, op, variants = _tune_job(category)
-        inputs = bench.make_inputs(shape, dtype, weighted=False, rotations=2)
+        dtype, shape, weighted, op, variants = _tune_job(category)
+        inputs = bench.make_inputs(shape, dtype, weighted=weighted, rotations=2)
         arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
-        nbytes = (bench.sequence_bytes if op == "sequence" else bench.pooled_bytes)(inputs, dtype)
+        if op == "sequence":
+            nbytes = bench.sequence_bytes(inputs, dtype)
+        else:
+            nbytes = bench.pooled_bytes(inputs, dtype, weighted)
         times: dict = {}
         for r in range(repeats):
             for cfg in variants:
@@ -319,7 +333,7 @@ def tune(
                     times.setdefault(cfg, []).append(rec["ms"])
         if times:
             best[category] = min(times, key=lambda c: float(np.median(times[c])))
-        if op == "pooled":
+        if op == "pooled" and not weighted:
             seq_bytes = bench.sequence_bytes(inputs, dtype)
             for rec in (
                 _time_gather(inputs, arg_sets, iters),
@@ -370,7 +384,7 @@ def _time_gather(inputs, arg_sets, iters):
 
 
 @functools.partial(jax.jit, static_argnames=("op", "cfg", "layout", "interpret"))
-def _run_variant(tables, ids, offsets, *, op, cfg, layout, interpret):
+def _run_variant(tables, ids, offsets, psw, *, op, cfg, layout, interpret):
     """All groups of a bench model through one kernel launch shape (jit-cached per shape)."""
     batch, cols, group_features = layout
     if op == "sequence":
@@ -386,7 +400,7 @@ def _run_variant(tables, ids, offsets, *, op, cfg, layout, interpret):
             w,
             ids,
             offsets,
-            None,
+            psw,
             feats,
             out=out,
             config=cfg,
@@ -406,12 +420,13 @@ def _time_variant(inputs, op, cfg, arg_sets, nbytes, iters, interpret=False):
         tuple(g.features for g in inputs.groups),
     )
     fn = functools.partial(_run_variant, op=op, cfg=cfg, layout=layout, interpret=interpret)
+    psw = inputs.per_sample_weights[0] if inputs.per_sample_weights and op == "pooled" else None
     rec = {"op": op, "config": _cfg_name(cfg), "bytes": nbytes}
     try:
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(tables, *arg_sets[0]))
+        jax.block_until_ready(fn(tables, *arg_sets[0], psw))
         rec["first_call_s"] = time.perf_counter() - t0
-        ms = bench.time_op(lambda i, o: fn(tables, i, o), arg_sets, iters=iters)
+        ms = bench.time_op(lambda i, o: fn(tables, i, o, psw), arg_sets, iters=iters)
         rec.update(ms=ms, GBps=nbytes / ms / 1e6)
     except Exception as ex:
         rec["error"] = f"{type(ex).__name__}: {ex}"[:1500]
@@ -445,6 +460,7 @@ def main(argv=None) -> int:
         help="comma list of shape:dtype:pooling:weighted[:ops]",
     )
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=1, help="bench passes; medians reported")
     p.add_argument("--repeats", type=int, default=1, help="interleaved timings per candidate")
     p.add_argument(
         "--tune",
@@ -495,7 +511,8 @@ def main(argv=None) -> int:
             print(f"tuned {k}: {v}")
     if "bench" in sections:
         results = []
-        for spec in args.bench.split(","):
+        specs = [spec for _ in range(args.rounds) for spec in args.bench.split(",")]
+        for spec in specs:
             name, dtype, pooling, weighted, *ops = spec.split(":")
             key = name if name in ("fbgemm-default", "large") and dtype == "fp32" else None
 
@@ -514,9 +531,11 @@ def main(argv=None) -> int:
                 iters=args.iters,
                 copy_gbps=record["copy_GBps"],
             )
-            record["bench"] = results
+            record["bench_rounds"] = results
             save()
-        print(bench.format_table(results))
+        record["bench"] = bench.median_over_rounds(results, record["copy_GBps"])
+        save()
+        print(bench.format_table(record["bench"]))
     save()
     return 0
 

@@ -111,6 +111,30 @@ def test_main_prints_a_table_and_writes_json(tmp_path, capsys):
     assert printed.count("tiny") == len(rows)
 
 
+def test_rounds_report_the_median_of_every_round(tmp_path):
+    path = tmp_path / "bench.json"
+    argv = ["--shapes", "tiny", "--impls", "xla-naive", "--iters", "1", "--copy-mib", "4"]
+    assert bench.main([*argv, "--rounds", "3", "--json", str(path)]) == 0
+    (row,) = json.loads(path.read_text())["results"]
+    assert len(row["ms_rounds"]) == 3
+    assert row["ms"] == pytest.approx(sorted(row["ms_rounds"])[1])
+    with pytest.raises(ValueError, match="rounds"):
+        bench.main([*argv, "--rounds", "0"])
+
+
+def test_median_over_rounds_keeps_failures_apart_from_timings():
+    base = dict(op="pooled", dtype="fp32", pooling="sum", weighted=False, bytes=4_000_000)
+    rows = [
+        dict(base, shape="a", impl="x", ms=2.0),
+        dict(base, shape="a", impl="x", ms=4.0),
+        dict(base, shape="a", impl="y", error="boom"),
+    ]
+    merged = {r["impl"]: r for r in bench.median_over_rounds(rows, copy_gbps=4.0)}
+    assert merged["x"]["ms"] == 3.0 and merged["x"]["GBps"] == pytest.approx(4 / 3)
+    assert merged["x"]["pct_copy"] == pytest.approx(100 / 3)
+    assert "ms" not in merged["y"] and merged["y"]["error"] == "boom"
+
+
 def test_chart_is_written_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [

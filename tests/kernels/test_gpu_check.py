@@ -1,6 +1,7 @@
 """The GPU check script's pieces, run on the CPU (interpret mode) on small inputs."""
 
 import numpy as np
+import pytest
 from jaxrec_kernels import gpu_check
 from jaxrec_kernels.pooled_lookup import PooledConfig
 
@@ -13,8 +14,9 @@ def test_first_correctness_cases_pass_in_interpret_mode():
     assert all(r["ok"] for r in records), records
 
 
-def test_variant_and_gather_timings_on_a_tiny_model():
-    inputs = bench.make_inputs(bench.SHAPES["tiny"], "fp32", weighted=False, rotations=2)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_variant_and_gather_timings_on_a_tiny_model(weighted):
+    inputs = bench.make_inputs(bench.SHAPES["tiny"], "fp32", weighted=weighted, rotations=2)
     arg_sets = list(zip(inputs.ids, inputs.offsets, strict=True))
     nbytes = bench.pooled_bytes(inputs, "fp32")
     rec = gpu_check._time_variant(
@@ -34,7 +36,6 @@ def test_variant_and_gather_timings_on_a_tiny_model():
 
 def test_every_candidate_launch_shape_is_distinct_and_valid():
     assert len(set(gpu_check.POOLED_VARIANTS)) == len(gpu_check.POOLED_VARIANTS)
-    assert set(gpu_check.SHORT_ROW_VARIANTS) | set(gpu_check.WIDE_ROW_VARIANTS) == set(
-        gpu_check.POOLED_VARIANTS
-    )
+    lists = gpu_check.SHORT_ROW_VARIANTS, gpu_check.WIDE_ROW_VARIANTS, gpu_check.BF16_VARIANTS
+    assert set().union(*lists) == set(gpu_check.POOLED_VARIANTS)
     assert np.all([c.num_warps in (1, 2, 4, 8) for c in gpu_check.POOLED_VARIANTS])
