@@ -105,14 +105,16 @@ class PooledConfig:
 SEGMENTED_MIN_BAGS = 1 << 17
 
 
-def default_pooled_config(dim: int, dtype, num_bags: int | None = None) -> PooledConfig:
+def default_pooled_config(
+    dim: int, dtype, num_bags: int | None = None, weighted: bool = False
+) -> PooledConfig:
     """The launch shape used when none is given: the fastest measured on an H100.
 
-    By the padded row width in bytes: rows of at most 64 B take one warp and 16 ids per
-    step with the rows marked evict-first; fp32 rows of 512 B (D in (64, 128]) take the
-    segmented strategy (16 bags x 32 ids, 4 warps) when there are at least
-    ``SEGMENTED_MIN_BAGS`` bags (``num_bags`` = features x batch), else one bag with 32 ids and
-    4 warps; wider fp32 rows take 8 ids and 2 warps; the rest 16 ids and 2 warps
+    By the padded row width in bytes: rows of at most 256 B take one warp and 16 ids per step
+    (rows of at most 64 B also marked evict-first); unweighted fp32 rows of 512 B (D in
+    (64, 128]) take the segmented strategy (16 bags x 32 ids, 4 warps) when there are at
+    least ``SEGMENTED_MIN_BAGS`` bags (``num_bags`` = features x batch), else one bag with 32
+    ids and 4 warps; wider fp32 rows take 8 ids and 2 warps; the rest 16 ids and 2 warps
     (BENCHMARKS.md, "tuning").
 
     >>> cfg = default_pooled_config(128, "float32")
@@ -120,15 +122,19 @@ def default_pooled_config(dim: int, dtype, num_bags: int | None = None) -> Poole
     (1, 32, 4, 'bags')
     >>> default_pooled_config(128, "float32", num_bags=32 * 8192).strategy
     'segmented'
-    >>> default_pooled_config(16, "float32").num_warps
+    >>> default_pooled_config(128, "float32", num_bags=32 * 8192, weighted=True).strategy
+    'bags'
+    >>> default_pooled_config(128, "bfloat16").num_warps
     1
     """
     dim_pad = next_power_of_2(dim)
     itemsize = jnp.dtype(dtype).itemsize
-    if dim_pad * itemsize <= 64:
-        return PooledConfig(block_bags=1, block_len=16, num_warps=1, eviction_policy="evict_first")
+    row_bytes = dim_pad * itemsize
+    if row_bytes <= 256:
+        policy = "evict_first" if row_bytes <= 64 else None
+        return PooledConfig(block_bags=1, block_len=16, num_warps=1, eviction_policy=policy)
     if itemsize == 4 and dim_pad == 128:
-        if num_bags is not None and num_bags >= SEGMENTED_MIN_BAGS:
+        if not weighted and num_bags is not None and num_bags >= SEGMENTED_MIN_BAGS:
             return PooledConfig(block_bags=16, block_len=32, num_warps=4, strategy="segmented")
         return PooledConfig(block_bags=1, block_len=32, num_warps=4)
     if itemsize == 4 and dim_pad > 128:
@@ -472,7 +478,12 @@ def pooled_lookup(
     validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check)
     out_dt = _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size)
     if config is None:
-        config = default_pooled_config(weights.shape[1], weights.dtype, len(features) * batch_size)
+        config = default_pooled_config(
+            weights.shape[1],
+            weights.dtype,
+            num_bags=len(features) * batch_size,
+            weighted=per_sample_weights is not None,
+        )
     if config.strategy == "segmented" and next_power_of_2(weights.shape[1]) < 16:
         raise ValueError(f"segmented strategy needs dim > 8, got dim={weights.shape[1]}")
     return _pooled_pallas(
