@@ -333,6 +333,12 @@ def tune(
                     times.setdefault(cfg, []).append(rec["ms"])
         if times:
             best[category] = min(times, key=lambda c: float(np.median(times[c])))
+        if category == "fbgemm-default":  # the fixed cost: same launch, every bag empty
+            empty = [(ids, jnp.zeros_like(offsets)) for ids, offsets in arg_sets]
+            out_bytes = inputs.shape.batch_size * inputs.num_columns * 4
+            rec = _time_variant(inputs, op, None, empty, out_bytes, iters, interpret)
+            rec.update(category=category, shape=shape.name, dtype=dtype, op="pooled-empty")
+            rows.append(rec)
         if op == "pooled" and not weighted:
             seq_bytes = bench.sequence_bytes(inputs, dtype)
             for rec in (
