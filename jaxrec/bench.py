@@ -236,6 +236,28 @@ def copy_bandwidth(nbytes: int, iters: int = 20) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+class LookupFn:
+    """A jitted lookup over fixed arguments: ``fn(ids, offsets, psw)`` runs one id set;
+    ``fn.many(sets)`` runs several id sets in one jitted call (one executable, no host
+    dispatch between them), which times short lookups by the device rather than the host.
+
+    ``body(fixed, ids, offsets, psw)`` is traced once per form; ``fixed`` (tables and any
+    precomputed index arrays) is passed as an argument, never baked into the program.
+    """
+
+    def __init__(self, body: Callable[..., Any], fixed: Any):
+        self.fixed = fixed
+        self._one = jax.jit(body)
+        self._many = jax.jit(lambda fixed, sets: [body(fixed, *s) for s in sets])
+
+    def __call__(self, ids, offsets, psw=None):
+        return self._one(self.fixed, ids, offsets, psw)
+
+    def many(self, sets: Sequence[tuple]) -> list:
+        """Outputs of every ``(ids, offsets, psw)`` set, from one jitted call."""
+        return self._many(self.fixed, tuple(tuple(s) for s in sets))
+
+
 def pooled_fn(
     inputs: BenchInputs,
     impl: str,
@@ -243,7 +265,7 @@ def pooled_fn(
     interpret: bool = False,
     config: Callable[[Group], Any] | None = None,
 ):
-    """A jitted ``fn(ids, offsets, psw) -> out`` for one implementation over all groups.
+    """A :class:`LookupFn` ``fn(ids, offsets, psw) -> out`` for one implementation.
 
     ``config(group)`` picks the Pallas launch shape of a group (default: the kernel's own).
     """
@@ -254,7 +276,6 @@ def pooled_fn(
     if impl in ("pallas", "xla-reference"):
         lookup = pooled_lookup if impl == "pallas" else pooled_lookup_reference
 
-        @jax.jit
         def fn(tables, ids, offsets, psw):
             out = None
             for g, w in zip(groups, tables, strict=True):
@@ -279,7 +300,7 @@ def pooled_fn(
                 )
             return out
 
-        return lambda ids, offsets, psw: fn(tables, ids, offsets, psw)
+        return LookupFn(fn, tables)
     if impl == "xla-naive":
         return _naive_xla_fn(inputs, pooling)
     raise ValueError(f"unknown impl {impl!r}")
@@ -315,8 +336,9 @@ def _naive_xla_fn(inputs: BenchInputs, pooling: str):
     )
     tables = [g.weights for g in inputs.groups]
 
-    @jax.jit
-    def fn(tables, meta, ids, psw):
+    def fn(fixed, ids, offsets, psw):
+        del offsets  # bag layout precomputed on the host
+        tables, meta = fixed
         pooled = []
         for g, w, (sel, row_off, seg, cnt) in zip(inputs.groups, tables, meta, strict=True):
             vals = jnp.take(w, row_off + ids[sel], axis=0)
@@ -329,7 +351,7 @@ def _naive_xla_fn(inputs: BenchInputs, pooling: str):
             pooled.append(p)
         return jnp.concatenate([pooled[gi][k] for _, gi, k in order], axis=1)
 
-    return lambda ids, offsets, psw: fn(tables, per_group, ids, psw)
+    return LookupFn(fn, (tables, per_group))
 
 
 def _torch_setup(inputs: BenchInputs, pooling: str, op: str):
@@ -409,11 +431,17 @@ def run_shape(
     l2_bytes: int = 50 * 2**20,
     pooled_config: Callable[[Group], Any] | None = None,
     sequence_config: Callable[[Group], Any] | None = None,
+    in_jit_calls: int = 1,
 ) -> list[dict]:
     """Time every implementation of every op on one shape; one result dict per timing.
 
-    ``pooled_config`` / ``sequence_config`` pick the Pallas launch shape per group.
+    ``pooled_config`` / ``sequence_config`` pick the Pallas launch shape per group. With
+    ``in_jit_calls=k > 1`` the JAX implementations are also timed as ``k`` lookups over
+    distinct id sets inside one jitted call: ``ms_in_jit`` is that time / k, the cost of a
+    lookup inside a larger jitted step, free of per-call host dispatch.
     """
+    if in_jit_calls < 1:
+        raise ValueError(f"in_jit_calls must be >= 1, got {in_jit_calls}")
     on_gpu = jax.default_backend() == "gpu"
     item = jnp.dtype(DTYPES[dtype]).itemsize
     dims = sorted({d for _, d in shape.tables})
@@ -421,7 +449,7 @@ def run_shape(
         len([t for t in shape.tables if t[1] == d]) * shape.batch_size * shape.mean_len * d * item
         for d in dims
     )
-    rotations = max(1, min(8, math.ceil(4 * l2_bytes / max(approx_touched, 1))))
+    rotations = max(1, min(8, math.ceil(4 * l2_bytes / max(approx_touched, 1))), in_jit_calls)
     inputs = make_inputs(shape, dtype, weighted=weighted, rotations=rotations)
     psw = inputs.per_sample_weights or [None] * rotations
     arg_sets = list(zip(inputs.ids, inputs.offsets, psw, strict=True))
@@ -456,6 +484,14 @@ def run_shape(
                         else sequence_fn(inputs, impl, interpret, sequence_config)
                     )
                     ms = time_op(fn, arg_sets, iters=iters)
+                    if in_jit_calls > 1:
+                        k = in_jit_calls
+                        groups = [
+                            tuple(arg_sets[(i * k + j) % rotations] for j in range(k))
+                            for i in range(max(1, rotations // k))
+                        ]
+                        row["ms_in_jit"] = time_op(fn.many, [(g,) for g in groups], iters=iters) / k
+                        row["in_jit_calls"] = k
             except ImportError as ex:
                 row["skipped"] = f"{type(ex).__name__}: {ex}"
                 results.append(row)
@@ -478,7 +514,7 @@ def sequence_fn(
     interpret: bool = False,
     config: Callable[[Group], Any] | None = None,
 ):
-    """A jitted ``fn(ids, offsets, psw) -> [per-group outputs]`` for the sequence lookup."""
+    """A :class:`LookupFn` ``fn(ids, offsets, psw) -> [per-group outputs]`` (sequence lookup)."""
     shape = inputs.shape
     if impl not in ("pallas", "xla-reference"):
         if impl == "xla-naive":
@@ -492,14 +528,15 @@ def sequence_fn(
                     ro[t] = r
                 row_offs.append(jnp.asarray(ro[table_of_pos], jnp.int32))
 
-            @jax.jit
-            def naive(tables, row_offs, ids):
+            def naive(fixed, ids, offsets, psw):
+                del offsets, psw
+                tables, row_offs = fixed
                 return [
                     jnp.where((ro >= 0)[:, None], jnp.take(w, jnp.maximum(ro, 0) + ids, axis=0), 0)
                     for w, ro in zip(tables, row_offs, strict=True)
                 ]
 
-            return lambda ids, offsets, psw: naive(tables, row_offs, ids)
+            return LookupFn(naive, (tables, row_offs))
         raise ValueError(f"unknown impl {impl!r}")
     lookup = sequence_lookup if impl == "pallas" else sequence_lookup_reference
     groups = inputs.groups
@@ -509,15 +546,14 @@ def sequence_fn(
             return {}
         return {"interpret": interpret, "config": config(g) if config else None}
 
-    @jax.jit
-    def fn(tables, ids, offsets):
+    def fn(tables, ids, offsets, psw):
+        del psw
         return [
             lookup(w, ids, offsets, g.features, batch_size=shape.batch_size, **extra(g))[0]
             for g, w in zip(groups, tables, strict=True)
         ]
 
-    tables = [g.weights for g in groups]
-    return lambda ids, offsets, psw: fn(tables, ids, offsets)
+    return LookupFn(fn, [g.weights for g in groups])
 
 
 def environment() -> dict:
@@ -555,11 +591,15 @@ def median_over_rounds(results: Sequence[dict], copy_gbps: float | None = None) 
     for r in results:
         key = tuple(r[k] for k in RESULT_KEY)
         row = merged.setdefault(
-            key, {k: v for k, v in r.items() if k not in ("ms", "GBps", "pct_copy")}
+            key,
+            {k: v for k, v in r.items() if k not in ("ms", "GBps", "pct_copy", "ms_in_jit")},
         )
-        if "ms" in r:
-            row.setdefault("ms_rounds", []).append(r["ms"])
+        for field in ("ms", "ms_in_jit"):
+            if field in r:
+                row.setdefault(f"{field}_rounds", []).append(r[field])
     for row in merged.values():
+        if "ms_in_jit_rounds" in row:
+            row["ms_in_jit"] = float(statistics.median(row["ms_in_jit_rounds"]))
         if "ms_rounds" in row:
             row.pop("error", None)
             row["ms"] = float(statistics.median(row["ms_rounds"]))
@@ -572,7 +612,7 @@ def median_over_rounds(results: Sequence[dict], copy_gbps: float | None = None) 
 def format_table(results: Sequence[dict]) -> str:
     """The results as a fixed-width text table."""
     head = f"{'shape':<15}{'op':<9}{'impl':<14}{'dtype':<6}{'pool':<6}{'w':<3}"
-    head += f"{'ms':>10}{'GB/s':>10}{'%copy':>8}"
+    head += f"{'ms':>10}{'GB/s':>10}{'%copy':>8}{'in-jit ms':>11}"
     lines = [head]
     for r in results:
         line = (
@@ -582,6 +622,8 @@ def format_table(results: Sequence[dict]) -> str:
         if "ms" in r:
             pct = f"{r['pct_copy']:8.1f}" if "pct_copy" in r else f"{'':>8}"
             line += f"{r['ms']:10.4f}{r['GBps']:10.1f}{pct}"
+            if "ms_in_jit" in r:
+                line += f"{r['ms_in_jit']:11.4f}"
         else:
             line += "  " + r.get("error", r.get("skipped", ""))[:60]
         lines.append(line)
@@ -638,6 +680,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=1, help="passes over everything; report each median"
     )
+    p.add_argument(
+        "--in-jit-calls",
+        type=int,
+        default=1,
+        help="also time this many lookups inside one jitted call (device time, no dispatch)",
+    )
     p.add_argument("--interpret", action="store_true", help="run the Pallas kernels interpreted")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer size")
     p.add_argument("--json", default=None, help="write results here")
@@ -681,6 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             iters=args.iters,
             interpret=args.interpret,
             copy_gbps=copy_gbps,
+            in_jit_calls=args.in_jit_calls,
         )
     results = median_over_rounds(results, copy_gbps)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({copy_mib} MiB buffer, read + write)")

@@ -466,6 +466,12 @@ def main(argv=None) -> int:
         help="comma list of shape:dtype:pooling:weighted[:ops]",
     )
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--in-jit-calls", type=int, default=8, help="lookups per jitted call")
+    p.add_argument(
+        "--in-jit-shapes",
+        default="fbgemm-default",
+        help="shapes (short calls) also timed as --in-jit-calls lookups in one jitted call",
+    )
     p.add_argument("--rounds", type=int, default=1, help="bench passes; medians reported")
     p.add_argument("--repeats", type=int, default=1, help="interleaved timings per candidate")
     p.add_argument(
@@ -536,6 +542,7 @@ def main(argv=None) -> int:
                 ops=ops[0].split("+") if ops else ("pooled",),
                 iters=args.iters,
                 copy_gbps=record["copy_GBps"],
+                in_jit_calls=args.in_jit_calls if name in args.in_jit_shapes.split(",") else 1,
             )
             record["bench_rounds"] = results
             save()

@@ -122,6 +122,24 @@ def test_rounds_report_the_median_of_every_round(tmp_path):
         bench.main([*argv, "--rounds", "0"])
 
 
+def test_in_jit_calls_time_several_lookups_in_one_jitted_call(tmp_path):
+    path = tmp_path / "bench.json"
+    argv = ["--shapes", "tiny", "--impls", "xla-naive,xla-reference", "--iters", "1"]
+    assert bench.main([*argv, "--copy-mib", "4", "--in-jit-calls", "3", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert len(rows) == 2
+    assert all(r["in_jit_calls"] == 3 and r["ms_in_jit"] > 0 for r in rows)
+
+
+def test_lookup_fn_many_matches_one_call_per_set(tiny):
+    fn = bench.pooled_fn(tiny, "xla-reference", "sum")
+    sets = [(i, o, None) for i, o in zip(tiny.ids, tiny.offsets, strict=True)]
+    many = fn.many(sets)
+    assert len(many) == len(sets)
+    for got, s in zip(many, sets, strict=True):
+        np.testing.assert_allclose(got, fn(*s), rtol=1e-6)
+
+
 def test_median_over_rounds_keeps_failures_apart_from_timings():
     base = dict(op="pooled", dtype="fp32", pooling="sum", weighted=False, bytes=4_000_000)
     rows = [
