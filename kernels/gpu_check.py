@@ -57,6 +57,9 @@ WIDE_ROW_VARIANTS = [
     PooledConfig(1, 8, 2, 2, eviction_policy="evict_first"),
     PooledConfig(16, 32, 4, 2, strategy="segmented"),
     PooledConfig(16, 32, 4, 2, strategy="segmented", eviction_policy="evict_first"),
+    PooledConfig(16, 32, 4, 1, strategy="segmented"),
+    PooledConfig(16, 32, 8, 2, strategy="segmented"),
+    PooledConfig(32, 32, 4, 2, strategy="segmented"),
 ]
 BF16_VARIANTS = [  # 256-byte rows, many bags
     PooledConfig(16, 32, 4, 2, strategy="segmented"),
