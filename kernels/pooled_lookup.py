@@ -105,8 +105,15 @@ class PooledConfig:
 SEGMENTED_MIN_BAGS = 1 << 17
 
 
+EVICT_FIRST_MAX_OUT_BYTES = 16 << 20
+
+
 def default_pooled_config(
-    dim: int, dtype, num_bags: int | None = None, weighted: bool = False
+    dim: int,
+    dtype,
+    num_bags: int | None = None,
+    weighted: bool = False,
+    out_bytes: int | None = None,
 ) -> PooledConfig:
     """The launch shape used when none is given: the fastest measured on an H100.
 
@@ -114,12 +121,16 @@ def default_pooled_config(
     (rows of at most 64 B also marked evict-first); unweighted fp32 rows of 512 B (D in
     (64, 128]) take the segmented strategy (16 bags x 32 ids, 4 warps) when there are at
     least ``SEGMENTED_MIN_BAGS`` bags (``num_bags`` = features x batch), else one bag with 32
-    ids and 4 warps; wider fp32 rows take 8 ids and 2 warps; the rest 16 ids and 2 warps
-    (BENCHMARKS.md, "tuning").
+    ids and 4 warps, its rows marked evict-first when the output (``out_bytes``) fits in
+    ``EVICT_FIRST_MAX_OUT_BYTES`` (rows are read once; the output and ids then stay in L2);
+    wider fp32 rows take 8 ids and 2 warps; the rest 16 ids and 2 warps (BENCHMARKS.md,
+    "tuning").
 
     >>> cfg = default_pooled_config(128, "float32")
-    >>> cfg.block_bags, cfg.block_len, cfg.num_warps, cfg.strategy
-    (1, 32, 4, 'bags')
+    >>> cfg.block_bags, cfg.block_len, cfg.num_warps, cfg.strategy, cfg.eviction_policy
+    (1, 32, 4, 'bags', None)
+    >>> default_pooled_config(128, "float32", out_bytes=512 * 4096 * 4).eviction_policy
+    'evict_first'
     >>> default_pooled_config(128, "float32", num_bags=32 * 8192).strategy
     'segmented'
     >>> default_pooled_config(128, "float32", num_bags=32 * 8192, weighted=True).strategy
@@ -136,7 +147,9 @@ def default_pooled_config(
     if itemsize == 4 and dim_pad == 128:
         if not weighted and num_bags is not None and num_bags >= SEGMENTED_MIN_BAGS:
             return PooledConfig(block_bags=16, block_len=32, num_warps=4, strategy="segmented")
-        return PooledConfig(block_bags=1, block_len=32, num_warps=4)
+        small_out = out_bytes is not None and out_bytes <= EVICT_FIRST_MAX_OUT_BYTES
+        policy = "evict_first" if small_out else None
+        return PooledConfig(block_bags=1, block_len=32, num_warps=4, eviction_policy=policy)
     if itemsize == 4 and dim_pad > 128:
         return PooledConfig(block_bags=1, block_len=8, num_warps=2)
     return PooledConfig()
@@ -483,6 +496,7 @@ def pooled_lookup(
             weights.dtype,
             num_bags=len(features) * batch_size,
             weighted=per_sample_weights is not None,
+            out_bytes=batch_size * num_columns * out_dt.itemsize,
         )
     if config.strategy == "segmented" and next_power_of_2(weights.shape[1]) < 16:
         raise ValueError(f"segmented strategy needs dim > 8, got dim={weights.shape[1]}")
