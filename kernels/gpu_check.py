@@ -7,9 +7,15 @@
    first (``out=`` prefilled, or a freed NaN buffer of the output's size for fresh outputs),
    so a missed write shows. Every launch shape timed below is checked too.
 2. ``tune``: times candidate launch shapes of the pooled kernel for each (dim, dtype) on a
-   tuning model (8 tables x 1M rows, B=8192, bags 0..40) and on "fbgemm-default", and of the
-   sequence kernel on "large"; the fastest of each is used below.
-3. ``bench``: :func:`jaxrec.bench.run_shape` with its peers, in the same run.
+   tuning model (8 tables x 1M rows, B=8192, bags 0..40), on "fbgemm-default" and "large"
+   (plain, weighted, bf16), and of the sequence kernel on "large"; ``--repeats`` times them
+   interleaved and ranks medians; the fastest of each is used below. Beside them: an XLA
+   random-row gather and the sequence kernel over the same ids, and (fbgemm-default) a call
+   whose bags are all empty.
+3. ``bench``: :func:`jaxrec.bench.run_shape` with its peers, in the same run; ``--rounds``
+   repeats whole passes and reports medians; the ``--in-jit-shapes`` are also timed as
+   ``--in-jit-calls`` lookups inside one jitted call. Without ``tune``, the library's
+   default launch shapes run.
 
 Writes ``gpu_check.json`` (and the printed table) to ``--out`` (default ``$OUT`` or ``.``).
 ``--interpret`` runs the same flow on a CPU (slowly), to check the script itself.
