@@ -66,12 +66,6 @@ WIDE_ROW_VARIANTS = [
     PooledConfig(16, 32, 4, 1, strategy="segmented"),
     PooledConfig(16, 32, 8, 2, strategy="segmented"),
     PooledConfig(32, 32, 4, 2, strategy="segmented"),
-    # persistent grids: about 8 or 16 resident programs per SM on 132 SMs
-    PooledConfig(1, 32, 4, 2, eviction_policy="evict_first", programs=1056),
-    PooledConfig(1, 32, 4, 2, eviction_policy="evict_first", programs=2112),
-    PooledConfig(1, 16, 2, 2, eviction_policy="evict_first", programs=2112),
-    PooledConfig(1, 16, 2, 2, eviction_policy="evict_first", programs=4224),
-    PooledConfig(16, 32, 4, 2, strategy="segmented", programs=1056),
 ]
 BF16_VARIANTS = [  # 256-byte rows, many bags
     PooledConfig(16, 32, 4, 2, strategy="segmented"),

@@ -71,10 +71,7 @@ class PooledConfig:
     the bags; needs ``block_bags``, ``block_len`` and the padded D to be >= 16).
     ``num_warps`` and ``num_stages`` as in Triton. ``eviction_policy`` ("evict_first",
     "evict_last"), Triton's L2 hint, applies to the row gathers only (rows are mostly read
-    once). ``programs``: None launches one program per (feature, block of bags); an int
-    launches that many persistent programs, each looping over every ``programs``-th
-    (feature, block) item (fewer launches, no tail of a last partial wave).
-    BENCHMARKS.md has the measurements.
+    once). BENCHMARKS.md has the measurements.
     """
 
     block_bags: int = 1
@@ -83,7 +80,6 @@ class PooledConfig:
     num_stages: int = 2
     strategy: str = "bags"
     eviction_policy: str | None = None
-    programs: int | None = None
 
     def __post_init__(self):
         for name in ("block_bags", "block_len", "num_warps"):
@@ -98,10 +94,6 @@ class PooledConfig:
             raise ValueError(
                 f"segmented strategy needs block_bags, block_len >= 16, got {self.block_bags}, "
                 f"{self.block_len}"
-            )
-        if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
-            raise ValueError(
-                f"PooledConfig.programs must be None or a positive int, got {self.programs!r}"
             )
         if self.eviction_policy not in (None, "evict_first", "evict_last"):
             raise ValueError(
@@ -314,60 +306,11 @@ def _pooled_kernel(
     if aliased:
         refs.pop(0)  # the aliased input buffer: same memory as out_ref
     out_ref, count_ref = refs
-    block = functools.partial(
-        _pooled_block,
-        meta_ref,
-        offsets_ref,
-        ids_ref,
-        weights_ref,
-        psw_ref,
-        out_ref,
-        batch_size=batch_size,
-        num_ids=num_ids,
-        dim=dim,
-        pooling=pooling,
-        checked=checked,
-        counted=counted,
-        config=config,
-    )
-    if config.programs is None:  # one program per (group feature, block of bags)
-        count_ref[pl.program_id(0), pl.program_id(1)] = block(pl.program_id(0), pl.program_id(1))
-        return
-    # Persistent: program p takes work items p, p + P, p + 2P, ... (item = feature, block).
-    num_blocks = pl.cdiv(batch_size, config.block_bags)
-    num_items = meta_ref.shape[0] * num_blocks
-    p = pl.program_id(0)
-    num_mine = (num_items - p + (config.programs - 1)) // config.programs
-
-    def item(k, bad):
-        w = p + k * config.programs
-        return bad + block(w // num_blocks, w % num_blocks)
-
-    count_ref[p] = jax.lax.fori_loop(0, num_mine, item, jnp.int32(0))
-
-
-def _pooled_block(
-    meta_ref,
-    offsets_ref,
-    ids_ref,
-    weights_ref,
-    psw_ref,
-    out_ref,
-    g,
-    blk,
-    *,
-    batch_size,
-    num_ids,
-    dim,
-    pooling,
-    checked,
-    counted,
-    config,
-):
-    """Pool block ``blk`` of ``block_bags`` bags of group feature ``g`` into ``out_ref``;
-    returns the number of bad ids it met."""
     block_bags, block_len = config.block_bags, config.block_len
     dim_pad = next_power_of_2(dim)
+
+    g = pl.program_id(0)
+    blk = pl.program_id(1)
     kjt = meta_ref[g, 0]
     row_offset = meta_ref[g, 1]
     num_rows = meta_ref[g, 2]
@@ -437,7 +380,7 @@ def _pooled_block(
         acc.astype(out_ref.dtype),
         in_batch[:, None] & col_ok[None, :],
     )
-    return bad
+    count_ref[g, blk] = bad
 
 
 @functools.partial(
@@ -473,7 +416,6 @@ def _pooled_pallas(
 ):
     dim = weights.shape[1]
     num_blocks = pl.cdiv(batch_size, config.block_bags)
-    grid = (len(features), num_blocks) if config.programs is None else (config.programs,)
     meta = jnp.asarray(np.asarray(features, np.int32).reshape(len(features), 4))
     weighted = per_sample_weights is not None
     if out is None and fill_uncovered and not covers_all_columns(features, dim, num_columns):
@@ -498,10 +440,10 @@ def _pooled_pallas(
     )
     pooled, counts = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(len(features), num_blocks),
         out_shape=(
             jax.ShapeDtypeStruct((batch_size, num_columns), out_dtype),
-            jax.ShapeDtypeStruct(grid, jnp.int32),
+            jax.ShapeDtypeStruct((len(features), num_blocks), jnp.int32),
         ),
         input_output_aliases={len(inputs) - 1: 0} if aliased else {},
         compiler_params=compiler_params(config.num_warps, config.num_stages),

@@ -185,7 +185,6 @@ def test_eviction_hints_do_not_change_results(policy):
         (dict(block_len=12), "block_len"),
         (dict(eviction_policy="evict_never"), "eviction_policy"),
         (dict(strategy="segmented", block_bags=4), "segmented"),
-        (dict(programs=0), "programs"),
     ],
 )
 def test_bad_launch_shapes_are_refused_by_name(fields, match):
@@ -249,11 +248,8 @@ def test_no_bounds_check_matches_on_valid_ids():
         PooledConfig(block_bags=1, block_len=8),
         PooledConfig(block_bags=4, block_len=2, num_warps=4),
         PooledConfig(block_bags=16, block_len=16, strategy="segmented"),
-        PooledConfig(block_bags=1, block_len=8, programs=5),
-        PooledConfig(block_bags=16, block_len=16, strategy="segmented", programs=3),
-        PooledConfig(block_bags=2, block_len=4, programs=64),
     ],
-    ids=["one-bag", "four-bags", "segmented", "persistent", "persistent-segmented", "idle"],
+    ids=["one-bag", "four-bags", "segmented"],
 )
 def test_launch_shapes_agree_on_long_weighted_bags(config):
     rng = np.random.default_rng(config.block_bags)
