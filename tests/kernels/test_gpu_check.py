@@ -1,5 +1,7 @@
 """The GPU check script's pieces, run on the CPU (interpret mode) on small inputs."""
 
+import json
+
 import numpy as np
 import pytest
 from jaxrec_kernels import gpu_check
@@ -39,3 +41,15 @@ def test_every_candidate_launch_shape_is_distinct_and_valid():
     lists = gpu_check.SHORT_ROW_VARIANTS, gpu_check.WIDE_ROW_VARIANTS, gpu_check.BF16_VARIANTS
     assert set().union(*lists) == set(gpu_check.POOLED_VARIANTS)
     assert np.all([c.num_warps in (1, 2, 4, 8) for c in gpu_check.POOLED_VARIANTS])
+
+
+def test_bench_section_runs_rounds_and_in_jit_timing_in_interpret_mode(tmp_path, capsys):
+    argv = ["--interpret", "--sections", "bench", "--bench", "tiny:fp32:sum:1", "--rounds", "2"]
+    argv += ["--in-jit-shapes", "tiny", "--in-jit-calls", "2", "--iters", "1"]
+    assert gpu_check.main([*argv, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    pallas = [r for r in record["bench"] if r["impl"] == "pallas"]
+    assert len(pallas) == 1 and len(pallas[0]["ms_rounds"]) == 2
+    assert pallas[0]["ms_in_jit"] > 0 and pallas[0]["weighted"]
+    assert len(record["bench_rounds"]) == 2 * len(record["bench"])
+    assert "in-jit ms" in capsys.readouterr().out
