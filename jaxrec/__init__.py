@@ -5,7 +5,7 @@
 ['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection', 'EmbeddingConfig']
 """
 
-from jaxrec import optim
+from jaxrec import optim, parallel
 from jaxrec.configs import (
     BaseEmbeddingConfig,
     DataType,
@@ -40,4 +40,5 @@ __all__ = [
     "capacity_bucket",
     "optim",
     "pad_to_capacity",
+    "parallel",
 ]

@@ -1,0 +1,103 @@
+"""Row-wise sharding of embedding tables across the devices of a mesh axis.
+
+Every stacked table group of an :class:`~jaxrec.EmbeddingBagCollection` or
+:class:`~jaxrec.EmbeddingCollection` (``params["embedding_bags"]`` / ``params["embeddings"]``,
+at any depth of a model's variables) is split by rows over one mesh axis; every other leaf
+is replicated. Under ``jax.jit`` XLA's SPMD partitioner then runs each lookup on the rows a
+device holds and sums the partial results across the axis (TorchRec's row-wise sharding):
+no device ever holds a whole table, and the fused sparse update writes each device's rows
+in place. This path needs the XLA backend (``backend="xla"``); the Pallas kernels have no
+partitioning rule.
+
+For a :class:`~jaxrec.optim.FusedTableParams` the table and its per-row optimizer state are
+split by rows; ``step`` and ``uses`` are replicated. A group's row count (the sum of its
+tables' ``num_embeddings``) must divide evenly by the axis size.
+
+>>> import jax, numpy as np
+>>> from jax.sharding import Mesh
+>>> mesh = Mesh(np.array(jax.devices()[:2]), ("rows",))
+>>> variables = {"params": {"embedding_bags": {"g": np.zeros((6, 4))}, "mlp": np.zeros(3)}}
+>>> placed = shard_rows(variables, mesh, "rows")
+>>> tuple(placed["params"]["embedding_bags"]["g"].sharding.spec)
+('rows', None)
+>>> tuple(placed["params"]["mlp"].sharding.spec)
+()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrec.optim.fused import FusedTableParams
+
+TABLE_COLLECTIONS = ("embedding_bags", "embeddings")
+
+
+def _is_fused(node: Any) -> bool:
+    return isinstance(node, FusedTableParams)
+
+
+def _under_table_collection(path: tuple) -> bool:
+    return any(getattr(key, "key", None) in TABLE_COLLECTIONS for key in path)
+
+
+def _split_rows(axis: str, ndim: int) -> P:
+    return P(axis, *([None] * (ndim - 1)))
+
+
+def _check_divisible(path: tuple, rows: int, size: int, axis: str) -> None:
+    if rows % size:
+        raise ValueError(
+            f"the table group at {jax.tree_util.keystr(path)} has {rows} rows, which do not "
+            f"split evenly over the {size} devices of mesh axis {axis!r}; choose "
+            "num_embeddings so that every stacked group's total is a multiple of the axis size"
+        )
+
+
+def row_shardings(variables: Any, mesh: Mesh, axis: str) -> Any:
+    """A pytree of :class:`~jax.sharding.NamedSharding` matching ``variables``: table groups
+    split by rows over ``axis``, everything else replicated.
+
+    Raises ``ValueError`` for an unknown axis or a group whose rows do not divide evenly.
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r}; its axes are {tuple(mesh.shape)}")
+    size = mesh.shape[axis]
+    replicated = NamedSharding(mesh, P())
+
+    def place(path: tuple, node: Any) -> Any:
+        if not _under_table_collection(path):
+            return jax.tree.map(lambda _: replicated, node)
+        if _is_fused(node):
+            rows = node.weight.shape[0]
+            _check_divisible(path, rows, size, axis)
+
+            def state_sharding(leaf):
+                shape = getattr(leaf, "shape", ())
+                if len(shape) >= 1 and shape[0] == rows:
+                    return NamedSharding(mesh, _split_rows(axis, len(shape)))
+                return replicated
+
+            return FusedTableParams(
+                weight=NamedSharding(mesh, _split_rows(axis, node.weight.ndim)),
+                state=jax.tree.map(state_sharding, node.state),
+                step=replicated,
+                uses=replicated,
+            )
+        shape = getattr(node, "shape", ())
+        if len(shape) < 2:
+            return replicated
+        _check_divisible(path, shape[0], size, axis)
+        return NamedSharding(mesh, _split_rows(axis, len(shape)))
+
+    return jax.tree_util.tree_map_with_path(place, variables, is_leaf=_is_fused)
+
+
+def shard_rows(variables: Any, mesh: Mesh, axis: str) -> Any:
+    """``variables`` placed on ``mesh``: table groups split by rows over ``axis``, the rest
+    replicated (see :func:`row_shardings`). Jitted steps keep these placements."""
+    return jax.device_put(variables, row_shardings(variables, mesh, axis))
