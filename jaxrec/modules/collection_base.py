@@ -18,6 +18,7 @@ from jaxrec.modules.stacked_tables import (
 from jaxrec.ops.backend import as_bounds_check_mode, resolve_backend
 from jaxrec.ops.lookup import LookupSpec, lookup
 from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.parallel.row_sharding import local_row_block
 from jaxrec.sparse import KeyedJaggedTensor
 
 
@@ -25,9 +26,9 @@ class CollectionMixin:
     """Shared behaviour of the Flax embedding collections over stacked groups.
 
     A class using it is a Flax module with the fields ``tables``, ``optimizer``,
-    ``table_optimizers``, ``backend``, ``bounds_check_mode``, ``output_dtype`` and
-    ``data_parallel_axis``, and names its params entry in ``PARAMS_NAME`` (TorchRec's prefix:
-    ``"embedding_bags"`` or ``"embeddings"``).
+    ``table_optimizers``, ``backend``, ``bounds_check_mode``, ``output_dtype``,
+    ``data_parallel_axis`` and ``row_shard_axis``, and names its params entry in
+    ``PARAMS_NAME`` (TorchRec's prefix: ``"embedding_bags"`` or ``"embeddings"``).
     """
 
     PARAMS_NAME: ClassVar[str]
@@ -69,6 +70,11 @@ class CollectionMixin:
         unknown = sorted(set(self.table_optimizers or {}) - {t.name for t in self.tables})
         if unknown:
             raise ValueError(f"table_optimizers names unknown tables {unknown}")
+        if self.data_parallel_axis is not None and self.row_shard_axis is not None:
+            raise ValueError(
+                "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
+                "over one mesh axis and keep the whole batch on it"
+            )
         self.plan  # noqa: B018 (builds the plan: raises on an invalid table set)
         resolve_backend(self.backend)
         as_bounds_check_mode(self.bounds_check_mode)
@@ -77,9 +83,13 @@ class CollectionMixin:
         """Declare the group params and look every group up (inside the compact ``__call__``)."""
         plan = self.plan
         optimizers = self._group_optimizers()
-        groups = self.param(
-            self.PARAMS_NAME, lambda key: init_groups(plan, self.tables, optimizers, key)
-        )
+        def init(key):
+            groups = init_groups(plan, self.tables, optimizers, key)
+            if self.row_shard_axis is None:
+                return groups
+            return local_row_block(groups, self.row_shard_axis)
+
+        groups = self.param(self.PARAMS_NAME, init)
         mode = as_bounds_check_mode(self.bounds_check_mode)
         spec = LookupSpec.create(
             plan,
@@ -90,6 +100,7 @@ class CollectionMixin:
             out_dtype=self.output_dtype,
             optimizer=optimizers,
             data_parallel_axis=self.data_parallel_axis,
+            row_shard_axis=self.row_shard_axis,
         )
         out, bad = lookup(
             spec,

@@ -62,6 +62,10 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
       data_parallel_axis: when the collection runs replicated inside ``shard_map`` with the
         batch split over this mesh axis, the fused backward gathers every replica's sparse
         row gradients and applies one identical update on each replica (tables stay equal).
+      row_shard_axis: when the collection runs inside ``shard_map`` with its tables split by
+        rows over this mesh axis (``jaxrec.parallel.row_shardings``) and the whole batch on
+        every device, each device looks up and updates its own rows and the pooled output is
+        summed over the axis. Outside ``shard_map`` (e.g. at ``init``) it has no effect.
     """
 
     PARAMS_NAME: ClassVar[str] = "embedding_bags"
@@ -74,6 +78,7 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
     output_dtype: Any = None
     data_parallel_axis: str | None = None
+    row_shard_axis: str | None = None
 
     def __post_init__(self) -> None:
         self._check_fields(EmbeddingBagConfig, "is_weighted")

@@ -57,7 +57,7 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
       need_indices: also return each feature's ids (in the JaggedTensor's
         weights, as TorchRec). ``ec.need_indices()`` reads it back.
       optimizer, table_optimizers, backend, bounds_check_mode, output_dtype,
-        data_parallel_axis: as for
+        data_parallel_axis, row_shard_axis: as for
         :class:`~jaxrec.EmbeddingBagCollection`.
     """
 
@@ -71,6 +71,7 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
     output_dtype: Any = None
     data_parallel_axis: str | None = None
+    row_shard_axis: str | None = None
 
     def __post_init__(self) -> None:
         self._check_fields(EmbeddingConfig, "need_indices")

@@ -30,6 +30,7 @@ Example (the XLA backend, two tables of dim 2 stacked in one group):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference
+from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference, position_bags
 from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
 from jaxrec_kernels.sparse_update import (
     fused_sparse_update,
@@ -77,6 +78,8 @@ class LookupSpec:
     interpret: bool
     out_dtype: str | None
     data_parallel_axis: str | None = None  # mesh axis of data-parallel replicas (shard_map)
+    row_shard_axis: str | None = None  # mesh axis the tables' rows are split over (shard_map)
+    row_shards: int = 1  # that axis's size where it is bound, else 1 (set by ``lookup``)
 
     @classmethod
     def create(
@@ -90,12 +93,18 @@ class LookupSpec:
         out_dtype: Any = None,
         optimizer: Any = None,
         data_parallel_axis: str | None = None,
+        row_shard_axis: str | None = None,
     ) -> LookupSpec:
         """The spec of a lookup of ``plan`` for a KJT with ``kjt_keys``.
 
         ``optimizer``: the fused optimizer of every group, or a sequence with one entry per
-        group (``None`` for a plain table).
+        group (``None`` for a plain table). ``row_shard_axis``: see :func:`lookup`.
         """
+        if data_parallel_axis is not None and row_shard_axis is not None:
+            raise ValueError(
+                "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
+                "over one mesh axis and keep the batch whole on it"
+            )
         chosen = resolve_backend(backend)
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
         if isinstance(optimizer, list | tuple) and not isinstance(optimizer, SparseOptimizer):
@@ -124,6 +133,7 @@ class LookupSpec:
             interpret=chosen.interpret,
             out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
             data_parallel_axis=data_parallel_axis,
+            row_shard_axis=row_shard_axis,
         )
 
 
@@ -144,8 +154,101 @@ def _groups_cover_output(spec: LookupSpec) -> bool:
     return bool(covered.all())
 
 
+def _bound_axis_size(axis: str) -> int | None:
+    """The size of mesh axis ``axis`` where it is bound (inside ``shard_map``), else None."""
+    try:
+        return int(jax.lax.axis_size(axis))
+    except NameError:
+        return None
+
+
+def _position_features(spec: LookupSpec, ids, offsets):
+    """Each id position's KJT feature index and whether it is a real position."""
+    bags, live = position_bags(offsets, ids.shape[0])
+    return bags // spec.batch_size, live
+
+
+def _row_shard(spec: LookupSpec, group: GroupSpec, local_rows: int, ids, kjt_of_pos, live):
+    """This device's view of ``group`` when its rows are split over ``spec.row_shard_axis``.
+
+    Device ``d`` holds stacked rows ``[d * local_rows, (d + 1) * local_rows)``. Returns the
+    group with one local table (``(kjt, 0, local_rows, col)`` per feature) and the ids
+    rewritten to local rows; an id in another shard, outside its table or in a feature
+    outside the group becomes -1, which every kernel skips.
+    """
+    if local_rows * spec.row_shards != group.num_rows:
+        raise ValueError(
+            f"a table group of {group.num_rows} rows holds {local_rows} rows on this device, "
+            f"not 1/{spec.row_shards} of them: pass the tables split by rows over mesh axis "
+            f"{spec.row_shard_axis!r} (jaxrec.parallel.row_shardings) into shard_map"
+        )
+    num_kjt = max(f[0] for g in spec.groups for f in g.features) + 1
+    row_offset = np.zeros(num_kjt, np.int32)
+    num_rows = np.full(num_kjt, -1, np.int32)
+    for kjt, offset, rows, _ in group.features:
+        if num_rows[kjt] >= 0 and (row_offset[kjt], num_rows[kjt]) != (offset, rows):
+            raise ValueError(
+                f"KJT feature {kjt} reads two tables of one group; row sharding needs one"
+            )
+        row_offset[kjt], num_rows[kjt] = offset, rows
+    kjt = jnp.minimum(kjt_of_pos, num_kjt - 1)
+    limit = jnp.asarray(num_rows)[kjt]
+    ok = live & (kjt_of_pos < num_kjt) & (ids >= 0) & (ids < limit)
+    first = jax.lax.axis_index(spec.row_shard_axis) * local_rows
+    local_ids = jnp.where(ok, jnp.asarray(row_offset)[kjt] + ids - first, -1)
+    features = tuple((k, 0, local_rows, col) for k, _, _, col in group.features)
+    return dataclasses.replace(group, features=features, num_rows=local_rows), local_ids
+
+
+def _bad_id_count(spec: LookupSpec, ids, kjt_of_pos, live):
+    """Ids outside their tables, counted once per group feature that reads them."""
+    num_kjt = max(f[0] for g in spec.groups for f in g.features) + 1
+    num_rows = np.full(num_kjt, -1, np.int32)
+    listings = np.zeros(num_kjt, np.int32)
+    for group in spec.groups:
+        for kjt, _, rows, _ in group.features:
+            num_rows[kjt] = rows
+            listings[kjt] += 1
+    kjt = jnp.minimum(kjt_of_pos, num_kjt - 1)
+    limit = jnp.asarray(num_rows)[kjt]
+    read = live & (kjt_of_pos < num_kjt) & (limit >= 0)
+    bad = read & ((ids < 0) | (ids >= limit))
+    return jnp.sum(jnp.where(bad, jnp.asarray(listings)[kjt], 0))
+
+
+def _group_views(spec: LookupSpec, params: tuple, ids, offsets):
+    """Per group: (group spec, ids) as this device sees them (its row shard, if sharded)."""
+    if spec.row_shards == 1:
+        return [(group, ids) for group in spec.groups]
+    kjt_of_pos, live = _position_features(spec, ids, offsets)
+    return [
+        _row_shard(spec, group, _weight(param).shape[0], ids, kjt_of_pos, live)
+        for group, param in zip(spec.groups, params, strict=True)
+    ]
+
+
 def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
     """Run every group's forward kernel; returns (outputs, bad id count)."""
+    if spec.row_shards > 1:
+        return _row_sharded_forward(spec, params, ids, offsets, weights)
+    return _local_forward(spec, params, [(g, ids) for g in spec.groups], offsets, weights)
+
+
+def _row_sharded_forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
+    """Each device looks its rows up (other ids give zero rows); the partial results are
+    summed over the axis. Bad ids are counted once, on the global ids."""
+    views = _group_views(spec, params, ids, offsets)
+    local_spec = dataclasses.replace(spec, bounds_check="ignore")
+    out, _ = _local_forward(local_spec, params, views, offsets, weights)
+    out = jax.lax.psum(out, spec.row_shard_axis)
+    bad = jnp.zeros((), jnp.int32)
+    if spec.bounds_check in ("fatal", "warning"):
+        bad = _bad_id_count(spec, ids, *_position_features(spec, ids, offsets))
+    return out, bad
+
+
+def _local_forward(spec: LookupSpec, params: tuple, views, offsets, weights):
+    """Every group's forward kernel over its (group, ids) view."""
     bad = jnp.zeros((), jnp.int32)
     options = _kernel_options(spec)
     if spec.pooled:
@@ -155,7 +258,7 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
         # Every output column belongs to some group, so the first group need not zero-fill
         # the columns of the others.
         fill = not _groups_cover_output(spec)
-        for group, param in zip(spec.groups, params, strict=True):
+        for (group, ids), param in zip(views, params, strict=True):
             out, count = fn(
                 _weight(param),
                 ids,
@@ -175,7 +278,7 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
         return out, bad
     fn = sequence_lookup if spec.backend == "pallas" else (sequence_lookup_reference)
     outs = []
-    for group, param in zip(spec.groups, params, strict=True):
+    for (group, ids), param in zip(views, params, strict=True):
         rows, count = fn(
             _weight(param),
             ids,
@@ -270,14 +373,25 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     params, ids, offsets, weights = residuals
     grad_out, _ = cotangents
     grads = []
-    for g, (group, param) in enumerate(zip(spec.groups, params, strict=True)):
+    views = _group_views(spec, params, ids, offsets)
+    for g, ((group, group_ids), param) in enumerate(zip(views, params, strict=True)):
         group_grad_out = grad_out if spec.pooled else grad_out[g]
-        grads.append(_group_cotangent(spec, group, param, group_grad_out, ids, offsets, weights))
+        grads.append(
+            _group_cotangent(spec, group, param, group_grad_out, group_ids, offsets, weights)
+        )
     weights_grad = None if weights is None else jnp.zeros_like(weights)
     return tuple(grads), None, None, weights_grad
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def _bind_row_shards(spec: LookupSpec) -> LookupSpec:
+    """``spec`` with ``row_shards`` set to the row axis's size where it is bound, else 1."""
+    if spec.row_shard_axis is None:
+        return spec
+    size = _bound_axis_size(spec.row_shard_axis)
+    return dataclasses.replace(spec, row_shards=1 if size is None else size)
 
 
 def lookup(
@@ -303,7 +417,15 @@ def lookup(
       collection's feature order; sequence: a tuple with one [capacity, dim]
       array per group (row i is the embedding of position i). Under FATAL
       bounds checking a bad id raises (a checkify error inside ``jit``).
+
+    With ``spec.row_shard_axis`` bound (inside ``shard_map`` over that mesh axis) each entry
+    of ``params`` is this device's block of rows (the stacked group split evenly by rows,
+    ``jaxrec.parallel.row_shardings``) and ``ids`` / ``offsets`` are the whole batch on every
+    device: each device looks up the ids that fall in its rows, the partial results are
+    summed over the axis (``psum``), and the backward updates each device's rows only.
+    Where the axis is not bound the lookup is the unsharded one.
     """
+    spec = _bind_row_shards(spec)
     out, bad = _lookup(spec, tuple(params), ids, offsets, weights)
     if spec.bounds_check == BoundsCheckMode.FATAL.value:
         checkify.check(
@@ -329,6 +451,11 @@ def sparse_gradients(
     own consumes; scatter-adding ``row_grads`` at ``rows`` (``mode="drop"``) gives the
     dense gradient.
     """
+    if _bind_row_shards(spec).row_shards > 1:
+        raise ValueError(
+            "sparse_gradients of row-sharded tables is not supported; call it outside "
+            f"shard_map over {spec.row_shard_axis!r} with the whole tables"
+        )
     return tuple(
         _row_gradients(spec, group, grad_out if spec.pooled else grad_out[g], ids, offsets, weights)
         for g, group in enumerate(spec.groups)

@@ -6,8 +6,11 @@ at any depth of a model's variables) is split by rows over one mesh axis; every 
 is replicated. Under ``jax.jit`` XLA's SPMD partitioner then runs each lookup on the rows a
 device holds and sums the partial results across the axis (TorchRec's row-wise sharding):
 no device ever holds a whole table, and the fused sparse update writes each device's rows
-in place. This path needs the XLA backend (``backend="xla"``); the Pallas kernels have no
-partitioning rule.
+in place. That path needs the XLA backend (``backend="xla"``): the Pallas kernels have no
+partitioning rule. The faster path, with any backend, runs the collection inside
+``jax.shard_map`` with ``row_shard_axis=axis`` and these placements as ``in_specs``
+(:func:`row_partition_specs`): each device looks up its rows with the kernels and only the
+pooled outputs are summed across the axis.
 
 For a :class:`~jaxrec.optim.FusedTableParams` the table and its per-row optimizer state are
 split by rows; ``step`` and ``uses`` are replicated. A group's row count (the sum of its
@@ -95,6 +98,53 @@ def row_shardings(variables: Any, mesh: Mesh, axis: str) -> Any:
         return NamedSharding(mesh, _split_rows(axis, len(shape)))
 
     return jax.tree_util.tree_map_with_path(place, variables, is_leaf=_is_fused)
+
+
+def local_row_block(groups: Any, axis: str) -> Any:
+    """This device's block of rows of every table group (``{name: table or fused params}``)
+    inside ``shard_map`` over ``axis``; the groups unchanged where ``axis`` is not bound.
+
+    What a collection with ``row_shard_axis`` initialises inside ``shard_map``: the same
+    tables as outside, each device keeping its own rows.
+    """
+    try:
+        size = int(jax.lax.axis_size(axis))
+    except NameError:
+        return groups
+    index = jax.lax.axis_index(axis)
+
+    def block(leaf, rows):
+        if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != rows:
+            return leaf
+        if rows % size:
+            raise ValueError(
+                f"a table group of {rows} rows does not split evenly over the {size} devices "
+                f"of mesh axis {axis!r}"
+            )
+        return jax.lax.dynamic_slice_in_dim(leaf, index * (rows // size), rows // size)
+
+    def local(node):
+        if _is_fused(node):
+            rows = node.weight.shape[0]
+            return FusedTableParams(
+                weight=block(node.weight, rows),
+                state=jax.tree.map(lambda leaf: block(leaf, rows), node.state),
+                step=node.step,
+                uses=node.uses,
+            )
+        return block(node, node.shape[0])
+
+    return jax.tree.map(local, groups, is_leaf=_is_fused)
+
+
+def row_partition_specs(variables: Any, mesh: Mesh, axis: str) -> Any:
+    """The :class:`~jax.sharding.PartitionSpec` of each leaf of :func:`row_shardings`: the
+    ``in_specs`` / ``out_specs`` of these variables for ``jax.shard_map``."""
+    return jax.tree.map(
+        lambda s: s.spec,
+        row_shardings(variables, mesh, axis),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 def shard_rows(variables: Any, mesh: Mesh, axis: str) -> Any:

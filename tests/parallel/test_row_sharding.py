@@ -2,12 +2,14 @@
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jaxrec
 from jaxrec import (
@@ -17,7 +19,8 @@ from jaxrec import (
     EmbeddingConfig,
     KeyedJaggedTensor,
 )
-from jaxrec.parallel import row_shardings, shard_rows
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.parallel import row_partition_specs, row_shardings, shard_rows
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (forced host) devices")
 
@@ -187,3 +190,128 @@ def test_uneven_rows_and_unknown_axes_are_refused_by_name():
         shard_rows(params, mesh4(), "rows")
     with pytest.raises(ValueError, match="no axis 'model'"):
         shard_rows(params, mesh4(), "model")
+
+
+def shard_map_step(module, tx, mesh, params, opt_state, kjt, g):
+    """``train_step`` inside shard_map: tables split by rows, batch whole on every device."""
+    param_specs = row_partition_specs(params, mesh, "rows")
+    state_specs = row_partition_specs(opt_state, mesh, "rows")
+    body = functools.partial(train_step, module, tx)
+    return jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(param_specs, state_specs, P(), P()),
+            out_specs=(param_specs, state_specs, P()),
+            check_vma=False,
+        )
+    )(params, opt_state, kjt, g)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_shard_map_row_sharded_training_matches_one_device(backend, pooling):
+    rng = np.random.default_rng(6)
+    tables = [
+        EmbeddingBagConfig(
+            name=t.name,
+            embedding_dim=t.embedding_dim,
+            num_embeddings=t.num_embeddings,
+            feature_names=t.feature_names,
+            pooling=jaxrec.PoolingType.MEAN if pooling == "mean" else jaxrec.PoolingType.SUM,
+        )
+        for t in bag_tables()
+    ]
+    optimizer = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.1)
+    kw = dict(tables=tables, optimizer=optimizer, backend=backend, is_weighted=True)
+    single = EmbeddingBagCollection(**kw)
+    sharded = EmbeddingBagCollection(**kw, row_shard_axis="rows")
+    kjts = []
+    for _ in range(2):
+        base = random_kjt(rng)
+        weights = rng.normal(size=base.values().shape).astype(np.float32)
+        kjts.append(
+            KeyedJaggedTensor(
+                keys=KEYS, values=base.values(), lengths=base.lengths(), weights=weights
+            )
+        )
+    g = jnp.asarray(rng.normal(size=(BATCH, 20)), jnp.float32)
+    params = single.init(jax.random.key(0), kjts[0])["params"]
+    # init of the sharded collection outside shard_map is the unsharded one
+    same = sharded.init(jax.random.key(0), kjts[0])["params"]
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    tx = jaxrec.optim.fused(optax.sgd(0.0), check_uses=False)
+    mesh = mesh4()
+    want, want_state = params, tx.init(params)
+    got = shard_rows(params, mesh, "rows")
+    got_state = shard_rows(tx.init(params), mesh, "rows")
+    step = jax.jit(functools.partial(train_step, single, tx))
+    for kjt in kjts:
+        want, want_state, want_loss = step(want, want_state, kjt, g)
+        got, got_state, got_loss = shard_map_step(sharded, tx, mesh, got, got_state, kjt, g)
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for a, b in zip(table_leaves(got), table_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_map_row_sharded_sequence_lookup_and_bad_id_count():
+    rng = np.random.default_rng(7)
+    tables = [
+        EmbeddingConfig(name=f"t{k}", embedding_dim=4, num_embeddings=r, feature_names=[f])
+        for k, (f, r) in enumerate(zip(KEYS, (24, 40, 32), strict=True))
+    ]
+    single = EmbeddingCollection(tables=tables, backend="xla")
+    sharded = EmbeddingCollection(tables=tables, backend="xla", row_shard_axis="rows")
+    kjt = random_kjt(rng)
+    values = np.asarray(kjt.values()).copy()
+    values[:3] = [-1, 99, 1000]  # three ids outside table t0
+    kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=kjt.lengths())
+    params = single.init(jax.random.key(0), random_kjt(rng))["params"]
+    mesh = mesh4()
+    specs = row_partition_specs(params, mesh, "rows")
+
+    def apply(module, p, kjt):
+        out, state = module.apply({"params": p}, kjt, mutable=["bounds_check"])
+        return [out[k].values() for k in KEYS], jax.tree.leaves(state)
+
+    want, want_bad = jax.jit(functools.partial(apply, single))(params, kjt)
+    got, got_bad = jax.jit(
+        jax.shard_map(
+            functools.partial(apply, sharded),
+            mesh=mesh,
+            in_specs=(specs, P()),
+            out_specs=(P(), P()),
+            check_vma=False,
+        )
+    )(shard_rows(params, mesh, "rows"), kjt)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert [int(x) for x in got_bad] == [int(x) for x in want_bad] and int(want_bad[0]) >= 3
+
+
+def test_row_shard_axis_with_data_parallel_axis_is_refused():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        EmbeddingBagCollection(tables=bag_tables(), data_parallel_axis="d", row_shard_axis="r")
+
+
+def test_whole_tables_inside_shard_map_are_refused_by_name():
+    rng = np.random.default_rng(8)
+    ebc = EmbeddingBagCollection(tables=bag_tables(), backend="xla", row_shard_axis="rows")
+    kjt = random_kjt(rng)
+    params = ebc.init(jax.random.key(0), kjt)["params"]
+
+    def run(body, *args):
+        mapped = jax.shard_map(
+            body, mesh=mesh4(), in_specs=(P(),) * len(args), out_specs=P(), check_vma=False
+        )
+        return jax.jit(mapped)(*args)
+
+    with pytest.raises(flax.errors.ScopeParamShapeError, match="embedding_bags"):
+        run(lambda p, k: ebc.apply({"params": p}, k).values(), params, kjt)
+    spec = LookupSpec.create(
+        ebc.plan, tuple(KEYS), batch_size=BATCH, backend="xla", row_shard_axis="rows"
+    )
+    tables = tuple(params["embedding_bags"][g.name] for g in ebc.plan.groups)
+    with pytest.raises(ValueError, match="not 1/4 of them"):
+        run(lambda t, i, o: lookup(spec, t, i, o, None)[0], tables, kjt.values(), kjt.offsets())
