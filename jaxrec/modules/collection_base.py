@@ -83,6 +83,7 @@ class CollectionMixin:
         """Declare the group params and look every group up (inside the compact ``__call__``)."""
         plan = self.plan
         optimizers = self._group_optimizers()
+
         def init(key):
             groups = init_groups(plan, self.tables, optimizers, key)
             if self.row_shard_axis is None:
