@@ -234,12 +234,17 @@ def _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, 
     return float_dtype(weights.dtype if out_dtype is None else out_dtype)
 
 
-def covers_all_columns(features, dim: int, num_columns: int) -> bool:
-    """Whether the features' column ranges together cover every output column."""
+def covered_columns(features, dim: int, num_columns: int) -> np.ndarray:
+    """``[num_columns]`` bool: which output columns the features' ranges cover."""
     covered = np.zeros(num_columns, bool)
     for feat in features:
         covered[feat[3] : feat[3] + dim] = True
-    return bool(covered.all())
+    return covered
+
+
+def covers_all_columns(features, dim: int, num_columns: int) -> bool:
+    """Whether the features' column ranges together cover every output column."""
+    return bool(covered_columns(features, dim, num_columns).all())
 
 
 # --------------------------------------------------------------------------- Pallas kernel

@@ -16,7 +16,7 @@ from jaxrec.modules.stacked_tables import (
     table_views,
 )
 from jaxrec.ops.backend import as_bounds_check_mode, resolve_backend
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import LookupSpec, check_parallel_axes, lookup
 from jaxrec.ops.plan import LookupPlan, build_plan
 from jaxrec.parallel.row_sharding import local_row_block
 from jaxrec.sparse import KeyedJaggedTensor
@@ -70,11 +70,7 @@ class CollectionMixin:
         unknown = sorted(set(self.table_optimizers or {}) - {t.name for t in self.tables})
         if unknown:
             raise ValueError(f"table_optimizers names unknown tables {unknown}")
-        if self.data_parallel_axis is not None and self.row_shard_axis is not None:
-            raise ValueError(
-                "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
-                "over one mesh axis and keep the whole batch on it"
-            )
+        check_parallel_axes(self.data_parallel_axis, self.row_shard_axis)
         self.plan  # noqa: B018 (builds the plan: raises on an invalid table set)
         resolve_backend(self.backend)
         as_bounds_check_mode(self.bounds_check_mode)

@@ -39,7 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference, position_bags
+from jaxrec_kernels.pooled_lookup import (
+    covered_columns,
+    pooled_lookup,
+    pooled_lookup_reference,
+    position_bags,
+)
 from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
 from jaxrec_kernels.sparse_update import (
     fused_sparse_update,
@@ -100,11 +105,7 @@ class LookupSpec:
         ``optimizer``: the fused optimizer of every group, or a sequence with one entry per
         group (``None`` for a plain table). ``row_shard_axis``: see :func:`lookup`.
         """
-        if data_parallel_axis is not None and row_shard_axis is not None:
-            raise ValueError(
-                "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
-                "over one mesh axis and keep the batch whole on it"
-            )
+        check_parallel_axes(data_parallel_axis, row_shard_axis)
         chosen = resolve_backend(backend)
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
         if isinstance(optimizer, list | tuple) and not isinstance(optimizer, SparseOptimizer):
@@ -147,14 +148,11 @@ def _kernel_options(spec: LookupSpec) -> dict[str, Any]:
 
 def _groups_cover_output(spec: LookupSpec) -> bool:
     """Whether the groups' features together write every column of the pooled output."""
-    covered = np.zeros(spec.num_columns, bool)
-    for group in spec.groups:
-        for feat in group.features:
-            covered[feat[3] : feat[3] + group.dim] = True
-    return bool(covered.all())
+    covered = [covered_columns(g.features, g.dim, spec.num_columns) for g in spec.groups]
+    return bool(np.logical_or.reduce(covered).all())
 
 
-def _bound_axis_size(axis: str) -> int | None:
+def bound_axis_size(axis: str) -> int | None:
     """The size of mesh axis ``axis`` where it is bound (inside ``shard_map``), else None."""
     try:
         return int(jax.lax.axis_size(axis))
@@ -162,19 +160,25 @@ def _bound_axis_size(axis: str) -> int | None:
         return None
 
 
-def _position_features(spec: LookupSpec, ids, offsets):
-    """Each id position's KJT feature index and whether it is a real position."""
-    bags, live = position_bags(offsets, ids.shape[0])
-    return bags // spec.batch_size, live
+def check_parallel_axes(data_parallel_axis: str | None, row_shard_axis: str | None) -> None:
+    """Refuse the combination of data-parallel replicas and row-sharded tables (not built)."""
+    if data_parallel_axis is not None and row_shard_axis is not None:
+        raise ValueError(
+            "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
+            "over one mesh axis and keep the whole batch on it"
+        )
 
 
-def _row_shard(spec: LookupSpec, group: GroupSpec, local_rows: int, ids, kjt_of_pos, live):
+def _row_shard(
+    spec: LookupSpec, group: GroupSpec, local_rows: int, ids, kjt_of_pos, live, num_kjt: int
+):
     """This device's view of ``group`` when its rows are split over ``spec.row_shard_axis``.
 
     Device ``d`` holds stacked rows ``[d * local_rows, (d + 1) * local_rows)``. Returns the
-    group with one local table (``(kjt, 0, local_rows, col)`` per feature) and the ids
-    rewritten to local rows; an id in another shard, outside its table or in a feature
-    outside the group becomes -1, which every kernel skips.
+    group with one local table (``(kjt, 0, local_rows, col)`` per feature), the ids
+    rewritten to local rows (an id in another shard, outside its table or in a feature
+    outside the group becomes -1, which every kernel skips) and the number of the group's
+    ids outside their tables, once per group feature that reads them.
     """
     if local_rows * spec.row_shards != group.num_rows:
         raise ValueError(
@@ -182,68 +186,56 @@ def _row_shard(spec: LookupSpec, group: GroupSpec, local_rows: int, ids, kjt_of_
             f"not 1/{spec.row_shards} of them: pass the tables split by rows over mesh axis "
             f"{spec.row_shard_axis!r} (jaxrec.parallel.row_shardings) into shard_map"
         )
-    num_kjt = max(f[0] for g in spec.groups for f in g.features) + 1
     row_offset = np.zeros(num_kjt, np.int32)
     num_rows = np.full(num_kjt, -1, np.int32)
+    listings = np.zeros(num_kjt, np.int32)
     for kjt, offset, rows, _ in group.features:
         if num_rows[kjt] >= 0 and (row_offset[kjt], num_rows[kjt]) != (offset, rows):
             raise ValueError(
                 f"KJT feature {kjt} reads two tables of one group; row sharding needs one"
             )
         row_offset[kjt], num_rows[kjt] = offset, rows
-    kjt = jnp.minimum(kjt_of_pos, num_kjt - 1)
-    limit = jnp.asarray(num_rows)[kjt]
-    ok = live & (kjt_of_pos < num_kjt) & (ids >= 0) & (ids < limit)
+        listings[kjt] += 1
+    limit = jnp.asarray(num_rows)[kjt_of_pos]
+    read = live & (limit >= 0)
+    ok = read & (ids >= 0) & (ids < limit)
     first = jax.lax.axis_index(spec.row_shard_axis) * local_rows
-    local_ids = jnp.where(ok, jnp.asarray(row_offset)[kjt] + ids - first, -1)
+    local_ids = jnp.where(ok, jnp.asarray(row_offset)[kjt_of_pos] + ids - first, -1)
+    bad = jnp.sum(jnp.where(read & ~ok, jnp.asarray(listings)[kjt_of_pos], 0))
     features = tuple((k, 0, local_rows, col) for k, _, _, col in group.features)
-    return dataclasses.replace(group, features=features, num_rows=local_rows), local_ids
-
-
-def _bad_id_count(spec: LookupSpec, ids, kjt_of_pos, live):
-    """Ids outside their tables, counted once per group feature that reads them."""
-    num_kjt = max(f[0] for g in spec.groups for f in g.features) + 1
-    num_rows = np.full(num_kjt, -1, np.int32)
-    listings = np.zeros(num_kjt, np.int32)
-    for group in spec.groups:
-        for kjt, _, rows, _ in group.features:
-            num_rows[kjt] = rows
-            listings[kjt] += 1
-    kjt = jnp.minimum(kjt_of_pos, num_kjt - 1)
-    limit = jnp.asarray(num_rows)[kjt]
-    read = live & (kjt_of_pos < num_kjt) & (limit >= 0)
-    bad = read & ((ids < 0) | (ids >= limit))
-    return jnp.sum(jnp.where(bad, jnp.asarray(listings)[kjt], 0))
+    return dataclasses.replace(group, features=features, num_rows=local_rows), local_ids, bad
 
 
 def _group_views(spec: LookupSpec, params: tuple, ids, offsets):
-    """Per group: (group spec, ids) as this device sees them (its row shard, if sharded)."""
+    """Per group: (group spec, ids, bad id count) as this device sees them: its row shard
+    when sharded (counts of the global ids), else the group itself (count 0, the kernels
+    count)."""
     if spec.row_shards == 1:
-        return [(group, ids) for group in spec.groups]
-    kjt_of_pos, live = _position_features(spec, ids, offsets)
+        return [(group, ids, 0) for group in spec.groups]
+    bags, live = position_bags(offsets, ids.shape[0])
+    kjt_of_pos = bags // spec.batch_size
+    num_kjt = (offsets.shape[0] - 1) // spec.batch_size
     return [
-        _row_shard(spec, group, _weight(param).shape[0], ids, kjt_of_pos, live)
+        _row_shard(spec, group, _weight(param).shape[0], ids, kjt_of_pos, live, num_kjt)
         for group, param in zip(spec.groups, params, strict=True)
     ]
 
 
 def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
-    """Run every group's forward kernel; returns (outputs, bad id count)."""
-    if spec.row_shards > 1:
-        return _row_sharded_forward(spec, params, ids, offsets, weights)
-    return _local_forward(spec, params, [(g, ids) for g in spec.groups], offsets, weights)
+    """Run every group's forward kernel; returns (outputs, bad id count).
 
-
-def _row_sharded_forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
-    """Each device looks its rows up (other ids give zero rows); the partial results are
-    summed over the axis. Bad ids are counted once, on the global ids."""
+    Row-sharded: each device looks its rows up (other ids give zero rows), the partial
+    results are summed over the axis and bad ids are counted once, on the global ids.
+    """
     views = _group_views(spec, params, ids, offsets)
+    if spec.row_shards == 1:
+        return _local_forward(spec, params, views, offsets, weights)
     local_spec = dataclasses.replace(spec, bounds_check="ignore")
     out, _ = _local_forward(local_spec, params, views, offsets, weights)
     out = jax.lax.psum(out, spec.row_shard_axis)
     bad = jnp.zeros((), jnp.int32)
     if spec.bounds_check in ("fatal", "warning"):
-        bad = _bad_id_count(spec, ids, *_position_features(spec, ids, offsets))
+        bad = sum(count for _, _, count in views).astype(jnp.int32)
     return out, bad
 
 
@@ -258,7 +250,7 @@ def _local_forward(spec: LookupSpec, params: tuple, views, offsets, weights):
         # Every output column belongs to some group, so the first group need not zero-fill
         # the columns of the others.
         fill = not _groups_cover_output(spec)
-        for (group, ids), param in zip(views, params, strict=True):
+        for (group, ids, _), param in zip(views, params, strict=True):
             out, count = fn(
                 _weight(param),
                 ids,
@@ -278,7 +270,7 @@ def _local_forward(spec: LookupSpec, params: tuple, views, offsets, weights):
         return out, bad
     fn = sequence_lookup if spec.backend == "pallas" else (sequence_lookup_reference)
     outs = []
-    for (group, ids), param in zip(views, params, strict=True):
+    for (group, ids, _), param in zip(views, params, strict=True):
         rows, count = fn(
             _weight(param),
             ids,
@@ -374,7 +366,7 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     grad_out, _ = cotangents
     grads = []
     views = _group_views(spec, params, ids, offsets)
-    for g, ((group, group_ids), param) in enumerate(zip(views, params, strict=True)):
+    for g, ((group, group_ids, _), param) in enumerate(zip(views, params, strict=True)):
         group_grad_out = grad_out if spec.pooled else grad_out[g]
         grads.append(
             _group_cotangent(spec, group, param, group_grad_out, group_ids, offsets, weights)
@@ -390,7 +382,7 @@ def _bind_row_shards(spec: LookupSpec) -> LookupSpec:
     """``spec`` with ``row_shards`` set to the row axis's size where it is bound, else 1."""
     if spec.row_shard_axis is None:
         return spec
-    size = _bound_axis_size(spec.row_shard_axis)
+    size = bound_axis_size(spec.row_shard_axis)
     return dataclasses.replace(spec, row_shards=1 if size is None else size)
 
 

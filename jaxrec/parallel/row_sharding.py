@@ -35,6 +35,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrec.ops.lookup import bound_axis_size
 from jaxrec.optim.fused import FusedTableParams
 
 TABLE_COLLECTIONS = ("embedding_bags", "embeddings")
@@ -52,13 +53,32 @@ def _split_rows(axis: str, ndim: int) -> P:
     return P(axis, *([None] * (ndim - 1)))
 
 
-def _check_divisible(path: tuple, rows: int, size: int, axis: str) -> None:
+def _check_divisible(where: str, rows: int, size: int, axis: str) -> None:
     if rows % size:
         raise ValueError(
-            f"the table group at {jax.tree_util.keystr(path)} has {rows} rows, which do not "
-            f"split evenly over the {size} devices of mesh axis {axis!r}; choose "
-            "num_embeddings so that every stacked group's total is a multiple of the axis size"
+            f"the table group{where} has {rows} rows, which do not split evenly over the "
+            f"{size} devices of mesh axis {axis!r}; choose num_embeddings so that every "
+            "stacked group's total is a multiple of the axis size"
         )
+
+
+def _map_group(node: Any, split, keep) -> Any:
+    """One table group with ``split(leaf, rows)`` on its row-indexed leaves (the table and
+    per-row optimizer state) and ``keep(leaf)`` on the rest (``step``, ``uses``, scalars)."""
+    if _is_fused(node):
+        rows = node.weight.shape[0]
+        per_row = lambda leaf: (
+            split(leaf, rows)
+            if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == rows
+            else keep(leaf)
+        )
+        return FusedTableParams(
+            weight=split(node.weight, rows),
+            state=jax.tree.map(per_row, node.state),
+            step=keep(node.step),
+            uses=keep(node.uses),
+        )
+    return split(node, node.shape[0]) if getattr(node, "ndim", 0) >= 2 else keep(node)
 
 
 def row_shardings(variables: Any, mesh: Mesh, axis: str) -> Any:
@@ -75,27 +95,12 @@ def row_shardings(variables: Any, mesh: Mesh, axis: str) -> Any:
     def place(path: tuple, node: Any) -> Any:
         if not _under_table_collection(path):
             return jax.tree.map(lambda _: replicated, node)
-        if _is_fused(node):
-            rows = node.weight.shape[0]
-            _check_divisible(path, rows, size, axis)
 
-            def state_sharding(leaf):
-                shape = getattr(leaf, "shape", ())
-                if len(shape) >= 1 and shape[0] == rows:
-                    return NamedSharding(mesh, _split_rows(axis, len(shape)))
-                return replicated
+        def split(leaf, rows):
+            _check_divisible(f" at {jax.tree_util.keystr(path)}", rows, size, axis)
+            return NamedSharding(mesh, _split_rows(axis, leaf.ndim))
 
-            return FusedTableParams(
-                weight=NamedSharding(mesh, _split_rows(axis, node.weight.ndim)),
-                state=jax.tree.map(state_sharding, node.state),
-                step=replicated,
-                uses=replicated,
-            )
-        shape = getattr(node, "shape", ())
-        if len(shape) < 2:
-            return replicated
-        _check_divisible(path, shape[0], size, axis)
-        return NamedSharding(mesh, _split_rows(axis, len(shape)))
+        return _map_group(node, split, lambda _: replicated)
 
     return jax.tree_util.tree_map_with_path(place, variables, is_leaf=_is_fused)
 
@@ -107,34 +112,18 @@ def local_row_block(groups: Any, axis: str) -> Any:
     What a collection with ``row_shard_axis`` initialises inside ``shard_map``: the same
     tables as outside, each device keeping its own rows.
     """
-    try:
-        size = int(jax.lax.axis_size(axis))
-    except NameError:
+    size = bound_axis_size(axis)
+    if size is None:
         return groups
     index = jax.lax.axis_index(axis)
 
-    def block(leaf, rows):
-        if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != rows:
-            return leaf
-        if rows % size:
-            raise ValueError(
-                f"a table group of {rows} rows does not split evenly over the {size} devices "
-                f"of mesh axis {axis!r}"
-            )
+    def split(leaf, rows):
+        _check_divisible("", rows, size, axis)
         return jax.lax.dynamic_slice_in_dim(leaf, index * (rows // size), rows // size)
 
-    def local(node):
-        if _is_fused(node):
-            rows = node.weight.shape[0]
-            return FusedTableParams(
-                weight=block(node.weight, rows),
-                state=jax.tree.map(lambda leaf: block(leaf, rows), node.state),
-                step=node.step,
-                uses=node.uses,
-            )
-        return block(node, node.shape[0])
-
-    return jax.tree.map(local, groups, is_leaf=_is_fused)
+    return jax.tree.map(
+        lambda node: _map_group(node, split, lambda leaf: leaf), groups, is_leaf=_is_fused
+    )
 
 
 def row_partition_specs(variables: Any, mesh: Mesh, axis: str) -> Any:

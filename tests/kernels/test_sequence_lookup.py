@@ -11,20 +11,7 @@ from jaxrec_kernels.sequence_lookup import (
     sequence_lookup,
     sequence_lookup_reference,
 )
-
-PAD = 1 << 30
-
-
-def random_kjt(rng, num_kjt, batch, max_len, rows, bad_frac=0.0, pad=6):
-    lengths = rng.integers(0, max_len + 1, num_kjt * batch)
-    lengths[rng.random(lengths.shape) < 0.25] = 0
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    n = int(offsets[-1])
-    ids = rng.integers(0, rows, n).astype(np.int32)
-    bad = rng.random(n) < bad_frac
-    ids[bad] = rng.choice([-1, rows, -(1 << 20)], int(bad.sum()))
-    ids = np.concatenate([ids, np.where(np.arange(pad) % 2, PAD, -PAD)]).astype(np.int32)
-    return ids, offsets
+from random_kjt import random_kjt
 
 
 def numpy_sequence(w, ids, offsets, features, batch):
