@@ -12,6 +12,7 @@ from jaxrec_kernels.pooled_lookup import (
     pooled_lookup_reference,
 )
 from random_kjt import random_kjt
+from ulp_assertions import assert_rounded_once
 
 
 def numpy_pooled(w, ids, offsets, psw, features, batch, num_columns, pooling, out=None):
@@ -79,18 +80,24 @@ def test_mean_and_per_sample_weights_match_numpy_oracle(pooling, weighted, seed)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_low_precision_tables_accumulate_in_fp32(dtype):
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", True)])
+def test_low_precision_tables_accumulate_in_fp32_and_round_once(dtype, pooling, weighted):
     rng = np.random.default_rng(7)
     batch, rows, dim = 4, 10, 24
-    ids, offsets = random_kjt(rng, 2, batch, 30, rows)
+    ids, offsets = random_kjt(rng, 2, batch, 80, rows)  # bags up to 80: 16-bit sums drift
+    psw = rng.normal(size=ids.shape).astype(np.float32) if weighted else None
     w = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
     feats = ((0, 0, rows, 0), (1, 0, rows, dim))  # both features share one table
-    (got, _), (ref, _) = both(w, ids, offsets, None, feats, batch_size=batch, num_columns=2 * dim)
-    want, _ = numpy_pooled(w.astype(jnp.float32), ids, offsets, None, feats, batch, 2 * dim, "sum")
+    kw = dict(batch_size=batch, num_columns=2 * dim, pooling=pooling)
+    psw_arg = None if psw is None else jnp.asarray(psw)
+    (got, _), (ref, _) = both(w, ids, offsets, psw_arg, feats, **kw)
+    want, _ = numpy_pooled(w.astype(jnp.float32), ids, offsets, psw, feats, batch, 2 * dim, "sum")
+    if pooling == "mean":  # a 16-bit MEAN rounds the sum once, then divides (torch's rule)
+        lengths = np.maximum(np.diff(offsets), 1).reshape(2, batch).T.repeat(dim, axis=1)
+        want = want.astype(dtype).astype(np.float64) / lengths
     assert got.dtype == ref.dtype == dtype
-    scale = np.abs(want).max()
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-2 * scale)
-    np.testing.assert_allclose(np.asarray(ref, np.float32), want, atol=1e-2 * scale)
+    assert_rounded_once(got, want, dtype)
+    assert_rounded_once(ref, want, dtype)
 
 
 def test_two_groups_of_different_dims_fill_one_poisoned_output():
