@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Literal, overload
 
 import jax
 
 from jaxrec.modules.callable_flag import CallableFlag
 from jaxrec.modules.input_checks import report_invalid_ids
-from jaxrec.modules.stacked_tables import (
-    init_groups,
-    load_table_views,
-    optimizer_state_views,
-    table_views,
+from jaxrec.modules.stacked_tables import init_groups, optimizer_state_views, table_views
+from jaxrec.modules.state_dict import (
+    IncompatibleKeys,
+    check_groups,
+    load_optimizer_state,
+    load_tables,
 )
 from jaxrec.ops.backend import as_bounds_check_mode, resolve_backend
 from jaxrec.ops.lookup import LookupSpec, check_parallel_axes, lookup
@@ -109,24 +110,90 @@ class CollectionMixin:
         report_invalid_ids(self, mode, bad)
         return out
 
+    def _groups(self, variables: Any, what: str = "variables") -> Mapping[str, Any]:
+        return check_groups(self.plan, self.PARAMS_NAME, variables, what)
+
     def state_dict(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
         """TorchRec-named per-table arrays: ``{"<prefix>.<table>.weight": [rows, dim]}``.
 
         Works on any pytree shaped like the variables, e.g. ``{"params": grads}``.
+        Variables without this collection's tables (``{}``, another collection's)
+        raise a ValueError saying what they hold.
         """
-        return table_views(self.plan, self.PARAMS_NAME, variables["params"][self.PARAMS_NAME])
+        return table_views(self.plan, self.PARAMS_NAME, self._groups(variables))
+
+    def named_parameters(
+        self, variables: Mapping[str, Any], prefix: str = ""
+    ) -> Iterator[tuple[str, jax.Array]]:
+        """``(name, table)`` for every table, TorchRec's ``named_parameters``.
+
+        The names are the :meth:`state_dict` names, behind ``prefix + "."`` when
+        ``prefix`` is given (as a parent module's name).
+        """
+        for name, table in self.state_dict(variables).items():
+            yield (f"{prefix}.{name}" if prefix else name), table
+
+    @overload
+    def load_state_dict(
+        self,
+        variables: Mapping[str, Any],
+        state_dict: Mapping[str, Any],
+        strict: Literal[True] = True,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def load_state_dict(
+        self, variables: Mapping[str, Any], state_dict: Mapping[str, Any], strict: Literal[False]
+    ) -> tuple[dict[str, Any], IncompatibleKeys]: ...
 
     def load_state_dict(
-        self, variables: Mapping[str, Any], state_dict: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        """New variables with every table taken from ``state_dict`` (names and shapes checked)."""
-        groups = load_table_views(
-            self.plan, self.PARAMS_NAME, variables["params"][self.PARAMS_NAME], state_dict
+        self, variables: Mapping[str, Any], state_dict: Mapping[str, Any], strict: bool = True
+    ) -> dict[str, Any] | tuple[dict[str, Any], IncompatibleKeys]:
+        """New variables with the tables of ``state_dict`` loaded (TorchRec's names).
+
+        Refused with the key named: a missing or unexpected key (with ``strict``), a
+        wrong shape, strings or other non-numbers, complex values, inf/nan, values
+        that overflow the table's dtype (e.g. 1e6 into float16), and a state dict
+        of the other collection type. The arrays are cast to the table dtype.
+
+        ``strict=True`` returns the new variables. ``strict=False``, as TorchRec's,
+        leaves missing tables as they are, ignores unknown keys, and returns
+        ``(variables, IncompatibleKeys(missing_keys, unexpected_keys))``.
+
+        The fused optimizer state is kept as it was: loaded weights go on training
+        with the momentum of the tables they replaced. To resume a checkpoint, load
+        its state too (:meth:`load_optimizer_state_dict`); to start training afresh
+        from loaded weights, load them into freshly initialised variables.
+        """
+        groups, keys = load_tables(
+            self.plan,
+            self.PARAMS_NAME,
+            self._groups(variables),
+            state_dict,
+            strict=strict,
         )
-        return {**variables, "params": {**variables["params"], self.PARAMS_NAME: groups}}
+        new = {**variables, "params": {**variables["params"], self.PARAMS_NAME: groups}}
+        return new if strict else (new, keys)
 
     def optimizer_state_dict(self, variables: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
-        """Per-table fused optimizer state: ``{"<prefix>.<table>.weight": {"momentum1": ..., "step": t}}``."""
-        return optimizer_state_views(
-            self.plan, self.PARAMS_NAME, variables["params"][self.PARAMS_NAME]
+        """Per-table fused optimizer state: ``{"<prefix>.<table>.weight": {"momentum1": ..., "step": t}}``.
+
+        TorchRec's fused optimizer keys its ``state_dict()["state"]`` by the same
+        parameter names, with inner names ``"<table>.momentum1"`` etc.; see
+        :mod:`jaxrec.modules.state_dict` for the mapping.
+        """
+        return optimizer_state_views(self.plan, self.PARAMS_NAME, self._groups(variables))
+
+    def load_optimizer_state_dict(
+        self, variables: Mapping[str, Any], state_dict: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """New variables with the fused optimizer state of :meth:`optimizer_state_dict`'s form.
+
+        Every fused table must be present with exactly its optimizer's state names
+        and ``step`` (tables of one group sharing a step); shapes, dtypes and values
+        are checked as in :meth:`load_state_dict`. Weights are not touched.
+        """
+        groups = load_optimizer_state(
+            self.plan, self.PARAMS_NAME, self._groups(variables), state_dict
         )
+        return {**variables, "params": {**variables["params"], self.PARAMS_NAME: groups}}

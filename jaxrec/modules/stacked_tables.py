@@ -1,9 +1,10 @@
 """Stacked group buffers and their TorchRec-named per-table views.
 
 A collection stores one buffer per group (see :mod:`jaxrec.ops.plan`). These
-functions create the buffers, and map between them and TorchRec's state-dict
-names (``embedding_bags.<table>.weight`` for bags, ``embeddings.<table>.weight``
-for sequences). The per-table arrays are views made on demand, never kept.
+functions create the buffers and view them under TorchRec's state-dict names
+(``embedding_bags.<table>.weight`` for bags, ``embeddings.<table>.weight`` for
+sequences); :mod:`jaxrec.modules.state_dict` loads them back. The per-table
+arrays are views made on demand, never kept.
 
 >>> import jax
 >>> from jaxrec.configs import EmbeddingBagConfig
@@ -91,41 +92,3 @@ def optimizer_state_views(
             "no table of this collection has a fused optimizer, so none has optimizer state"
         )
     return out
-
-
-def load_table_views(
-    plan: LookupPlan, prefix: str, groups: Mapping[str, Any], state_dict: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Groups with every table replaced by ``state_dict``'s array of the same name.
-
-    The names and shapes must match exactly; the arrays are cast to each
-    group's dtype. Optimizer state is kept as it was.
-    """
-    expected = {f"{prefix}.{t.name}.weight": t for t in plan.tables}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not match the collection: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
-    new_groups = dict(groups)
-    for g, group in enumerate(plan.groups):
-        parts = []
-        for table in (t for t in plan.tables if t.group == g):
-            name = f"{prefix}.{table.name}.weight"
-            array = jnp.asarray(state_dict[name])
-            if array.shape != (table.num_rows, table.dim):
-                raise ValueError(
-                    f"{name}: expected shape {(table.num_rows, table.dim)}, got {array.shape}"
-                )
-            parts.append(array.astype(group.dtype))
-        weight = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-        entry = groups[group.name]
-        if isinstance(entry, FusedTableParams):
-            new_groups[group.name] = FusedTableParams(
-                weight=weight, state=entry.state, step=entry.step, uses=entry.uses
-            )
-        else:
-            new_groups[group.name] = weight
-    return new_groups
