@@ -14,10 +14,15 @@ Layout (FBGEMM's table-batched embedding, TorchRec's KJT):
 
 ``out[b, col_offset:col_offset+D] = sum_i w_i * weights[row_offset + ids[i]]`` over the bag,
 accumulated in fp32 (``w_i`` = per-sample weight, or 1). MEAN divides by the bag length
-(number of ids); an empty bag gives zeros. Bounds (as FBGEMM's ``bounds_check_mode``): an id
+(number of ids; a 16-bit output rounds the sum first, see :func:`mean_of_sums`); an empty
+bag gives zeros. Bounds (as FBGEMM's ``bounds_check_mode``): an id
 outside its table contributes a zero row under "fatal", "warning" and "ignore"; the second
-result counts such ids under "fatal" and "warning" and is 0 otherwise; "none" checks nothing
-(bad ids are undefined behaviour).
+result counts such ids under "fatal" and "warning" and is 0 otherwise. "none" does not check
+an id against its table: it reads stacked row ``clip(row_offset + id, 0, R - 1)``, which for
+a bad id is a row of another table of the group or the buffer's first or last row (never
+memory outside ``weights``); nothing is counted. Positions outside ``[0, N_cap)`` are never
+read, whatever the offsets say (a bag reaching past them reads only its positions inside);
+``jaxrec.ops.bags.checked_offsets`` empties such bags before any kernel runs.
 
 The kernel runs one program per (group feature, block of ``block_bags`` bags). Each step of
 its loop gathers ``[block_bags, block_len, D]`` rows at once (the next ``block_len`` ids of
@@ -272,11 +277,14 @@ def _gather_rows(
     if checked:
         valid = active & (idx >= 0) & (idx < num_rows)
         if counted:
-            bad = jnp.sum((active & ~valid).astype(jnp.int32))
+            bad = jnp.sum(active & ~valid, dtype=jnp.int32)
         idx = jnp.where(valid, idx, 0)
+        rows = row_offset + idx
     else:
         valid = active
-    rows = jnp.expand_dims(row_offset + idx, -1)
+        # "none": the id is not checked against its table, but the row stays in the buffer.
+        rows = jnp.clip(row_offset + idx, 0, weights_ref.shape[0] - 1)
+    rows = jnp.expand_dims(rows, -1)
     leading_axes = tuple(range(valid.ndim))
     vals = masked_load(
         weights_ref.at[rows, jnp.expand_dims(cols, leading_axes)],
@@ -351,7 +359,7 @@ def _pooled_kernel(
             acc, bad = carry
             j = s * block_len + step_j
             pos = start[:, None] + j[None, :]
-            active = (j[None, :] < length[:, None]) & (pos < num_ids)
+            active = (j[None, :] < length[:, None]) & (pos >= 0) & (pos < num_ids)
             vals, nbad = gather(pos=pos, active=active)
             return acc + jnp.sum(vals, axis=1), bad + nbad
 
@@ -364,7 +372,7 @@ def _pooled_kernel(
         def step(s, carry):
             acc, bad = carry
             pos = first + s * block_len + step_p
-            active = (pos < last) & (pos < num_ids)
+            active = (pos < last) & (pos >= 0) & (pos < num_ids)
             vals, nbad = gather(pos=pos, active=active)
             member = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
             acc = acc + jax.lax.dot(
@@ -379,7 +387,7 @@ def _pooled_kernel(
     acc, bad = jax.lax.fori_loop(0, num_steps, step, (acc0, jnp.int32(0)))
 
     if pooling == "mean":
-        acc = acc / jnp.maximum(length, 1).astype(jnp.float32)[:, None]
+        acc = mean_of_sums(acc, jnp.maximum(length, 1)[:, None], out_ref.dtype)
     masked_store(
         out_ref.at[b[:, None], (col_offset + cols)[None, :]],
         acc.astype(out_ref.dtype),
@@ -505,6 +513,13 @@ def pooled_lookup(
         )
     if config.strategy == "segmented" and next_power_of_2(weights.shape[1]) < 16:
         raise ValueError(f"segmented strategy needs dim > 8, got dim={weights.shape[1]}")
+    if ids.shape[0] == 0:
+        # No values: every bag is empty (a longer one could read nothing). The kernel needs
+        # one addressable id, so it gets a never-read padding id and all-empty bags.
+        ids = jnp.zeros((1,), jnp.int32)
+        offsets = jnp.zeros_like(offsets)
+        if per_sample_weights is not None:
+            per_sample_weights = jnp.zeros((1,), per_sample_weights.dtype)
     return _pooled_pallas(
         weights,
         ids,
@@ -540,6 +555,17 @@ def position_bags(offsets: jax.Array, num_ids: int) -> tuple[jax.Array, jax.Arra
     pos = jnp.arange(num_ids, dtype=jnp.int32)
     live = (pos >= offsets[0]) & (pos < offsets[-1])
     return bags, live
+
+
+def mean_of_sums(sums: jax.Array, lengths: jax.Array, out_dtype) -> jax.Array:
+    """float32 ``sums / lengths`` for a MEAN bag whose output is ``out_dtype``.
+
+    A 16-bit output rounds the sum to ``out_dtype`` before dividing, as torch's 16-bit
+    ``EmbeddingBag(mode="mean")`` (TorchRec's EBC) does, so both round the same way.
+    """
+    if jnp.dtype(out_dtype).itemsize < 4:
+        sums = sums.astype(out_dtype).astype(jnp.float32)
+    return sums / lengths.astype(jnp.float32)
 
 
 def feature_rounds(features: tuple[Feature, ...]) -> list[list[int]]:
@@ -617,7 +643,8 @@ def _pooled_xla(
             num_kjt,
             checked=bounds_check != "none",
         )
-        vals = jnp.take(weights, rows, axis=0).astype(jnp.float32)
+        # "none" reads clip(row, 0, R - 1), as the kernel does.
+        vals = jnp.take(weights, rows, axis=0, mode="clip").astype(jnp.float32)
         scale = valid.astype(jnp.float32)
         if per_sample_weights is not None:
             scale = scale * per_sample_weights.astype(jnp.float32)
@@ -627,8 +654,7 @@ def _pooled_xla(
         pooled = pooled[: n * batch_size].reshape(n, batch_size, dim)
         if pooling == "mean":
             kjts = np.array([features[g][0] for g in group_idx])
-            denom = jnp.maximum(lengths[kjts], 1).astype(jnp.float32)
-            pooled = pooled / denom[:, :, None]
+            pooled = mean_of_sums(pooled, jnp.maximum(lengths[kjts], 1)[:, :, None], out_dt)
         pooled = pooled.astype(out_dt)
         cols = [features[g][3] for g in group_idx]
         if cols == [cols[0] + k * dim for k in range(n)]:  # contiguous: one transposed write
@@ -659,8 +685,8 @@ def pooled_lookup_reference(
 ) -> tuple[jax.Array, jax.Array]:
     """Pure-XLA pooled lookup (gather + ``segment_sum``), same contract as :func:`pooled_lookup`.
 
-    The backend for CPU/TPU and the oracle the kernel is tested against. "none" behaves as
-    "ignore" here. Uncovered columns of a fresh output are always zeros here (XLA has no
+    The backend for CPU/TPU and the oracle the kernel is tested against. "none" reads the
+    clamped stacked row of a bad id, as the kernel does. Uncovered columns of a fresh output are always zeros here (XLA has no
     unwritten buffers), so ``fill_uncovered`` only keeps the signatures alike.
     """
     validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check)

@@ -7,8 +7,10 @@ unused here). The output has one row per id position:
 ``out[i] = weights[row_offset + ids[i]]`` for every real position ``i`` (``i < offsets[-1]``)
 of one of the group's features; rows of other positions (other groups' features, padding) are
 zeros, as are rows of ids outside ``[0, num_rows)`` under "fatal", "warning" and "ignore".
-The second result counts those ids under "fatal" and "warning" (else 0); "none" checks
-nothing. A KJT feature may appear at most once in a group (its rows have one place to go).
+The second result counts those ids under "fatal" and "warning" (else 0). "none" does not
+check an id against its table and reads stacked row ``clip(row_offset + id, 0, R - 1)`` (for
+a bad id: another table's row or the buffer's first or last row, never outside ``weights``);
+nothing is counted. A KJT feature may appear at most once in a group (its rows have one place to go).
 
 The kernel runs one program per ``steps`` blocks of ``block_ids`` consecutive positions and
 gathers ``[block_ids, D]`` rows per step. A block whose two ends lie in the same group feature
@@ -142,9 +144,11 @@ def _sequence_kernel(
         if checked:
             valid = in_group & (idx >= 0) & (idx < num_rows)
             idx = jnp.where(valid, idx, 0)
+            rows = row_offset + idx
         else:
             valid = in_group
-        rows = row_offset + idx
+            # "none": the id is not checked against its table; the row stays in the buffer.
+            rows = jnp.clip(row_offset + idx, 0, weights_ref.shape[0] - 1)
         vals = masked_load(
             weights_ref.at[rows[:, None], cols[None, :]], valid[:, None] & col_ok[None, :], 0
         )
@@ -154,7 +158,7 @@ def _sequence_kernel(
             in_cap[:, None] & col_ok[None, :],
         )
         if counted:
-            bad = bad + jnp.sum((in_group & ~valid).astype(jnp.int32))
+            bad = bad + jnp.sum(in_group & ~valid, dtype=jnp.int32)
         return bad
 
     def step(s, bad):
@@ -245,6 +249,8 @@ def sequence_lookup(
     out_dt = _check_sequence_args(weights, features, out_dtype)
     if config is None:
         config = default_sequence_config(weights.shape[1], weights.dtype)
+    if ids.shape[0] == 0:  # no positions, no rows (the kernel needs one addressable id)
+        return jnp.zeros((0, weights.shape[1]), out_dt), jnp.zeros((), jnp.int32)
     return _sequence_pallas(
         weights,
         ids,
@@ -272,7 +278,8 @@ def _sequence_xla(weights, ids, offsets, *, features, batch_size, bounds_check, 
         num_kjt,
         checked=bounds_check != "none",
     )
-    out = jnp.where(valid[:, None], jnp.take(weights, rows, axis=0), 0).astype(out_dt)
+    picked = jnp.take(weights, rows, axis=0, mode="clip")  # "none": the clamped row, as the kernel
+    out = jnp.where(valid[:, None], picked, 0).astype(out_dt)
     count = jnp.sum(bad.astype(jnp.int32)) if bounds_check in ("fatal", "warning") else 0
     return out, jnp.int32(count)
 

@@ -392,26 +392,52 @@ def _update_xla(
     return _apply_unique_rows(weights, state, step, rows, grads, dim=dim, optimizer=optimizer)
 
 
+def skips_nonfinite(optimizer: Any) -> bool:
+    """Whether the fused update leaves rows with a non-finite gradient unchanged (default on).
+
+    Read from the optimizer's ``skip_nonfinite`` setting (``jaxrec.optim.SparseOptimizer``).
+    """
+    return bool(getattr(optimizer, "skip_nonfinite", True))
+
+
+def _finite_rows(rows, grads, num_rows):
+    """(rows with each non-finite gradient's row turned into the sentinel, how many there were)."""
+    nonfinite = (rows < num_rows) & ~jnp.all(jnp.isfinite(grads), axis=-1)
+    return jnp.where(nonfinite, num_rows, rows), jnp.sum(nonfinite.astype(jnp.int32))
+
+
 def _apply_unique_rows(weights, state, step, rows, grads, *, dim, optimizer):
-    """Gather the unique ``rows`` (sentinel ``R`` dropped), update them, scatter them back."""
+    """Gather the unique ``rows`` (sentinel ``R`` dropped), update them, scatter them back.
+
+    Returns ``(weights, state, nonfinite)``: with the guard on (:func:`skips_nonfinite`) a row
+    whose summed gradient holds a NaN or an infinity is dropped like the sentinel (weights and
+    state bit-for-bit unchanged) and counted in ``nonfinite``.
+    """
+    nonfinite = jnp.zeros((), jnp.int32)
+    if skips_nonfinite(optimizer):
+        rows, nonfinite = _finite_rows(rows, grads, weights.shape[0])
     w = jnp.take(weights, rows, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
     s = {k: jnp.take(v, rows, axis=0, mode="fill", fill_value=0) for k, v in state.items()}
     new_w, new_s = optimizer.update(w, s, grads, step, dim)
     new_w = _store_rows(new_w, weights.dtype, optimizer, step, rows)
     weights = weights.at[rows].set(new_w, mode="drop")
     state = {k: v.at[rows].set(new_s[k].astype(v.dtype), mode="drop") for k, v in state.items()}
-    return weights, state
+    return weights, state, nonfinite
 
 
-@functools.partial(jax.jit, static_argnames=("dim", "optimizer"))
-def fused_update_from_row_gradients(weights, state, step, rows, grads, *, dim, optimizer):
+@functools.partial(jax.jit, static_argnames=("dim", "optimizer", "return_nonfinite"))
+def fused_update_from_row_gradients(
+    weights, state, step, rows, grads, *, dim, optimizer, return_nonfinite=False
+):
     """One fused optimizer step from row gradients that may repeat a row (XLA).
 
     ``rows [M]`` (sentinel ``R`` = ``weights.shape[0]`` for unused slots) and
     ``grads [M, D]`` are e.g. the :func:`sparse_row_gradients` of several data-parallel
     replicas gathered together: gradients of the same row are summed (stable sort, fixed
     order), then the optimizer updates each touched row once. Every replica that runs this on
-    the same gathered inputs gets bitwise the same table.
+    the same gathered inputs gets bitwise the same table. A row whose summed gradient is not
+    finite is left unchanged (see :func:`fused_sparse_update_reference`); with
+    ``return_nonfinite`` their number is returned third.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec.optim.sparse_optimizers import exact_sgd
@@ -427,9 +453,10 @@ def fused_update_from_row_gradients(weights, state, step, rows, grads, *, dim, o
     summed = jax.ops.segment_sum(
         grads[seg.order].astype(jnp.float32), seg.segment, num_segments=m, indices_are_sorted=True
     )
-    return _apply_unique_rows(
+    new_w, new_s, nonfinite = _apply_unique_rows(
         weights, dict(state), step, seg.unique_rows, summed, dim=dim, optimizer=optimizer
     )
+    return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)
 
 
 def fused_sparse_update_reference(
@@ -446,6 +473,7 @@ def fused_sparse_update_reference(
     dim: int,
     pooling: str,
     optimizer: Any,
+    return_nonfinite: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One fused optimizer step on the touched rows, in plain XLA: ``(new_weights, new_state)``.
 
@@ -453,6 +481,11 @@ def fused_sparse_update_reference(
     ``optimizer.update`` (a ``jaxrec.optim.SparseOptimizer``) at step ``step`` (t >= 1) and a
     scatter back (``mode="drop"``). 16-bit tables are stored back with stochastic rounding
     (seeded by the step and the row id) when the optimizer asks for it.
+
+    Non-finite guard (on unless the optimizer's ``skip_nonfinite`` is False): a row whose
+    summed gradient holds a NaN or an infinity keeps its weights and optimizer state bit for
+    bit, so one bad batch cannot make a row (or its momentum) NaN for good. With
+    ``return_nonfinite`` the number of such rows is returned third.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec.optim.sparse_optimizers import exact_sgd
@@ -476,7 +509,7 @@ def fused_sparse_update_reference(
         pooling,
     )
     _check_table(weights, state, dim, optimizer)
-    return _update_xla(
+    new_w, new_s, nonfinite = _update_xla(
         weights,
         dict(state),
         step,
@@ -490,6 +523,7 @@ def fused_sparse_update_reference(
         pooling=pooling,
         optimizer=optimizer,
     )
+    return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)
 
 
 # --------------------------------------------------------------------------- Pallas kernel
@@ -553,12 +587,14 @@ def _update_kernel(
     block_rows,
     block_occ,
     evict_first,
+    skip_nonfinite,
 ):
     refs = list(refs)
     const_refs = refs[: len(update.consts)]
     del refs[: len(update.consts)]
     del refs[: 1 + len(names)]  # the aliased inputs: same memory as the outputs
-    w_ref, *state_refs = refs
+    w_ref, *state_refs, nonfinite_ref = refs
+    nonfinite_ref[pl.program_id(0)] = jnp.int32(0)
 
     # This program owns the runs that start in its sorted slots [k0, k0 + block_rows).
     k = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
@@ -593,6 +629,11 @@ def _update_kernel(
         # Lanes that own no row get the out-of-range row R: never written on a GPU (masked),
         # and dropped by the interpreter's scatter rather than colliding with a real row.
         touched = count > 0
+        if skip_nonfinite:
+            # A row whose summed gradient is not finite is neither read nor written.
+            finite = jnp.all(jnp.isfinite(grads) | ~col_ok[None, :], axis=1)
+            nonfinite_ref[pl.program_id(0)] = jnp.sum(touched & ~finite, dtype=jnp.int32)
+            touched = touched & finite
         rows = jnp.where(touched, masked_load(rows_ref.at[k], touched, 0), w_ref.shape[0])
         lanes = touched[:, None] & col_ok[None, :]
         at_rows = (rows[:, None], cols[None, :])
@@ -688,18 +729,22 @@ def _update_pallas(
         block_rows=block_rows,
         block_occ=config.block_occ,
         evict_first=config.evict_first,
+        skip_nonfinite=skips_nonfinite(optimizer),
     )
-    new_weights, *new_state = pl.pallas_call(
+    num_programs = pl.cdiv(m, block_rows)
+    *new_tables, nonfinite = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(m, block_rows),),
+        grid=(num_programs,),
         out_shape=[jax.ShapeDtypeStruct(weights.shape, weights.dtype)]
-        + [jax.ShapeDtypeStruct(state[k].shape, state[k].dtype) for k in names],
+        + [jax.ShapeDtypeStruct(state[k].shape, state[k].dtype) for k in names]
+        + [jax.ShapeDtypeStruct((num_programs,), jnp.int32)],
         input_output_aliases={first_table + i: i for i in range(1 + len(names))},
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="jaxrec_fused_sparse_update",
     )(*inputs)
-    return new_weights, dict(zip(names, new_state, strict=True))
+    new_weights, *new_state = new_tables
+    return new_weights, dict(zip(names, new_state, strict=True)), jnp.sum(nonfinite)
 
 
 def fused_sparse_update(
@@ -718,13 +763,15 @@ def fused_sparse_update(
     optimizer: Any,
     interpret: bool = False,
     config: SparseUpdateConfig | None = None,
+    return_nonfinite: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One fused optimizer step on the touched rows with the Pallas (Triton) kernel.
 
     Same contract and result as :func:`fused_sparse_update_reference` (up to the order of
     float32 sums): ``(new_weights, new_state)``, the rows nobody touched bit-identical. The
     tables are updated in place when their buffers are donated; the kernel reads and writes
-    only the touched rows. ``interpret=True`` runs the same kernel on the CPU.
+    only the touched rows. ``interpret=True`` runs the same kernel on the CPU. The
+    non-finite guard and ``return_nonfinite`` are as in the reference.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec.optim.sparse_optimizers import exact_sgd
@@ -751,8 +798,9 @@ def fused_sparse_update(
     if config is None:
         config = default_update_config(dim)
     if ids.shape[0] == 0:
-        return weights, dict(state)
-    return _update_pallas(
+        nothing = jnp.zeros((), jnp.int32)
+        return (weights, dict(state), nothing) if return_nonfinite else (weights, dict(state))
+    new_w, new_s, nonfinite = _update_pallas(
         weights,
         dict(state),
         step,
@@ -768,3 +816,4 @@ def fused_sparse_update(
         interpret=interpret,
         config=config,
     )
+    return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)

@@ -44,8 +44,10 @@ def _feature_rows(rows: jax.Array, start, end, capacity: int, concrete: bool) ->
     if concrete:
         return rows[int(start) : int(end)]
     position = jnp.arange(capacity, dtype=jnp.int32)
-    valid = position < (end - start)
-    picked = jnp.take(rows, jnp.where(valid, start + position, 0), axis=0)
+    source = start + position
+    # Traced lengths may be negative or overrun the capacity: never gather outside it.
+    valid = (position < (end - start)) & (source >= 0) & (source < capacity)
+    picked = jnp.take(rows, jnp.where(valid, source, 0), axis=0)
     return jnp.where(valid[:, None], picked, jnp.zeros((), rows.dtype))
 
 

@@ -50,11 +50,14 @@ from jaxrec_kernels.sparse_update import (
     fused_sparse_update,
     fused_sparse_update_reference,
     fused_update_from_row_gradients,
+    skips_nonfinite,
     sparse_row_gradients,
 )
 
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
 from jaxrec.ops.plan import LookupPlan
+from jaxrec.ops.bags import checked_offsets
+from jaxrec.ops.nonfinite import report_nonfinite_rows
 from jaxrec.optim.fused import FusedTableParams
 from jaxrec.optim.sparse_optimizers import SparseOptimizer
 
@@ -314,7 +317,7 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
         raise ValueError("a FusedTableParams group needs an optimizer in the lookup's spec")
     step = param.step + 1
     if spec.data_parallel_axis is not None:
-        new_weight, new_state = _data_parallel_update(
+        new_weight, new_state, nonfinite = _data_parallel_update(
             spec, group, param, step, grad_out, ids, offsets, weights
         )
     else:
@@ -322,7 +325,7 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             update = functools.partial(fused_sparse_update, interpret=spec.interpret)
         else:
             update = fused_sparse_update_reference
-        new_weight, new_state = update(
+        new_weight, new_state, nonfinite = update(
             param.weight,
             param.state,
             step,
@@ -337,7 +340,11 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             optimizer=group.optimizer,
         )
     return FusedTableParams(
+            return_nonfinite=True,
         weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
+    if skips_nonfinite(group.optimizer):
+        name = f"{group.pooling}_{jnp.dtype(param.weight.dtype).name}_d{group.dim}"
+        report_nonfinite_rows(spec.bounds_check, nonfinite, name)
     )
 
 
@@ -348,7 +355,14 @@ def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weig
     rows = jax.lax.all_gather(rows, axis, tiled=True)
     row_grads = jax.lax.all_gather(row_grads, axis, tiled=True)
     return fused_update_from_row_gradients(
-        param.weight, param.state, step, rows, row_grads, dim=group.dim, optimizer=group.optimizer
+        param.weight,
+        param.state,
+        step,
+        rows,
+        row_grads,
+        dim=group.dim,
+        optimizer=group.optimizer,
+        return_nonfinite=True,
     )
 
 
@@ -405,10 +419,13 @@ def lookup(
         they are not differentiated (their cotangent is zero).
 
     Returns:
-      ``(out, bad_id_count)``: pooled: out [B, sum of dims] in the
+      ``(out, bad_count)``: pooled: out [B, sum of dims] in the
       collection's feature order; sequence: a tuple with one [capacity, dim]
-      array per group (row i is the embedding of position i). Under FATAL
-      bounds checking a bad id raises (a checkify error inside ``jit``).
+      array per group (row i is the embedding of position i). ``bad_count``
+      (FATAL and WARNING; else 0) counts the ids outside their tables plus the
+      bags of negative length or ending past the capacity (emptied first, see
+      :mod:`jaxrec.ops.bags`). Under FATAL a bad id or bag raises (a checkify
+      error inside ``jit``).
 
     With ``spec.row_shard_axis`` bound (inside ``shard_map`` over that mesh axis) each entry
     of ``params`` is this device's block of rows (the stacked group split evenly by rows,
@@ -446,9 +463,18 @@ def sparse_gradients(
     if _bind_row_shards(spec).row_shards > 1:
         raise ValueError(
             "sparse_gradients of row-sharded tables is not supported; call it outside "
+    offsets, bad_bags = checked_offsets(offsets, ids.shape[0])
             f"shard_map over {spec.row_shard_axis!r} with the whole tables"
         )
     return tuple(
         _row_gradients(spec, group, grad_out if spec.pooled else grad_out[g], ids, offsets, weights)
         for g, group in enumerate(spec.groups)
+        checkify.check(
+            bad_bags == 0,
+            "{count} bags have a negative length or end past the values' capacity "
+            "(bounds_check_mode=FATAL)",
+            count=bad_bags,
+        )
+    if spec.bounds_check in (BoundsCheckMode.FATAL.value, BoundsCheckMode.WARNING.value):
+        bad = bad + bad_bags
     )

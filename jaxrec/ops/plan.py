@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrec.configs import (
     BaseEmbeddingConfig,
@@ -125,10 +126,37 @@ def _kernel_features(
     )
 
 
+MAX_GROUP_ROWS = int(np.iinfo(np.int32).max)
+
+
+def check_group_rows(name: str, num_rows: int, tables: tuple[str, ...]) -> None:
+    """Refuse a stacked group of more than ``MAX_GROUP_ROWS`` (2**31 - 1) rows.
+
+    Ids, offsets and stacked row indices are int32 in every kernel (and the fused backward
+    uses the row count itself as a sentinel), so a group must be addressable by int32.
+    Split such tables over several collections or shard their rows.
+
+    >>> check_group_rows("sum_float32_d4", 2**31, ("big",))
+    Traceback (most recent call last):
+    ...
+    ValueError: table group 'sum_float32_d4' (tables ['big']) has 2147483648 rows; a stacked group holds at most 2147483647 rows (int32 row indices)
+    """
+    if num_rows > MAX_GROUP_ROWS:
+        raise ValueError(
+            f"table group {name!r} (tables {list(tables)}) has {num_rows} rows; a stacked "
+            f"group holds at most {MAX_GROUP_ROWS} rows (int32 row indices)"
+        )
+
+
 def _pooling_name(table: BaseEmbeddingConfig) -> str:
     if isinstance(table, EmbeddingBagConfig):
         return "mean" if table.pooling is PoolingType.MEAN else "sum"
     return "none"
+
+
+def _shares_feature(group: Sequence[BaseEmbeddingConfig], table: BaseEmbeddingConfig) -> bool:
+    """Whether ``table`` reads a feature that a table of ``group`` reads too."""
+    return any(set(t.feature_names) & set(table.feature_names) for t in group)
 
 
 def build_plan(
@@ -153,10 +181,14 @@ def _build_plan(tables: tuple[BaseEmbeddingConfig, ...], tags: tuple[int, ...]) 
         raise ValueError(
             "a collection takes either EmbeddingBagConfigs or EmbeddingConfigs, not both"
         )
-    group_keys: list[tuple[str, str, int, int]] = []
-    members: dict[tuple[str, str, int, int], list[BaseEmbeddingConfig]] = {}
+    group_keys: list[tuple[str, str, int, int, int]] = []
+    members: dict[tuple[str, str, int, int, int], list[BaseEmbeddingConfig]] = {}
     for table, tag in zip(tables, tags, strict=True):
-        key = (_pooling_name(table), jnp.dtype(table.dtype).name, table.embedding_dim, tag)
+        key = (_pooling_name(table), jnp.dtype(table.dtype).name, table.embedding_dim, tag, 0)
+        # A sequence group writes one row per id position, so a feature shared by two of
+        # its tables would need two rows there: such a table starts another group.
+        while not pooled and key in members and _shares_feature(members[key], table):
+            key = (*key[:4], key[4] + 1)
         if key not in members:
             group_keys.append(key)
             members[key] = []
@@ -165,14 +197,17 @@ def _build_plan(tables: tuple[BaseEmbeddingConfig, ...], tags: tuple[int, ...]) 
     groups: list[GroupLayout] = []
     placements: dict[str, TablePlacement] = {}
     for g, key in enumerate(group_keys):
-        pooling, dtype, dim, tag = key
+        pooling, dtype, dim, tag, part = key
         row = 0
         for table in members[key]:
             placements[table.name] = TablePlacement(table.name, g, row, table.num_embeddings, dim)
             row += table.num_embeddings
+        name = f"{pooling}_{dtype}_d{dim}" + (f"_o{tag}" if tag else "")
+        name += f"_p{part}" if part else ""
+        check_group_rows(name, row, tuple(t.name for t in members[key]))
         groups.append(
             GroupLayout(
-                name=f"{pooling}_{dtype}_d{dim}" + (f"_o{tag}" if tag else ""),
+                name=name,
                 dim=dim,
                 dtype=dtype,
                 pooling=pooling,

@@ -72,6 +72,11 @@ class SparseOptimizer(NamedTuple):
       stochastic_rounding: whether 16-bit weights are stored back with
         stochastic rounding.
       hyperparams: the constructor's arguments.
+      skip_nonfinite: the fused update's non-finite guard (default on): a row whose
+        summed gradient holds a NaN or an infinity keeps its weights and state bit
+        for bit and is reported (a checkify error under ``bounds_check_mode`` FATAL,
+        a runtime warning under WARNING). ``opt._replace(skip_nonfinite=False)``
+        turns it off, e.g. to measure its cost.
     """
 
     name: str
@@ -79,6 +84,7 @@ class SparseOptimizer(NamedTuple):
     update: Callable[..., tuple[jax.Array, State]]
     stochastic_rounding: bool
     hyperparams: Mapping[str, object]
+    skip_nonfinite: bool = True
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())

@@ -49,7 +49,13 @@ def _as_int32(x: Any, what: str) -> jax.Array:
     if np.can_cast(dtype, np.int32):
         return jnp.asarray(x, dtype=jnp.int32)
     if _is_traced(x):
-        return x.astype(jnp.int32)
+        # Under jit a value outside int32 cannot raise; it becomes -1 (never wrapped to
+        # another value): an id outside every table, a negative length, both bad input that
+        # the lookup's bounds_check_mode counts or raises.
+        outside = x > jnp.asarray(_INT32.max, dtype)
+        if jnp.issubdtype(dtype, jnp.signedinteger):
+            outside = outside | (x < jnp.asarray(_INT32.min, dtype))
+        return jnp.where(outside, -1, x).astype(jnp.int32)
     host = np.asarray(x)
     bad = np.flatnonzero((host < _INT32.min) | (host > _INT32.max))
     if bad.size:
