@@ -1,0 +1,386 @@
+"""The pooled lookup of a sharded collection inside ``jax.shard_map``, batch split over devices.
+
+Each device holds its slice of the batch (a KJT of the same keys, stride ``B``) and its
+block of every local group (:class:`~jaxrec.parallel.layout.ShardedLayout`). One call:
+
+1. **Input distribution.** On the sender every id is checked against its global table,
+   routed to the shard that owns it (row-split tables: bucketized by row range; column
+   shards: one copy per shard) and rewritten to the owner's local row. The ids are sorted
+   into one capacity-padded buffer per destination; ``jax.lax.all_to_all`` moves the
+   per-bag lengths, then the ids (and per-sample weights).
+2. **Local lookup.** Each owner runs the ordinary :func:`jaxrec.ops.lookup.lookup` (any
+   backend, the fused optimizer of each local group) on its block, with one feature per
+   (source device, slot).
+3. **Output distribution.** Table-wise and column shards return with ``all_to_all``;
+   row-split partial sums with ``jax.lax.psum_scatter``; the source device assembles its
+   ``[B, sum of dims]`` output in the collection's feature order (column shards
+   concatenated, MEAN bags of row-split tables divided by their whole length).
+
+Data-parallel tables are looked up where the batch is, on replicas: fused ones combine the
+replicas' sparse gradients before the identical update (``data_parallel_axis``), plain ones
+get the gradient summed over the axis. Autodiff through the collectives gives the
+backward: output gradients travel back the same way and each owner updates its rows in
+place. Run the caller's step inside ``jax.shard_map(..., check_vma=False)``, with the
+sharded params split as :func:`jaxrec.parallel.convert.partition_specs` says.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.parallel.layout import ShardedLayout
+
+__all__ = ["ShardedLookupSpec", "sharded_lookup"]
+
+
+@dataclass(frozen=True)
+class ShardedLookupSpec:
+    """Static description of one sharded lookup (hashable)."""
+
+    layout: ShardedLayout
+    kjt_keys: tuple[str, ...]
+    batch_size: int  # bags per feature on each device
+    axis: str
+    backend: str
+    bounds_check: str
+
+    @classmethod
+    def create(
+        cls,
+        layout: ShardedLayout,
+        kjt_keys: tuple[str, ...],
+        *,
+        batch_size: int,
+        axis: str,
+        backend: str = "auto",
+        bounds_check: BoundsCheckMode | str = BoundsCheckMode.WARNING,
+    ) -> ShardedLookupSpec:
+        """The spec of a lookup of ``layout`` for local KJTs with ``kjt_keys`` and stride
+        ``batch_size``, inside ``shard_map`` over mesh axis ``axis``."""
+        if not layout.pooled:
+            raise ValueError("sharded sequence (EmbeddingCollection) lookups are not built yet")
+        keys = tuple(kjt_keys)
+        missing = [name for name, _ in layout.features if name not in keys]
+        if missing:
+            raise ValueError(f"the KJT keys {list(keys)} lack the collection's features {missing}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
+        if mode is BoundsCheckMode.NONE:
+            mode = BoundsCheckMode.IGNORE  # the sender checks anyway: ids are routed by value
+        return cls(layout, keys, int(batch_size), axis, backend, mode.value)
+
+    # ---- static routing tables -----------------------------------------------------------
+    @functools.cached_property
+    def routes(self) -> dict[str, np.ndarray]:
+        """Per KJT feature and shard index: where its ids go (numpy, static).
+
+        ``copies [F]`` shards reading every id (column-split: one per shard; 0: not sent),
+        ``row_split [F]``, ``row_starts [F, S]`` (padded with int32 max), ``dest [F, S]``
+        (rank * slots + slot), ``shift [F, S]`` (local row - global row), ``rows [F]``.
+        """
+        layout, keys = self.layout, self.kjt_keys
+        num_slots = len(layout.slots)
+        width = max([len(layout.shards_of(t.name)) for t in layout.tables] + [1])
+        big = np.iinfo(np.int32).max
+        f_count = len(keys)
+        out = {
+            "copies": np.zeros(f_count, np.int32),
+            "row_split": np.zeros(f_count, bool),
+            "row_starts": np.full((f_count, width), big, np.int32),
+            "dest": np.zeros((f_count, width), np.int32),
+            "shift": np.zeros((f_count, width), np.int32),
+            "rows": np.zeros(f_count, np.int32),
+            "counted": np.zeros(f_count, bool),
+        }
+        where = {}
+        for rank, row in enumerate(layout.assignments):
+            for slot, held in enumerate(row):
+                if held is not None:
+                    where[held] = rank * num_slots + slot
+        for fi, (feature, table_name) in enumerate(layout.features):
+            k = keys.index(feature)
+            sharding = layout.plan[table_name]
+            out["rows"][k] = layout.table(table_name).num_embeddings
+            shards = layout.shards_of(table_name)
+            if not shards:  # data parallel: looked up in place
+                continue
+            out["counted"][k] = True
+            split = sharding.sharding_type.splits_rows
+            out["row_split"][k] = split
+            out["copies"][k] = 1 if split else len(shards)
+            for shard in shards:
+                out["row_starts"][k, shard.index] = shard.row_offset if split else 0
+                out["dest"][k, shard.index] = where[(fi, shard.index)]
+                out["shift"][k, shard.index] = shard.local_row - shard.row_offset
+        return out
+
+    @functools.cached_property
+    def send_capacity(self) -> int:
+        """Ids sent to one device, per id of the local KJT: the most shards of one table a
+        device holds (column shards may share a device; row shards never do)."""
+        counts = [1]
+        for t in self.layout.tables:
+            ranks = [s.rank for s in self.layout.shards_of(t.name)]
+            counts += [ranks.count(r) for r in set(ranks)]
+        return max(counts)
+
+
+def _bags_of_positions(offsets: jax.Array, capacity: int):
+    """For every position of the values: its bag (flat ``f * B + b``) and whether it is real."""
+    positions = jnp.arange(capacity, dtype=jnp.int32)
+    bags = jnp.searchsorted(offsets[1:], positions, side="right").astype(jnp.int32)
+    return bags, positions < offsets[-1]
+
+
+def _route(spec: ShardedLookupSpec, ids, offsets, weights):
+    """Sender side: per destination, the lengths ``[n, K, B]`` and padded ids (and weights)
+    ``[n, cap]``, plus this device's count of ids outside their tables."""
+    layout, routes = spec.layout, spec.routes
+    n, num_slots, batch = layout.num_devices, len(layout.slots), spec.batch_size
+    capacity = ids.shape[0]
+    bags, live = _bags_of_positions(offsets, capacity)
+    kjt = jnp.minimum(bags // batch, len(spec.kjt_keys) - 1)
+    b = bags % batch
+    rows = jnp.asarray(routes["rows"])[kjt]
+    bad = live & ((ids < 0) | (ids >= rows))
+    bad_count = jnp.sum(bad & jnp.asarray(routes["counted"])[kjt]).astype(jnp.int32)
+    row_split = jnp.asarray(routes["row_split"])[kjt]
+    bucket = jnp.sum(ids[:, None] >= jnp.asarray(routes["row_starts"])[kjt], axis=1) - 1
+    bucket = jnp.clip(bucket, 0, routes["row_starts"].shape[1] - 1)
+    copies = int(routes["copies"].max(initial=0))
+    sentinel = n * num_slots * batch
+    keys, values = [], []
+    for j in range(max(copies, 1)):
+        shard = jnp.where(row_split, bucket, j)
+        sent = live & (j < jnp.asarray(routes["copies"])[kjt]) & ~(bad & row_split)
+        dest = jnp.asarray(routes["dest"])[kjt, shard]
+        keys.append(jnp.where(sent, dest * batch + b, sentinel))
+        values.append(jnp.where(bad, -1, ids + jnp.asarray(routes["shift"])[kjt, shard]))
+    keys, values = jnp.concatenate(keys), jnp.concatenate(values)
+    order = jnp.argsort(keys, stable=True)
+    lengths = jnp.bincount(keys, length=sentinel + 1)[:sentinel].astype(jnp.int32)
+    lengths = lengths.reshape(n, num_slots, batch)
+    totals = lengths.sum(axis=(1, 2))
+    starts = jnp.cumsum(totals) - totals
+    cap = capacity * spec.send_capacity
+    index = starts[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
+    real = jnp.arange(cap)[None, :] < totals[:, None]
+    index = jnp.clip(index, 0, keys.shape[0] - 1)
+    take = order[index]
+    out_ids = jnp.where(real, values[take], 0)
+    out_weights = None
+    if weights is not None:
+        tiled = jnp.tile(weights, max(copies, 1))
+        out_weights = jnp.where(real, tiled[take], 0).astype(weights.dtype)
+    return lengths, out_ids, out_weights, bad_count
+
+
+def _compact(lengths, ids, weights):
+    """Receiver side: the per-source padded buffers as one KJT (features source-major)."""
+    n, cap = ids.shape
+    totals = lengths.reshape(n, -1).sum(axis=1)
+    ends = jnp.cumsum(totals)
+    q = jnp.arange(n * cap, dtype=jnp.int32)
+    source = jnp.minimum(jnp.searchsorted(ends, q, side="right"), n - 1)
+    within = jnp.clip(q - (ends[source] - totals[source]), 0, cap - 1)
+    real = q < ends[-1]
+    values = jnp.where(real, ids[source, within], 0)
+    out_weights = None if weights is None else jnp.where(real, weights[source, within], 0)
+    flat = lengths.reshape(-1)
+    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(flat).astype(jnp.int32)])
+    return values, offsets, out_weights
+
+
+@functools.lru_cache(maxsize=64)
+def _local_spec(spec: ShardedLookupSpec) -> LookupSpec:
+    layout = spec.layout
+    return LookupSpec.create(
+        layout.local_plan,
+        layout.local_keys,
+        batch_size=spec.batch_size,
+        bounds_check="ignore",
+        backend=spec.backend,
+        optimizer=tuple(layout.group_optimizer(g) for g in range(len(layout.groups))),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(spec: ShardedLookupSpec):
+    """Static column maps: the owners' output permuted to per-source blocks
+    ``[A slots | R slots]``; and, for the assembled output, the column of
+    ``[all-to-all result (n * Wa) | reduce-scattered (Wr) | data parallel | zero]`` each
+    output column takes, with the KJT feature dividing MEAN columns of row-split tables."""
+    layout = spec.layout
+    n, slots = layout.num_devices, layout.slots
+    local = layout.local_plan
+    col_of = {f.name: f.col_offset for f in local.features} if local is not None else {}
+    dims = [layout.groups[s.group].dim for s in slots]
+    order = [j for j, s in enumerate(slots) if not s.reduce] + [
+        j for j, s in enumerate(slots) if s.reduce
+    ]
+    slot_col, width_a, width = {}, 0, 0
+    for j in order:
+        slot_col[j] = width
+        width += dims[j]
+        if not slots[j].reduce:
+            width_a = width
+    width_r = width - width_a
+    perm = [
+        col_of[layout.local_key(s, j)] + c for s in range(n) for j in order for c in range(dims[j])
+    ]
+    single = layout.single_plan
+    dp_cols = {f.name: f.col_offset for f in layout.dp_plan.features} if layout.dp_plan else {}
+    dp_width = layout.dp_plan.num_columns if layout.dp_plan else 0
+    zero = n * width_a + width_r + dp_width
+    index = np.full(single.num_columns, zero, np.int32)
+    divide_by = np.full(single.num_columns, -1, np.int32)
+    for fi, feature in enumerate(single.features):
+        table = layout.table(feature.table)
+        shards = layout.shards_of(feature.table)
+        base = feature.col_offset
+        if not shards:
+            index[base : base + feature.dim] = (
+                n * width_a + width_r + dp_cols[feature.name] + np.arange(feature.dim)
+            )
+            continue
+        for rank, row in enumerate(layout.assignments):
+            for j, held in enumerate(row):
+                if held is None or held[0] != fi:
+                    continue
+                shard = shards[held[1]]
+                cols = np.arange(shard.num_cols)
+                if slots[j].reduce:
+                    index[base + cols] = n * width_a + slot_col[j] - width_a + cols
+                else:
+                    index[base + shard.col_offset + cols] = rank * width_a + slot_col[j] + cols
+        if layout.plan[table.name].sharding_type.splits_rows and _is_mean(table):
+            divide_by[base : base + feature.dim] = spec.kjt_keys.index(feature.name)
+    return np.asarray(perm, np.int32), width_a, width_r, index, divide_by
+
+
+def _is_mean(table) -> bool:
+    return getattr(getattr(table, "pooling", None), "value", None) == "MEAN"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sum_cotangent(axis: str, x):
+    """Identity whose cotangent is summed over ``axis``: a replica's gradient becomes the
+    gradient of the whole batch (what ``shard_map``'s own replication rule would give)."""
+    return x
+
+
+def _sum_cotangent_fwd(axis, x):
+    return x, None
+
+
+def _sum_cotangent_bwd(axis, _, g):
+    return (jax.lax.psum(g, axis),)
+
+
+_sum_cotangent.defvjp(_sum_cotangent_fwd, _sum_cotangent_bwd)
+
+
+def _data_parallel(spec: ShardedLookupSpec, replicated: dict, ids, offsets, weights):
+    layout = spec.layout
+    plan = layout.dp_plan
+    optimizers = tuple(layout.optimizers[g.optimizer_tag] for g in plan.groups)
+    dp_spec = LookupSpec.create(
+        plan,
+        spec.kjt_keys,
+        batch_size=spec.batch_size,
+        bounds_check=spec.bounds_check,
+        backend=spec.backend,
+        optimizer=optimizers,
+        data_parallel_axis=spec.axis,
+    )
+    params = tuple(
+        replicated[g.name] if o is not None else _sum_cotangent(spec.axis, replicated[g.name])
+        for g, o in zip(plan.groups, optimizers, strict=True)
+    )
+    out, bad = lookup(dp_spec, params, ids, offsets, weights)
+    return out, bad
+
+
+def sharded_lookup(
+    spec: ShardedLookupSpec,
+    params: dict,
+    ids: jax.Array,
+    offsets: jax.Array,
+    weights: jax.Array | None,
+):
+    """Pooled lookup of a sharded collection; call it inside ``shard_map`` over ``spec.axis``.
+
+    Args:
+      spec: :meth:`ShardedLookupSpec.create`.
+      params: this device's view of the sharded params
+        (:func:`jaxrec.parallel.convert.shard_params`): ``{"shards": {local group: block},
+        "replicated": {data-parallel group: table}}``.
+      ids, offsets, weights: this device's KJT slice (``values``, ``offsets`` of
+        ``F * B + 1``, per-sample weights or None).
+
+    Returns:
+      ``(out [B, sum of dims], bad)``: this device's pooled output in the collection's
+      feature order, and the number of ids outside their tables in the whole batch (every
+      device); FATAL bounds checking raises (a checkify error) instead.
+    """
+    layout, axis = spec.layout, spec.axis
+    try:
+        size = jax.lax.axis_size(axis)
+    except NameError:
+        raise ValueError(f"sharded_lookup runs inside shard_map over mesh axis {axis!r}") from None
+    if size != layout.num_devices:
+        raise ValueError(
+            f"the layout places tables on {layout.num_devices} devices but mesh axis {axis!r} "
+            f"has {size}"
+        )
+    resolve_backend(spec.backend)
+    batch = spec.batch_size
+    if offsets.shape[0] != len(spec.kjt_keys) * batch + 1:
+        raise ValueError(
+            f"offsets has {offsets.shape[0]} entries; {len(spec.kjt_keys)} keys of stride "
+            f"{batch} need {len(spec.kjt_keys) * batch + 1}"
+        )
+    parts, bad = [], jnp.zeros((), jnp.int32)
+    perm, width_a, width_r, index, divide_by = _columns(spec)
+    if layout.groups:
+        lengths, send_ids, send_w, bad = _route(spec, ids, offsets, weights)
+        to_owner = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0)
+        lengths, send_ids = to_owner(lengths), to_owner(send_ids)
+        send_w = None if send_w is None else to_owner(send_w)
+        values, local_offsets, local_w = _compact(lengths, send_ids, send_w)
+        local = _local_spec(spec)
+        groups = tuple(params["shards"][g.name] for g in layout.groups)
+        out, _ = lookup(local, groups, values, local_offsets, local_w)
+        out = out[:, perm].reshape(batch, layout.num_devices, width_a + width_r)
+        out = out.transpose(1, 0, 2)
+        if width_a:
+            back = jax.lax.all_to_all(out[:, :, :width_a], axis, 0, 0)
+            parts.append(back.transpose(1, 0, 2).reshape(batch, -1))
+        if width_r:
+            parts.append(jax.lax.psum_scatter(out[:, :, width_a:], axis, scatter_dimension=0))
+    if layout.dp_tables:
+        dp_out, dp_bad = _data_parallel(spec, params["replicated"], ids, offsets, weights)
+        parts.append(dp_out)
+        bad = bad + dp_bad
+    dtype = jnp.result_type(*parts)
+    parts.append(jnp.zeros((batch, 1), dtype))
+    result = jnp.concatenate(parts, axis=1)[:, index]
+    if (divide_by >= 0).any():
+        lengths = (offsets[1:] - offsets[:-1]).reshape(len(spec.kjt_keys), batch)
+        divisor = jnp.maximum(lengths[np.maximum(divide_by, 0)].T, 1).astype(jnp.float32)
+        result = jnp.where(divide_by >= 0, result / divisor, result).astype(dtype)
+    bad = jax.lax.psum(bad, axis)
+    if spec.bounds_check == BoundsCheckMode.FATAL.value:
+        checkify.check(
+            bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
+        )
+    return result, bad

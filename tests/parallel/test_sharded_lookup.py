@@ -1,0 +1,212 @@
+"""Sharded pooled lookups (batch split over 8 forced host devices) against one device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jaxrec
+from jaxrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from jaxrec.parallel.convert import partition_specs, shard_params, unshard_params
+from jaxrec.parallel.layout import ShardedLayout
+from jaxrec.parallel.sharded_lookup import ShardedLookupSpec, sharded_lookup
+from jaxrec.parallel.types import (
+    ShardingPlan,
+    column_wise,
+    data_parallel,
+    row_wise,
+    table_column_wise,
+    table_row_wise,
+    table_wise,
+)
+
+N = 8
+pytestmark = pytest.mark.skipif(len(jax.devices()) < N, reason="needs 8 (forced host) devices")
+
+B = 3  # bags per feature on each device
+PAD = 1 << 30  # padding ids: never read
+# (name, rows, dim, features, pooling): mixed dims, a shared table, MEAN and SUM
+TABLES = (
+    ("t0", 37, 8, ("f0", "f1"), PoolingType.SUM),
+    ("t1", 21, 4, ("f2",), PoolingType.MEAN),
+    ("t2", 50, 8, ("f3",), PoolingType.SUM),
+    ("t3", 13, 6, ("f4",), PoolingType.MEAN),
+)
+KEYS = ("f4", "f0", "f1", "f2", "f3")  # KJT order differs from the collection's
+ROWS = {f: rows for _, rows, _, feats, _ in TABLES for f in feats}
+
+
+def tables():
+    return [
+        EmbeddingBagConfig(
+            name=n, num_embeddings=r, embedding_dim=d, feature_names=list(f), pooling=p
+        )
+        for n, r, d, f, p in TABLES
+    ]
+
+
+PLANS = {
+    "table_wise": {"t0": table_wise(3), "t1": table_wise(3), "t2": table_wise(0), "t3": table_wise(7)},
+    "row_wise": {"t0": row_wise(), "t1": row_wise(), "t2": row_wise(), "t3": row_wise(sizes=[1, 1, 1, 1, 1, 1, 1, 6])},
+    "column_wise": {"t0": column_wise([1, 6]), "t1": column_wise([2, 5, 1], sizes=[1, 2, 1]), "t2": column_wise([0, 1, 2, 3]), "t3": column_wise([4, 4])},
+    "table_row_wise": {"t0": table_row_wise([2, 3, 5]), "t1": table_row_wise([0, 1], sizes=[20, 1]), "t2": table_row_wise([4, 5, 6, 7]), "t3": table_row_wise([6])},
+    "table_column_wise": {"t0": table_column_wise([4, 4]), "t1": table_column_wise([0, 7]), "t2": table_column_wise([3]), "t3": table_column_wise([2, 3, 2])},
+    "data_parallel": {n: data_parallel() for n, *_ in TABLES},
+    "mixed": {"t0": row_wise(), "t1": column_wise([5, 2]), "t2": table_wise(6), "t3": data_parallel()},
+    "mixed2": {"t0": table_column_wise([1, 1]), "t1": data_parallel(), "t2": table_row_wise([0, 7]), "t3": table_wise(0)},
+}
+
+
+def optimizers(plan):
+    """Row-wise Adagrad, except element-wise Adagrad for column-split tables (a column shard
+    keeps its own per-row state, as TorchRec's, so row-wise state is not the one device's)."""
+    rowwise = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.3)
+    elementwise = jaxrec.optim.exact_adagrad(learning_rate=0.3)
+    return rowwise, {
+        n: elementwise for n, s in plan.items() if s.sharding_type.splits_columns
+    }
+
+
+def device_batches(rng, weighted, empty_devices=(), capacity=48):
+    """Per device: padded values [capacity], lengths [F * B], weights; and the global KJT."""
+    per_device = []
+    for d in range(N):
+        lengths = rng.integers(0, 4, (len(KEYS), B))
+        if d in empty_devices:
+            lengths[:] = 0
+        values = [rng.integers(0, ROWS[k], n) for k, n in zip(KEYS, lengths.sum(1), strict=True)]
+        per_device.append((lengths, values))
+    flat_v = np.full((N, capacity), PAD, np.int32)
+    flat_w = np.zeros((N, capacity), np.float32)
+    all_w = rng.normal(size=(N, capacity)).astype(np.float32)
+    for d, (lengths, values) in enumerate(per_device):
+        real = np.concatenate(values)
+        flat_v[d, : real.size] = real
+        flat_w[d, : real.size] = all_w[d, : real.size]
+    glob_values, glob_lengths, glob_w = [], [], []
+    for k in range(len(KEYS)):
+        for d, (lengths, values) in enumerate(per_device):
+            start = sum(v.size for v in values[:k])
+            glob_values.append(values[k])
+            glob_w.append(flat_w[d, start : start + values[k].size])
+            glob_lengths.append(lengths[k])
+    lengths = np.stack([p[0].reshape(-1) for p in per_device]).astype(np.int32)
+    whole = KeyedJaggedTensor(
+        keys=list(KEYS),
+        values=np.concatenate(glob_values).astype(np.int32),
+        lengths=np.concatenate(glob_lengths).astype(np.int32),
+        weights=np.concatenate(glob_w) if weighted else None,
+    )
+    local = (flat_v.reshape(-1), lengths.reshape(-1), flat_w.reshape(-1) if weighted else None)
+    return local, whole
+
+
+def mesh():
+    return Mesh(np.array(jax.devices()[:N]), ("x",))
+
+
+def setup(plan_name, *, fused, weighted, backend="xla"):
+    plan = ShardingPlan(PLANS[plan_name])
+    default, overrides = optimizers(plan) if fused else (None, None)
+    ebc = EmbeddingBagCollection(
+        tables=tables(), optimizer=default, table_optimizers=overrides, backend=backend, is_weighted=weighted
+    )
+    layout = ShardedLayout.create(tables(), plan, N, optimizer=default, table_optimizers=overrides)
+    spec = ShardedLookupSpec.create(layout, KEYS, batch_size=B, axis="x", backend=backend)
+    return ebc, layout, spec
+
+
+def sharded_fn(spec, layout, body):
+    """``body(params, ids, offsets, weights, g)`` inside shard_map over the 8 devices."""
+    specs = partition_specs(layout, "x")
+
+    def inner(params, values, lengths, weights, g):
+        offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(lengths)])
+        return body(params, values, offsets.astype(jnp.int32), weights, g)
+
+    return specs, functools.partial(
+        jax.shard_map, mesh=mesh(), in_specs=(specs, P("x"), P("x"), P("x"), P("x")), check_vma=False
+    ), inner
+
+
+def forward(spec, layout, params, local, g):
+    specs, smap, inner = sharded_fn(spec, layout, lambda p, i, o, w, g: sharded_lookup(spec, p, i, o, w))
+    out, bad = jax.jit(smap(inner, out_specs=(P("x"), P())))(params, *local, g)
+    return out, bad
+
+
+def loss_fn(spec, p, i, o, w, g):
+    out, _ = sharded_lookup(spec, p, i, o, w)
+    return jnp.sum(jnp.sin(out) * g)
+
+
+def single_loss(ebc, p, kjt, g):
+    return jnp.sum(jnp.sin(ebc.apply({"params": p}, kjt).values()) * g)
+
+
+def assert_tables_close(got, want):
+    for name in want:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_forward_and_gradients_match_one_device(plan_name, weighted):
+    rng = np.random.default_rng(0)
+    ebc, layout, spec = setup(plan_name, fused=False, weighted=weighted)
+    local, whole = device_batches(rng, weighted, empty_devices=(2, 5))
+    params = ebc.init(jax.random.key(0), whole)["params"]
+    sharded = shard_params(layout, params["embedding_bags"])
+    g = jnp.asarray(rng.normal(size=(N * B, ebc.plan.num_columns)), jnp.float32)
+
+    want = ebc.apply({"params": params}, whole).values()
+    got, bad = forward(spec, layout, sharded, local, g)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert int(bad) == 0
+
+    specs, smap, inner = sharded_fn(spec, layout, lambda p, i, o, w, g: jax.grad(functools.partial(loss_fn, spec))(p, i, o, w, g))
+    grads = jax.jit(smap(inner, out_specs=specs))(sharded, *local, g)
+    want_grads = jax.grad(functools.partial(single_loss, ebc))(params, whole, g)
+    assert_tables_close(
+        ebc.state_dict({"params": {"embedding_bags": unshard_params(layout, grads)}}),
+        ebc.state_dict({"params": want_grads}),
+    )
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_three_fused_steps_match_one_device(plan_name):
+    rng = np.random.default_rng(1)
+    ebc, layout, spec = setup(plan_name, fused=True, weighted=True)
+    batches = [device_batches(rng, True, empty_devices=(k,)) for k in range(3)]
+    params = ebc.init(jax.random.key(1), batches[0][1])["params"]
+    sharded = shard_params(layout, params["embedding_bags"])
+    tx = jaxrec.optim.fused(__import__("optax").sgd(0.1), check_uses=False)
+
+    def step(p, i, o, w, g):
+        grads = jax.grad(functools.partial(loss_fn, spec))(p, i, o, w, g)
+        updates, _ = tx.update(grads, tx.init(p), p)
+        return jaxrec.optim.apply_updates(p, updates)
+
+    specs, smap, inner = sharded_fn(spec, layout, step)
+    sharded_step = jax.jit(smap(inner, out_specs=specs))
+
+    @jax.jit
+    def single_step(p, kjt, g):
+        grads = jax.grad(functools.partial(single_loss, ebc))(p, kjt, g)
+        updates, _ = tx.update(grads, tx.init(p), p)
+        return jaxrec.optim.apply_updates(p, updates)
+
+    for local, whole in batches:
+        g = jnp.asarray(rng.normal(size=(N * B, ebc.plan.num_columns)), jnp.float32)
+        params = single_step(params, whole, g)
+        sharded = sharded_step(sharded, *local, g)
+    got = {"params": {"embedding_bags": unshard_params(layout, sharded)}}
+    assert_tables_close(ebc.state_dict(got), ebc.state_dict({"params": params}))
+    want_state = ebc.optimizer_state_dict({"params": params})
+    for name, state in ebc.optimizer_state_dict(got).items():
+        for key, value in state.items():
+            np.testing.assert_allclose(value, want_state[name][key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}")
