@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +29,25 @@ InitFn = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
 class DataType(enum.Enum):
-    """Storage type of a table's weights (TorchRec's names)."""
+    """Storage type of a table's weights (TorchRec's members and values).
+
+    Only FP32, FP16 and BF16 tables can be looked up and trained here; the
+    others exist so that TorchRec code naming them ports unchanged.
+    """
 
     FP32 = "FP32"
     FP16 = "FP16"
     BF16 = "BF16"
+    INT64 = "INT64"
+    INT32 = "INT32"
     INT8 = "INT8"
+    UINT8 = "UINT8"
     INT4 = "INT4"
     INT2 = "INT2"
+    NFP8 = "NFP8"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class PoolingType(enum.Enum):
@@ -52,6 +65,59 @@ TRAINABLE_DATA_TYPES: dict[DataType, jnp.dtype] = {
     DataType.FP16: jnp.dtype(jnp.float16),
     DataType.BF16: jnp.dtype(jnp.bfloat16),
 }
+
+
+#: What each NumPy/JAX dtype is called as a DataType (TorchRec's mapping; ml_dtypes'
+#: ``int4`` and ``float8_e4m3fn`` stand for torch's packed ``quint4x2`` and ``float8_e4m3fn``).
+_DTYPE_TO_DATA_TYPE: dict[jnp.dtype, DataType] = {
+    jnp.dtype(jnp.float32): DataType.FP32,
+    jnp.dtype(jnp.float16): DataType.FP16,
+    jnp.dtype(jnp.bfloat16): DataType.BF16,
+    jnp.dtype(jnp.int32): DataType.INT32,
+    jnp.dtype(jnp.int64): DataType.INT64,
+    jnp.dtype(jnp.int8): DataType.INT8,
+    jnp.dtype(jnp.uint8): DataType.UINT8,
+    jnp.dtype(jnp.int4): DataType.INT4,
+    jnp.dtype(jnp.float8_e4m3fn): DataType.NFP8,
+}
+
+
+def dtype_to_data_type(dtype: Any) -> DataType:
+    """The :class:`DataType` of a NumPy/JAX dtype, as TorchRec's ``dtype_to_data_type``.
+
+    >>> dtype_to_data_type(jnp.float16), dtype_to_data_type("int64")
+    (<DataType.FP16: 'FP16'>, <DataType.INT64: 'INT64'>)
+    >>> dtype_to_data_type(jnp.complex64)
+    Traceback (most recent call last):
+    ...
+    ValueError: no DataType stores dtype complex64; known: float32, float16, bfloat16, int32, int64, int8, uint8, int4, float8_e4m3fn
+    """
+    try:
+        key = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"{dtype!r} is not a dtype") from None
+    try:
+        return _DTYPE_TO_DATA_TYPE[key]
+    except KeyError:
+        known = ", ".join(d.name for d in _DTYPE_TO_DATA_TYPE)
+        raise ValueError(f"no DataType stores dtype {key.name}; known: {known}") from None
+
+
+def pooling_type_to_str(pooling_type: PoolingType) -> str:
+    """``"sum"`` or ``"mean"``: a pooling type as torch's ``EmbeddingBag(mode=...)`` names it.
+
+    >>> pooling_type_to_str(PoolingType.MEAN)
+    'mean'
+    >>> pooling_type_to_str(PoolingType.NONE)
+    Traceback (most recent call last):
+    ...
+    ValueError: unsupported pooling type PoolingType.NONE: only SUM and MEAN have a mode name
+    """
+    if not isinstance(pooling_type, PoolingType) or pooling_type is PoolingType.NONE:
+        raise ValueError(
+            f"unsupported pooling type {pooling_type}: only SUM and MEAN have a mode name"
+        )
+    return pooling_type.value.lower()
 
 
 def data_type_to_dtype(data_type: DataType) -> jnp.dtype:
@@ -79,7 +145,8 @@ class BaseEmbeddingConfig:
       embedding_dim: width of a row (> 0).
       name: table name, unique within a collection; names the state-dict entry.
       data_type: storage type of the weights.
-      feature_names: the features (KJT keys) that look this table up.
+      feature_names: the features (KJT keys) that look this table up; empty means
+        the table's own name, as TorchRec's collections do.
       weight_init_max / weight_init_min: bounds of the default uniform
         initialiser; default ±sqrt(1 / num_embeddings), as TorchRec.
       num_embeddings_post_pruning: kept for TorchRec compatibility (unused).
@@ -114,7 +181,7 @@ class BaseEmbeddingConfig:
                 f"{label}: feature_names must be a list of names, got the string "
                 f"{self.feature_names!r}"
             )
-        names = tuple(self.feature_names)
+        names = tuple(self.feature_names) or ((self.name,) if self.name else ())
         for feature in names:
             if not isinstance(feature, str) or not feature:
                 raise ValueError(
@@ -198,19 +265,20 @@ class EmbeddingConfig(BaseEmbeddingConfig):
 
 
 def validate_table_set(tables: Sequence[BaseEmbeddingConfig]) -> None:
-    """Check a collection's tables: unique non-empty names, each feature in one table.
+    """Check a collection's tables: unique non-empty names, each with at least one feature.
+
+    A feature may be looked up by several tables (its outputs are then named
+    ``feature@table``, see :func:`embedding_names_by_table`).
 
     >>> a = EmbeddingBagConfig(name="a", embedding_dim=2, num_embeddings=3, feature_names=["f"])
-    >>> b = EmbeddingBagConfig(name="b", embedding_dim=2, num_embeddings=3, feature_names=["f"])
-    >>> validate_table_set([a, b])
+    >>> validate_table_set([a, a])
     Traceback (most recent call last):
     ...
-    ValueError: feature 'f' is looked up by two tables, 'a' and 'b'; a feature belongs to one table
+    ValueError: duplicate table name 'a'
     """
     if not tables:
         raise ValueError("an embedding collection needs at least one table")
     seen_tables: set[str] = set()
-    owner: dict[str, str] = {}
     for table in tables:
         if not isinstance(table, BaseEmbeddingConfig):
             raise ValueError(f"expected embedding table configs, got {table!r}")
@@ -221,11 +289,22 @@ def validate_table_set(tables: Sequence[BaseEmbeddingConfig]) -> None:
         seen_tables.add(table.name)
         if not table.feature_names:
             raise ValueError(f"table {table.name!r} has no feature_names: nothing looks it up")
-        for feature in table.feature_names:
-            if feature in owner:
-                raise ValueError(
-                    f"feature {feature!r} is looked up by two tables, {owner[feature]!r} and "
-                    f"{table.name!r}; a feature belongs to one table"
-                )
-            owner[feature] = table.name
         data_type_to_dtype(table.data_type)
+
+
+def embedding_names_by_table(tables: Sequence[BaseEmbeddingConfig]) -> list[list[str]]:
+    """The output name of each (table, feature), as TorchRec's collections name them.
+
+    A feature looked up by one table keeps its name; a feature looked up by several
+    tables gives one output per table, named ``feature@table``.
+
+    >>> a = EmbeddingBagConfig(name="a", embedding_dim=2, num_embeddings=3, feature_names=["f", "g"])
+    >>> b = EmbeddingBagConfig(name="b", embedding_dim=2, num_embeddings=3, feature_names=["f"])
+    >>> embedding_names_by_table([a, b])
+    [['f@a', 'g'], ['f@b']]
+    """
+    readers = Counter(f for table in tables for f in table.feature_names)
+    return [
+        [f"{f}@{table.name}" if readers[f] > 1 else f for f in table.feature_names]
+        for table in tables
+    ]

@@ -1,11 +1,14 @@
 """EmbeddingBagCollection: pooled lookups of several tables, as TorchRec's.
 
-Input: a :class:`~jaxrec.sparse.KeyedJaggedTensor` with one key per feature
-(any order). Output: a :class:`~jaxrec.sparse.KeyedTensor` of
+Input: a :class:`~jaxrec.sparse.KeyedJaggedTensor` holding every feature of
+the collection (any order; other keys are ignored, so one KJT can feed several
+collections). Output: a float32 :class:`~jaxrec.sparse.KeyedTensor` of
 [B, sum of feature dims], keys in the collection's feature order (tables in
-order, each table's ``feature_names`` in order). Bag b of feature f pools
-the rows of its ids: SUM, or MEAN (divided by the bag length); an empty bag
-gives zeros; per-sample weights (``is_weighted=True``) multiply the rows.
+order, each table's ``feature_names`` in order). A feature looked up by several
+tables gives one output per table, named ``feature@table`` as TorchRec names it.
+Bag b of feature f pools the rows of its ids: SUM, or MEAN (divided by the bag
+length); an empty bag gives zeros; per-sample weights (``is_weighted=True``)
+multiply the rows.
 
 TorchRec's example::
 
@@ -31,8 +34,9 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from jaxrec.configs import EmbeddingBagConfig
+from jaxrec.configs import EmbeddingBagConfig, embedding_names_by_table
 from jaxrec.modules.collection_base import CollectionMixin
 from jaxrec.modules.input_checks import check_features
 from jaxrec.ops.backend import BoundsCheckMode
@@ -58,7 +62,10 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
       backend: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"pallas"`` or ``"xla"``.
       bounds_check_mode: what an id outside its table does inside ``jit``
         (:class:`~jaxrec.ops.BoundsCheckMode`); outside ``jit`` it always raises.
-      output_dtype: dtype of the pooled output; default: the tables' dtype.
+      output_dtype: dtype of the pooled output; float32 by default whatever the tables'
+        dtype, as TorchRec's EBC; ``None``: the tables' dtype. Pooling accumulates in
+        float32 and rounds once, except that a MEAN with a 16-bit output rounds the sum
+        to that dtype before dividing, as torch's 16-bit ``EmbeddingBag`` does.
       data_parallel_axis: when the collection runs replicated inside ``shard_map`` with the
         batch split over this mesh axis, the fused backward gathers every replica's sparse
         row gradients and applies one identical update on each replica (tables stay equal).
@@ -76,7 +83,7 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
     table_optimizers: Mapping[str, Any] | None = None
     backend: str = "auto"
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
-    output_dtype: Any = None
+    output_dtype: Any = jnp.float32
     data_parallel_axis: str | None = None
     row_shard_axis: str | None = None
 
@@ -86,10 +93,17 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
 
     # TorchRec's accessors -------------------------------------------------
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The table configs (a table without ``feature_names`` reads its own name)."""
         return list(self.tables)
 
     def embedding_names_by_table(self) -> list[list[str]]:
-        return [list(t.feature_names) for t in self.tables]
+        """Per table, the output key of each of its features (``feature@table`` when the
+        feature is looked up by several tables)."""
+        return embedding_names_by_table(self.tables)
+
+    def embedding_names(self) -> list[str]:
+        """The output keys, in output order: :meth:`embedding_names_by_table` flattened."""
+        return [name for names in self.embedding_names_by_table() for name in names]
 
     # Lookup ---------------------------------------------------------------
     @nn.compact
@@ -98,7 +112,7 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
         check_features(plan, features, weighted=bool(self.is_weighted))
         out = self._lookup_groups(features, features.weights_or_none())
         return KeyedTensor(
-            keys=list(plan.feature_names),
+            keys=self.embedding_names(),
             length_per_key=[f.dim for f in plan.features],
             values=out,
         )

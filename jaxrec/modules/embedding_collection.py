@@ -1,10 +1,12 @@
 """EmbeddingCollection: one embedding row per id (no pooling), as TorchRec's.
 
-Input: a :class:`~jaxrec.sparse.KeyedJaggedTensor`. Output:
-``dict[feature, JaggedTensor]`` whose values are the [rows, dim] embeddings
-of that feature's ids, with the feature's lengths (and, with
+Input: a :class:`~jaxrec.sparse.KeyedJaggedTensor` holding every feature of
+the collection (other keys are ignored). Output: ``dict[name, JaggedTensor]``
+whose values are the float32 [rows, dim] embeddings of that feature's ids,
+with the feature's lengths (and, with
 ``need_indices=True``, the ids in the JaggedTensor's ``weights``, as TorchRec
-does). Eagerly each feature's values have exactly its number of ids; inside
+does). ``name`` is the feature, or ``feature@table`` for a feature that
+several tables look up (TorchRec's names). Eagerly each feature's values have exactly its number of ids; inside
 ``jit`` they have the KJT's static capacity, real rows first, zeros after.
 
 TorchRec's example::
@@ -32,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrec.configs import EmbeddingConfig
+from jaxrec.configs import EmbeddingConfig, embedding_names_by_table
 from jaxrec.modules.collection_base import CollectionMixin
 from jaxrec.modules.input_checks import check_features, is_concrete
 from jaxrec.ops.backend import BoundsCheckMode
@@ -58,7 +60,9 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
       tables: the :class:`~jaxrec.EmbeddingConfig` of each table.
       need_indices: also return each feature's ids (in the JaggedTensor's
         weights, as TorchRec). ``ec.need_indices()`` reads it back.
-      optimizer, table_optimizers, backend, bounds_check_mode, output_dtype,
+      output_dtype: dtype of the embeddings; float32 by default whatever the tables'
+        dtype, as TorchRec's EC; ``None``: the tables' dtype.
+      optimizer, table_optimizers, backend, bounds_check_mode,
         data_parallel_axis, row_shard_axis: as for
         :class:`~jaxrec.EmbeddingBagCollection`.
     """
@@ -71,7 +75,7 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
     table_optimizers: Mapping[str, Any] | None = None
     backend: str = "auto"
     bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
-    output_dtype: Any = None
+    output_dtype: Any = jnp.float32
     data_parallel_axis: str | None = None
     row_shard_axis: str | None = None
 
@@ -90,7 +94,9 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
         return dims[0]
 
     def embedding_names_by_table(self) -> list[list[str]]:
-        return [list(t.feature_names) for t in self.tables]
+        """Per table, the output key of each of its features (``feature@table`` when the
+        feature is looked up by several tables)."""
+        return embedding_names_by_table(self.tables)
 
     @nn.compact
     def __call__(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
@@ -105,14 +111,15 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
         batch = features.stride()
         lengths, values = features.lengths(), features.values()
         out: dict[str, JaggedTensor] = {}
-        for feature in plan.features:
+        names = [name for names in self.embedding_names_by_table() for name in names]
+        for feature, name in zip(plan.features, names, strict=True):
             k = keys.index(feature.name)
             start, end = bounds[k], bounds[k + 1]
             rows = _feature_rows(group_rows[feature.group], start, end, capacity, concrete)
             ids = None
             if self.need_indices:
                 ids = _feature_rows(values[:, None], start, end, capacity, concrete)[:, 0]
-            out[feature.name] = JaggedTensor(
+            out[name] = JaggedTensor(
                 values=rows, lengths=lengths[k * batch : (k + 1) * batch], weights=ids
             )
         return out

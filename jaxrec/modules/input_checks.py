@@ -37,17 +37,18 @@ def is_concrete(*arrays: jax.Array | None) -> bool:
 
 
 def check_keys(plan: LookupPlan, kjt: KeyedJaggedTensor) -> None:
-    """The KJT's keys must be exactly the collection's features (any order)."""
+    """The KJT must hold every feature of the collection, once; other keys are ignored."""
     keys = list(kjt.keys())
-    expected = plan.feature_names
-    unknown = [k for k in keys if k not in expected]
+    expected = tuple(dict.fromkeys(plan.feature_names))
     missing = [f for f in expected if f not in keys]
-    if unknown:
-        raise ValueError(
-            f"unknown feature keys {unknown}: this collection looks up {list(expected)}"
-        )
     if missing:
         raise ValueError(f"missing feature keys {missing}: the input has keys {keys}")
+    repeated = [f for f in expected if keys.count(f) > 1]
+    if repeated:
+        raise ValueError(
+            f"feature key {repeated[0]!r} appears {keys.count(repeated[0])} times in the input "
+            f"keys {keys}; a collection reads each feature from one key"
+        )
 
 
 def check_weighting(kjt: KeyedJaggedTensor, weighted: bool) -> None:
@@ -70,8 +71,10 @@ def check_ids(plan: LookupPlan, kjt: KeyedJaggedTensor) -> None:
     """Every id must lie in its feature's table (needs concrete values)."""
     values = np.asarray(kjt.values())
     bounds = kjt.offset_per_key()
-    for k, key in enumerate(kjt.keys()):
-        feature = next(f for f in plan.features if f.name == key)
+    keys = kjt.keys()
+    for feature in plan.features:
+        key = feature.name
+        k = keys.index(key)
         segment = values[bounds[k] : bounds[k + 1]]
         bad = np.flatnonzero((segment < 0) | (segment >= feature.num_rows))
         if bad.size:

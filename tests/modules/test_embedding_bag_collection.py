@@ -231,13 +231,18 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"feature 'f2' \(table 't2', 10 rows\): id -1"):
             self.run(kjt)
 
-    def test_unknown_and_missing_keys(self):
+    def test_missing_keys(self):
         kjt = KeyedJaggedTensor(keys=["f1", "zz"], values=jnp.array([0]), lengths=jnp.array([1, 0]))
-        with pytest.raises(ValueError, match=r"unknown feature keys \['zz'\]"):
-            self.run(kjt)
-        kjt = KeyedJaggedTensor(keys=["f1"], values=jnp.array([0]), lengths=jnp.array([1]))
         with pytest.raises(ValueError, match=r"missing feature keys \['f2'\]"):
             self.run(kjt)
+
+    def test_a_feature_repeated_in_the_input_is_refused(self):
+        a = KeyedJaggedTensor(
+            keys=["f1", "f2"], values=jnp.array([0, 1]), lengths=jnp.array([1, 1])
+        )
+        b = KeyedJaggedTensor(keys=["f2"], values=jnp.array([2]), lengths=jnp.array([1]))
+        with pytest.raises(ValueError, match="feature key 'f2' appears 2 times"):
+            self.run(KeyedJaggedTensor.concat([a, b]))
 
     def test_weights_on_unweighted_collection_and_the_reverse(self):
         kjt = KeyedJaggedTensor(
@@ -358,16 +363,62 @@ def test_ignore_bounds_mode_gives_zero_rows_and_counts_nothing():
     np.testing.assert_array_equal(np.asarray(kt.values()[0, 3:]), np.zeros(4))
 
 
-def test_output_dtype_selects_the_pooled_dtype():
+def test_16_bit_tables_pool_to_float32_by_default_and_output_dtype_overrides():
     from jaxrec import DataType
 
     tables = [bag("t", 8, 10, ["f"], data_type=DataType.BF16)]
     kjt = KeyedJaggedTensor(keys=["f"], values=jnp.array([1, 2, 3]), lengths=jnp.array([2, 1]))
-    plain = EmbeddingBagCollection(tables=tables)
-    wide = EmbeddingBagCollection(tables=tables, output_dtype=jnp.float32)
-    variables = plain.init(jax.random.key(0), kjt)
-    assert plain.apply(variables, kjt).values().dtype == jnp.bfloat16
+    wide = EmbeddingBagCollection(tables=tables)
+    narrow = EmbeddingBagCollection(tables=tables, output_dtype=None)
+    variables = wide.init(jax.random.key(0), kjt)
+    assert narrow.apply(variables, kjt).values().dtype == jnp.bfloat16
     out = wide.apply(variables, kjt).values()
     assert out.dtype == jnp.float32
-    w = np.asarray(plain.state_dict(variables)["embedding_bags.t.weight"], np.float32)
+    w = np.asarray(wide.state_dict(variables)["embedding_bags.t.weight"], np.float32)
     np.testing.assert_allclose(np.asarray(out), [w[1] + w[2], w[3]], rtol=1e-6)
+
+
+class TestInputTorchRecAccepts:
+    """Inputs a TorchRec model feeds its EBC, taken the same way."""
+
+    def test_extra_keys_are_ignored_and_order_is_free(self):
+        ebc, features = seed_example()
+        variables = ebc.init(jax.random.key(0), features)
+        wider = KeyedJaggedTensor(
+            keys=["x", "f2", "f1"],
+            values=jnp.array([9, 9, 3, 4, 5, 6, 7, 0, 1, 2]),
+            lengths=jnp.array([1, 0, 1, 1, 1, 3, 2, 0, 1]),
+        )
+        want = ebc.apply(variables, features).values()
+        np.testing.assert_array_equal(np.asarray(ebc.apply(variables, wider).values()), want)
+        jitted = jax.jit(ebc.apply)(variables, pad_to_capacity(wider, 16))
+        np.testing.assert_array_equal(np.asarray(jitted.values()), want)
+
+    def test_a_feature_in_two_tables_gives_feature_at_table_outputs(self):
+        tables = [bag("a", 2, 5, ["f", "g"]), bag("b", 3, 4, ["f"]), bag("c", 2, 6, ["h"])]
+        ebc = EmbeddingBagCollection(tables=tables)
+        assert ebc.embedding_names_by_table() == [["f@a", "g"], ["f@b"], ["h"]]
+        kjt = KeyedJaggedTensor(
+            keys=["h", "g", "f"], values=jnp.array([5, 1, 3, 0]), lengths=jnp.array([1, 1, 2])
+        )
+        variables = ebc.init(jax.random.key(0), kjt)
+        kt = ebc.apply(variables, kjt)
+        assert kt.keys() == ["f@a", "g", "f@b", "h"] and kt.length_per_key() == [2, 2, 3, 2]
+        sd = {k: np.asarray(v) for k, v in ebc.state_dict(variables).items()}
+        a, b, c = (sd[f"embedding_bags.{t}.weight"] for t in "abc")
+        np.testing.assert_allclose(np.asarray(kt["f@a"]), [a[3] + a[0]], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(kt["f@b"]), [b[3] + b[0]], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(kt["g"]), [a[1]], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(kt["h"]), [c[5]], rtol=1e-6)
+        with pytest.raises(ValueError, match=r"feature 'f' \(table 'b', 4 rows\): id 4"):
+            ebc.apply(
+                variables, KeyedJaggedTensor(["f", "g", "h"], jnp.array([4]), lengths=[1, 0, 0])
+            )
+
+    def test_a_table_without_feature_names_reads_its_own_name(self):
+        ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name="user", embedding_dim=2, num_embeddings=3)]
+        )
+        kjt = KeyedJaggedTensor(keys=["user"], values=jnp.array([2]), lengths=jnp.array([1]))
+        variables = ebc.init(jax.random.key(0), kjt)
+        assert ebc.apply(variables, kjt).keys() == ["user"]

@@ -110,3 +110,37 @@ def test_pallas_interpret_backend_matches_xla():
     a, b = ec.apply(variables, features), pallas.apply(variables, features)
     for key in a:
         np.testing.assert_array_equal(np.asarray(a[key].values()), np.asarray(b[key].values()))
+
+
+def test_a_feature_in_two_tables_gives_one_output_per_table_also_under_jit():
+    ec = EmbeddingCollection(tables=[table("a", 2, 5, ["f", "g"]), table("b", 2, 4, ["f"])])
+    assert ec.embedding_names_by_table() == [["f@a", "g"], ["f@b"]]
+    kjt = KeyedJaggedTensor(
+        keys=["x", "g", "f"], values=jnp.array([7, 1, 3, 0]), lengths=jnp.array([1, 1, 2])
+    )
+    variables = ec.init(jax.random.key(0), kjt)
+    sd = {k: np.asarray(v) for k, v in ec.state_dict(variables).items()}
+    eager = ec.apply(variables, kjt)
+    jitted = jax.jit(ec.apply)(variables, pad_to_capacity(kjt, 8))
+    assert list(eager) == ["f@a", "g", "f@b"] and set(jitted) == set(eager)
+    want = {
+        "f@a": sd["embeddings.a.weight"][[3, 0]],
+        "g": sd["embeddings.a.weight"][[1]],
+        "f@b": sd["embeddings.b.weight"][[3, 0]],
+    }
+    for name, rows in want.items():
+        np.testing.assert_array_equal(np.asarray(eager[name].values()), rows)
+        np.testing.assert_array_equal(np.asarray(jitted[name].values())[: len(rows)], rows)
+        assert eager[name].values().dtype == jnp.float32
+
+
+def test_16_bit_tables_give_float32_rows_by_default():
+    from jaxrec import DataType
+
+    t = EmbeddingConfig(name="t", embedding_dim=2, num_embeddings=3, data_type=DataType.FP16)
+    kjt = KeyedJaggedTensor(keys=["t"], values=jnp.array([2]), lengths=jnp.array([1]))
+    ec = EmbeddingCollection(tables=[t])
+    variables = ec.init(jax.random.key(0), kjt)
+    assert ec.apply(variables, kjt)["t"].values().dtype == jnp.float32
+    narrow = EmbeddingCollection(tables=[t], output_dtype=None)
+    assert narrow.apply(variables, kjt)["t"].values().dtype == jnp.float16

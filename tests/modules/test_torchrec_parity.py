@@ -1,10 +1,12 @@
 """Differential tests against TorchRec on the CPU (skipped where torchrec does not import)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrec import (
+    DataType,
     EmbeddingBagCollection,
     EmbeddingBagConfig,
     EmbeddingCollection,
@@ -110,3 +112,115 @@ def test_ec_matches_torchrec():
             np.asarray(got[key].values()), expected[key].values().detach().numpy(), rtol=1e-6
         )
         assert got[key].lengths().tolist() == expected[key].lengths().tolist()
+
+
+def _random_kjt(keys, rows, batch, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 6, len(keys) * batch)
+    values = np.concatenate(
+        [
+            rng.integers(0, rows[k], lengths[i * batch : (i + 1) * batch].sum())
+            for i, k in enumerate(keys)
+        ]
+    )
+    return values, lengths
+
+
+def _load_into_torchrec(theirs, ours, variables):
+    theirs.load_state_dict(
+        {k: torch.as_tensor(np.asarray(v)) for k, v in ours.state_dict(variables).items()}
+    )
+
+
+def test_ebc_shared_feature_unnamed_table_and_extra_keys_match_torchrec():
+    specs = [("a", 2, 6, ["f", "g"]), ("b", 3, 5, ["f"]), ("user", 2, 4, [])]
+    keys = ["x", "user", "g", "f"]  # "x" is looked up by no table
+    rows = {"x": 100, "user": 4, "g": 6, "f": 5}
+    values, lengths = _random_kjt(keys, rows, 3, seed=1)
+    ours = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=f)
+            for n, d, r, f in specs
+        ]
+    )
+    theirs = torchrec.EmbeddingBagCollection(
+        tables=[
+            torchrec.EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=f)
+            for n, d, r, f in specs
+        ]
+    )
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    variables = ours.init(jax.random.key(0), kjt)
+    _load_into_torchrec(theirs, ours, variables)
+    expected = theirs(_torch_kjt(keys, values, lengths))
+    got = ours.apply(variables, kjt)
+    assert got.keys() == expected.keys() == ["f@a", "g", "f@b", "user"]
+    assert got.length_per_key() == expected.length_per_key()
+    assert got.values().dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(got.values()), expected.values().detach().numpy(), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_ec_shared_feature_names_and_rows_match_torchrec():
+    specs = [("a", 2, 6, ["f", "g"]), ("b", 2, 5, ["f"])]
+    keys, rows = ["g", "f"], {"g": 6, "f": 5}
+    values, lengths = _random_kjt(keys, rows, 3, seed=2)
+    ours = EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=f)
+            for n, d, r, f in specs
+        ]
+    )
+    theirs = torchrec.EmbeddingCollection(
+        tables=[
+            torchrec.EmbeddingConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=f)
+            for n, d, r, f in specs
+        ]
+    )
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    variables = ours.init(jax.random.key(0), kjt)
+    _load_into_torchrec(theirs, ours, variables)
+    expected = theirs(_torch_kjt(keys, values, lengths))
+    got = ours.apply(variables, kjt)
+    assert list(got) == list(expected) == ["f@a", "g", "f@b"]
+    assert ours.embedding_names_by_table() == theirs.embedding_names_by_table()
+    for name in got:
+        np.testing.assert_array_equal(
+            np.asarray(got[name].values()), expected[name].values().detach().numpy()
+        )
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_fp16_tables_match_torchrec_in_float32_and_when_asked_for_fp16(pooling):
+    keys, rows = ["f"], {"f": 40}
+    values, lengths = _random_kjt(keys, rows, 64, seed=3)
+    lengths = lengths * 3  # long bags, so sums round
+    values = np.random.default_rng(4).integers(0, 40, lengths.sum())
+    config = dict(name="t", embedding_dim=16, num_embeddings=40, feature_names=["f"])
+    tables = [EmbeddingBagConfig(**config, pooling=pooling, data_type=DataType.FP16)]
+    ours, ours16 = (
+        EmbeddingBagCollection(tables=tables),
+        EmbeddingBagCollection(tables=tables, output_dtype=jnp.float16),
+    )
+    theirs = torchrec.EmbeddingBagCollection(
+        tables=[
+            torchrec.EmbeddingBagConfig(
+                **config,
+                pooling=getattr(torchrec.PoolingType, pooling.name),
+                data_type=torchrec.DataType.FP16,
+            )
+        ]
+    )
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    variables = ours.init(jax.random.key(0), kjt)
+    variables = jax.tree.map(lambda w: w * 8, variables)  # rows of size ~1: sums round in fp16
+    _load_into_torchrec(theirs, ours, variables)
+    expected = theirs(_torch_kjt(keys, values, lengths)).values().detach().numpy()
+    got = ours.apply(variables, kjt).values()
+    assert got.dtype == jnp.float32 and expected.dtype == np.float32
+    # TorchRec pools in fp16 and converts; jaxrec keeps the float32 sum: 1 fp16 ulp apart.
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=2**-10, atol=2**-14)
+    got16 = ours16.apply(variables, kjt).values()
+    assert got16.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(got16), expected.astype(np.float16))
