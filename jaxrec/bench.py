@@ -47,6 +47,15 @@ import numpy as np
 from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference
 from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
 
+from jaxrec.cli_options import (
+    OneLineParser,
+    available_memory,
+    check_memory,
+    comma_list,
+    positive_int,
+    writable_path,
+)
+
 DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 IMPLS = ("pallas", "xla-reference", "xla-naive", "torch")
 
@@ -663,60 +672,104 @@ def write_chart(results: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
+def estimated_bytes(
+    shape: BenchShape, dtype: str, *, ops: Sequence[str], impls: Sequence[str], in_jit_calls: int
+) -> int:
+    """About how much memory :func:`run_shape` takes for one shape and dtype.
+
+    Tables (twice with ``torch``, which keeps its own copy), up to ``max(8,
+    in_jit_calls)`` id sets of the mean total length, the pooled output, and the
+    sequence output when timed.
+
+    >>> estimated_bytes(SHAPES["tiny"], "fp32", ops=["pooled"], impls=["xla-reference"],
+    ...                 in_jit_calls=1) > 4 * (1000 * 16 + 500 * 32 + 1000 * 16 + 2000 * 32)
+    True
+    """
+    item = jnp.dtype(DTYPES[dtype]).itemsize
+    tables = sum(rows * dim for rows, dim in shape.tables) * item
+    copies = 2 if "torch" in impls else 1
+    ids = len(shape.tables) * shape.batch_size * shape.mean_len
+    id_sets = max(8, in_jit_calls) * (ids * 8 + (len(shape.tables) * shape.batch_size + 1) * 4)
+    columns = sum(dim for _, dim in shape.tables)
+    pooled = shape.batch_size * columns * 4 * copies
+    widest = max(dim for _, dim in shape.tables)
+    sequence = ids * widest * item * copies if "sequence" in ops else 0
+    return tables * copies + id_sets + pooled + sequence
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxrec bench", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="jaxrec bench", description=__doc__.split("\n")[0])
     p.add_argument(
         "--shapes",
+        type=comma_list(list(SHAPES)),
         default=None,
         help=f"comma list of {sorted(SHAPES)} (default: tiny on CPU, "
         "fbgemm-default,large,mixed-dim on GPU)",
     )
-    p.add_argument("--dtype", default="fp32", help="comma list of fp32, fp16, bf16")
+    p.add_argument(
+        "--dtype",
+        type=comma_list(list(DTYPES)),
+        default=["fp32"],
+        help="comma list of fp32, fp16, bf16",
+    )
     p.add_argument("--pooling", default="sum", choices=("sum", "mean"))
     p.add_argument("--weighted", action="store_true", help="use per-sample weights")
-    p.add_argument("--ops", default="pooled", help="comma list of pooled, sequence")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of implementations")
-    p.add_argument("--iters", type=int, default=20)
     p.add_argument(
-        "--rounds", type=int, default=1, help="passes over everything; report each median"
+        "--ops",
+        type=comma_list(["pooled", "sequence"]),
+        default=["pooled"],
+        help="comma list of pooled, sequence",
+    )
+    p.add_argument(
+        "--impls", type=comma_list(IMPLS), default=list(IMPLS), help="comma list of implementations"
+    )
+    p.add_argument("--iters", type=positive_int, default=20)
+    p.add_argument(
+        "--rounds", type=positive_int, default=1, help="passes over everything; report each median"
     )
     p.add_argument(
         "--in-jit-calls",
-        type=int,
+        type=positive_int,
         default=1,
         help="also time this many lookups inside one jitted call (device time, no dispatch)",
     )
     p.add_argument("--interpret", action="store_true", help="run the Pallas kernels interpreted")
-    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer size")
-    p.add_argument("--json", default=None, help="write results here")
-    p.add_argument("--chart", default=None, help="write a bar chart here (needs matplotlib)")
+    p.add_argument("--copy-mib", type=positive_int, default=None, help="copy-bandwidth buffer size")
+    p.add_argument("--json", type=writable_path, default=None, help="write results here")
+    p.add_argument(
+        "--chart",
+        type=writable_path,
+        default=None,
+        help="write a bar chart here (needs matplotlib)",
+    )
     return p
 
 
-def _split(value: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    for v in items:
-        if v not in allowed:
-            raise ValueError(f"unknown {what} {v!r}; choose from {list(allowed)}")
-    return items
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jaxrec bench``; prints a table and writes JSON / a chart if asked."""
-    args = _parser().parse_args(argv)
+    """Entry point of ``jaxrec bench``; prints a table and writes JSON / a chart if asked.
+
+    A bad option value, or sizes that do not fit in the free memory, end in one line
+    naming the option and exit status 2, before anything is allocated.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
-    shapes = _split(
-        args.shapes or ("fbgemm-default,large,mixed-dim" if on_gpu else "tiny"),
-        list(SHAPES),
-        "shape",
-    )
-    dtypes = _split(args.dtype, list(DTYPES), "dtype")
-    ops = _split(args.ops, ("pooled", "sequence"), "op")
-    impls = _split(args.impls, IMPLS, "impl")
+    shapes = args.shapes or (["fbgemm-default", "large", "mixed-dim"] if on_gpu else ["tiny"])
+    dtypes, ops, impls = args.dtype, args.ops, args.impls
+    available = available_memory()
+    for name, dtype in ((n, d) for n in shapes for d in dtypes):
+        need = estimated_bytes(
+            SHAPES[name], dtype, ops=ops, impls=impls, in_jit_calls=args.in_jit_calls
+        )
+        check_memory(
+            parser,
+            need,
+            f"--shapes {name} --dtype {dtype} --in-jit-calls {args.in_jit_calls}",
+            available,
+        )
     copy_mib = args.copy_mib or (1024 if on_gpu else 64)
+    check_memory(parser, 2 * copy_mib * 2**20, f"--copy-mib {copy_mib}", available)
     copy_gbps = copy_bandwidth(copy_mib * 2**20)
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     results = []
     for _, name, dtype in ((r, n, d) for r in range(args.rounds) for n in shapes for d in dtypes):
         results += run_shape(

@@ -13,33 +13,68 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jaxrec.train import EMBEDDING_OPTIMIZERS, TrainConfig, run_training
+from jaxrec.cli_options import (
+    OneLineParser,
+    check_memory,
+    positive_float,
+    positive_int,
+    seed,
+)
+from jaxrec.train import BACKENDS, DATA_TYPES, EMBEDDING_OPTIMIZERS, TrainConfig, run_training
+
+_SIZES = ("steps", "batch_size", "num_tables", "num_rows", "dim", "eval_batches", "log_every")
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser("train", help="train a DLRM on synthetic click data")
     defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=list(value))
-        elif f.name == "embedding_optimizer":
-            parser.add_argument(flag, choices=sorted(EMBEDDING_OPTIMIZERS), default=value)
-        elif f.name == "data_type":
-            parser.add_argument(flag, choices=["FP32", "FP16", "BF16"], default=value)
-        elif f.name == "backend":
-            parser.add_argument(flag, choices=["auto", "pallas", "xla"], default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
+    for name in _SIZES:
+        parser.add_argument(_flag(name), type=positive_int, default=getattr(defaults, name))
+    for name in ("embedding_lr", "dense_lr"):
+        parser.add_argument(_flag(name), type=positive_float, default=getattr(defaults, name))
+    parser.add_argument("--seed", type=seed, default=defaults.seed)
+    for name in ("bottom_mlp", "top_mlp"):
+        parser.add_argument(
+            _flag(name), type=positive_int, nargs="+", default=list(getattr(defaults, name))
+        )
+    for name, choices in (
+        ("embedding_optimizer", sorted(EMBEDDING_OPTIMIZERS)),
+        ("data_type", DATA_TYPES),
+        ("backend", BACKENDS),
+    ):
+        parser.add_argument(_flag(name), choices=choices, default=getattr(defaults, name))
+    return parser
 
 
-def train_main(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+def _train_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The run's config, or one line naming the bad option and exit status 2."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    config = TrainConfig(**values)
+    if values["top_mlp"][-1] != 1:
+        parser.error(
+            "argument --top-mlp: expected sizes ending in 1 (the click logit), got "
+            + " ".join(map(str, values["top_mlp"]))
+        )
+    try:
+        config = TrainConfig(**values)
+    except ValueError as error:
+        parser.error(str(error))
+    check_memory(
+        parser,
+        config.estimated_bytes(),
+        f"--num-tables {config.num_tables} --num-rows {config.num_rows} --dim {config.dim} "
+        f"--batch-size {config.batch_size}",
+    )
+    return config
+
+
+def train_main(config: TrainConfig) -> int:
+    from tqdm.auto import tqdm
+
     print(
         f"DLRM on synthetic clicks: {config.num_tables} tables x {config.num_rows} rows x "
         f"dim {config.dim} ({config.data_type}), batch {config.batch_size}, "
@@ -64,9 +99,9 @@ def train_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxrec", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="jaxrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     sub.add_parser("bench", help="time the lookup kernels against their peers", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
@@ -74,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench.main(rest)
     if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return train_main(args)
+        train_parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return train_main(_train_config(train_parser, args))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ backward pass; the dense layers by an optax optimizer through
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from jaxrec.configs import DataType, EmbeddingBagConfig
 from jaxrec.data.synthetic import Batch, SyntheticClickData
 from jaxrec.models.dlrm import DLRM
 
+DATA_TYPES = ("FP32", "FP16", "BF16")
+BACKENDS = ("auto", "pallas", "xla")
 EMBEDDING_OPTIMIZERS: dict[str, Callable[..., optim.SparseOptimizer]] = {
     "exact_sgd": optim.exact_sgd,
     "exact_adagrad": optim.exact_adagrad,
@@ -66,9 +69,45 @@ class TrainConfig:
                 f"unknown embedding_optimizer {self.embedding_optimizer!r}; "
                 f"choose one of {sorted(EMBEDDING_OPTIMIZERS)}"
             )
-        for name in ("steps", "batch_size", "num_tables", "num_rows", "dim", "log_every"):
+        for name, allowed in (("data_type", DATA_TYPES), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}"
+                )
+        positive = ("steps", "batch_size", "num_tables", "num_rows", "dim")
+        for name in (*positive, "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("embedding_lr", "dense_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("bottom_mlp", "top_mlp"):
+            sizes = getattr(self, name)
+            if not sizes or any(size <= 0 for size in sizes):
+                raise ValueError(f"{name} must be one or more sizes >= 1, got {sizes}")
+        if self.top_mlp[-1] != 1:
+            raise ValueError(f"top_mlp must end in 1 (the click logit), got {self.top_mlp}")
+
+    def estimated_bytes(self) -> int:
+        """About how much memory a run takes: tables, their optimizer state, the
+        synthetic data's hidden per-id scores, one batch and its activations.
+
+        >>> TrainConfig(num_tables=2, num_rows=1000, dim=8).estimated_bytes() > 2 * 1000 * 8 * 4
+        True
+        """
+        itemsize = {"FP32": 4, "FP16": 2, "BF16": 2}[self.data_type]
+        rows = self.num_tables * self.num_rows
+        optimizer = EMBEDDING_OPTIMIZERS[self.embedding_optimizer](learning_rate=self.embedding_lr)
+        state_per_row = sum(leaf.nbytes for leaf in optimizer.init(1, self.dim).values())
+        tables = rows * (self.dim * itemsize + state_per_row)
+        hidden = rows * 8 + self.num_rows * 24  # float64 scores, ranks, popularity, cdf
+        widest = max(self.dim, *self.bottom_mlp, *self.top_mlp)
+        features = self.num_tables * SyntheticClickData.max_length
+        batch = self.batch_size * (features * 4 + 4 * widest * (self.num_tables + 2) * 4)
+        return tables + hidden + batch
 
 
 @dataclass
