@@ -59,6 +59,18 @@ def _infer_stride(num_keys: int, num_lengths: int, stride: int | None) -> int:
     return num_lengths // num_keys
 
 
+def _refuse_repeated(keys: tuple[str, ...]) -> None:
+    """ValueError naming the first key that appears twice."""
+    seen: set[str] = set()
+    for k in keys:
+        if k in seen:
+            raise ValueError(
+                f"key {k!r} appears more than once in keys {list(keys)}; each key holds one "
+                "feature (KeyedJaggedTensor.concat and permute may repeat keys on purpose)"
+            )
+        seen.add(k)
+
+
 def validate_kjt(kjt: KeyedJaggedTensor) -> None:
     """Check a KJT's invariants; raise ValueError naming the offending key, bag and value.
 
@@ -145,6 +157,7 @@ class KeyedJaggedTensor:
         stride: int | None = None,
     ) -> None:
         keys = _as_keys(keys)
+        _refuse_repeated(keys)
         values = _as_int32(values, "values")
         if values.ndim != 1:
             raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
@@ -233,6 +246,7 @@ class KeyedJaggedTensor:
         [0, 0, 0, 0]
         """
         keys = _as_keys(keys)
+        _refuse_repeated(keys)
         if stride < 0 or capacity < 0:
             raise ValueError(f"stride and capacity must be >= 0, got {stride} and {capacity}")
         weights = jnp.zeros((capacity,), weights_dtype) if is_weighted else None
@@ -242,6 +256,25 @@ class KeyedJaggedTensor:
             jnp.zeros((capacity,), jnp.int32),
             jnp.zeros((len(keys) * stride,), jnp.int32),
             weights,
+        )
+
+    @staticmethod
+    def empty_like(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """A KJT with no keys and no values, with ``kjt``'s stride and dtypes (TorchRec's).
+
+        >>> import numpy as np
+        >>> kjt = KeyedJaggedTensor(["a"], np.array([1, 2]), lengths=np.array([1, 1]))
+        >>> e = KeyedJaggedTensor.empty_like(kjt)
+        >>> e.keys(), e.stride(), e.capacity()
+        ([], 2, 0)
+        """
+        weights = kjt.weights_or_none()
+        return KeyedJaggedTensor._make(
+            (),
+            kjt.stride(),
+            jnp.zeros((0,), kjt.values().dtype),
+            jnp.zeros((0,), kjt.lengths().dtype),
+            None if weights is None else jnp.zeros((0,), weights.dtype),
         )
 
     @staticmethod
@@ -331,6 +364,44 @@ class KeyedJaggedTensor:
         """int32 [F * B + 1]: ``concat([0], cumsum(lengths))``."""
         return _offsets_of(self._lengths)
 
+    def lengths_or_none(self) -> jax.Array:
+        """The lengths (always held, so never None; TorchRec's name for ported code)."""
+        return self._lengths
+
+    def offsets_or_none(self) -> jax.Array:
+        """The offsets (always computable, so never None; TorchRec's name for ported code)."""
+        return self.offsets()
+
+    def length_per_key_or_none(self) -> list[int] | None:
+        """:meth:`length_per_key` where the lengths are on the host; None under tracing
+        (never a host sync inside ``jit``)."""
+        return None if _is_traced(self._lengths) else self.length_per_key()
+
+    def offset_per_key_or_none(self) -> list[int] | None:
+        """:meth:`offset_per_key` where the lengths are on the host; None under tracing."""
+        return None if _is_traced(self._lengths) else self.offset_per_key()
+
+    def index_per_key(self) -> dict[str, int]:
+        """``{key: position in keys()}``; a repeated key maps to its last position, as in
+        TorchRec.
+
+        >>> import numpy as np
+        >>> a = KeyedJaggedTensor(["a", "b"], np.array([1, 2]), lengths=np.array([1, 1]))
+        >>> KeyedJaggedTensor.concat([a, a.split([1, 1])[0]]).index_per_key()
+        {'a': 2, 'b': 1}
+        """
+        return {k: i for i, k in enumerate(self._keys)}
+
+    def lengths_offset_per_key(self) -> list[int]:
+        """Start of each key's bags in ``lengths()``, then the total: ``[0, B, 2B, ..., F*B]``."""
+        return [i * self._stride for i in range(len(self._keys) + 1)]
+
+    def flatten_lengths(self) -> KeyedJaggedTensor:
+        """This KJT with 1-D lengths; jaxrec's lengths are always 1-D, so the same data."""
+        return KeyedJaggedTensor._make(
+            self._keys, self._stride, self._values, self._lengths, self._weights
+        )
+
     def stride(self) -> int:
         """The batch size B (static)."""
         return self._stride
@@ -372,9 +443,10 @@ class KeyedJaggedTensor:
         return np.asarray(self._lengths).reshape(len(self._keys), self._stride)
 
     def _key_index(self, key: str) -> int:
+        """Position of ``key``; the last one for a repeated key (TorchRec's rule)."""
         if key not in self._keys:
             raise ValueError(f"unknown key {key!r}; known keys: {list(self._keys)}")
-        return self._keys.index(key)
+        return len(self._keys) - 1 - self._keys[::-1].index(key)
 
     # reorganisation ---------------------------------------------------------------------
     def _select(self, indices: Sequence[int], traced_capacity: int) -> KeyedJaggedTensor:
@@ -402,7 +474,8 @@ class KeyedJaggedTensor:
         return JaggedTensor._make(piece.values(), piece.lengths(), piece.weights_or_none())
 
     def to_dict(self) -> dict[str, JaggedTensor]:
-        """``{key: self[key]}`` for every key (the first one wins for a repeated key)."""
+        """``{key: self[key]}`` for every key. A repeated key keeps its first place in the
+        dict and the bags of its last occurrence, as in TorchRec."""
         return {k: self[k] for k in dict.fromkeys(self._keys)}
 
     def split(self, segments: Sequence[int]) -> list[KeyedJaggedTensor]:
@@ -425,11 +498,13 @@ class KeyedJaggedTensor:
             for i in range(len(segments))
         ]
 
-    def permute(self, indices: Sequence[int]) -> KeyedJaggedTensor:
+    def permute(self, indices: Sequence[int], indices_tensor: Any = None) -> KeyedJaggedTensor:
         """KJT with keys ``[keys[i] for i in indices]`` (repeats allowed) and their bags.
 
         Eagerly the result is exact-size; under jit its capacity is the input's capacity times
-        the largest number of times an index repeats.
+        the largest number of times an index repeats. ``indices_tensor`` (TorchRec's device
+        copy of ``indices``) is accepted; the static ``indices`` decide, and a concrete
+        ``indices_tensor`` that differs from them is a ValueError.
 
         >>> import numpy as np
         >>> kjt = KeyedJaggedTensor(["a", "b"], np.array([1, 2, 3]), lengths=np.array([1, 2]))
@@ -437,6 +512,10 @@ class KeyedJaggedTensor:
         [2, 3, 1]
         """
         indices = [int(i) for i in indices]
+        if indices_tensor is not None and not _is_traced(indices_tensor):
+            given = np.asarray(indices_tensor).reshape(-1).tolist()
+            if given != indices:
+                raise ValueError(f"indices_tensor {given} differs from indices {indices}")
         for i in indices:
             if not 0 <= i < len(self._keys):
                 raise ValueError(

@@ -106,22 +106,32 @@ class KeyedTensor:
             self._values, start, start + self._length_per_key[i], axis=self._key_dim
         )
 
+    def index_per_key(self) -> dict[str, int]:
+        """``{key: position}``; a repeated key maps to its last position, as in TorchRec."""
+        return {k: i for i, k in enumerate(self._keys)}
+
     def __getitem__(self, key: str) -> jax.Array:
-        """The tensor of ``key`` (e.g. ``[B, dim]``)."""
-        if key not in self._keys:
+        """The tensor of ``key`` (e.g. ``[B, dim]``); the last one for a repeated key."""
+        index = self.index_per_key()
+        if key not in index:
             raise ValueError(f"unknown key {key!r}; known keys: {list(self._keys)}")
-        return self._slice(self._keys.index(key))
+        return self._slice(index[key])
 
     def to_dict(self) -> dict[str, jax.Array]:
-        """``{key: self[key]}`` for every key."""
-        return {k: self[k] for k in self._keys}
+        """``{key: self[key]}`` for every key (a repeated key: first place, last tensor)."""
+        return {k: self._slice(i) for k, i in self.index_per_key().items()}
 
     # constructors and regrouping --------------------------------------------------------
     @staticmethod
     def from_tensor_list(
-        keys: Sequence[str], tensors: Sequence[Any], key_dim: int = 1
+        keys: Sequence[str], tensors: Sequence[Any], key_dim: int = 1, cat_dim: int | None = None
     ) -> KeyedTensor:
-        """KeyedTensor of ``tensors`` (one per key) concatenated along ``key_dim``.
+        """KeyedTensor of ``tensors`` (one per key) concatenated along ``cat_dim``.
+
+        As in TorchRec, each key's length is its tensor's size along ``key_dim``, so
+        ``cat_dim`` must be ``key_dim`` (its default here) or there must be one tensor:
+        concatenating along another dimension would give keys that do not tile ``values``
+        (a ValueError).
 
         >>> import jax.numpy as jnp
         >>> kt = KeyedTensor.from_tensor_list(["a", "b"], [jnp.ones((4, 2)), jnp.zeros((4, 3))])
@@ -131,6 +141,15 @@ class KeyedTensor:
         tensors = [jnp.asarray(t) for t in tensors]
         if not tensors or len(tensors) != len(keys):
             raise ValueError(f"need one tensor per key: {len(keys)} keys, {len(tensors)} tensors")
+        ndim = tensors[0].ndim
+        cat_dim = key_dim if cat_dim is None else cat_dim
+        if len(tensors) > 1 and not (
+            -ndim <= cat_dim < ndim and -ndim <= key_dim < ndim and cat_dim % ndim == key_dim % ndim
+        ):
+            raise ValueError(
+                f"cat_dim {cat_dim} differs from key_dim {key_dim}: the keys' lengths are "
+                f"along key_dim, so {len(tensors)} tensors must be concatenated along it"
+            )
         _check_same_shape_but(tensors, key_dim, list(keys))
         return KeyedTensor(
             keys,
@@ -144,7 +163,8 @@ class KeyedTensor:
         keyed_tensors: Sequence[KeyedTensor], groups: Sequence[Sequence[str]]
     ) -> list[jax.Array]:
         """For each group, the tensors of its keys (found in any of ``keyed_tensors``)
-        concatenated along the shared ``key_dim``.
+        concatenated along the shared ``key_dim``. A key held more than once resolves to
+        its last occurrence (the last KeyedTensor holding it), as in TorchRec.
 
         >>> import jax.numpy as jnp
         >>> kt1 = KeyedTensor(["a", "b"], [1, 2], jnp.ones((2, 3)))
@@ -158,10 +178,7 @@ class KeyedTensor:
         key_dims = [kt.key_dim() for kt in keyed_tensors]
         if len(set(key_dims)) != 1:
             raise ValueError(f"regroup needs one key_dim for all KeyedTensors, got {key_dims}")
-        owner: dict[str, tuple[KeyedTensor, int]] = {}
-        for kt in keyed_tensors:
-            for i, k in enumerate(kt.keys()):
-                owner.setdefault(k, (kt, i))
+        owner = {k: (kt, i) for kt in keyed_tensors for k, i in kt.index_per_key().items()}
         out = []
         for group in groups:
             if isinstance(group, str) or not group:

@@ -192,3 +192,17 @@ def test_from_dense_rejects_mismatched_weights_and_from_dense_lengths_long_bags(
         JaggedTensor.from_dense([np.arange(2)], [np.ones(1)])
     with pytest.raises(ValueError, match=r"lengths\[1\] = 4 is outside \[0, 3\]"):
         JaggedTensor.from_dense_lengths(np.zeros((2, 3), np.int32), np.array([1, 4]))
+
+
+def test_torchrec_members_lengths_offsets_or_none_empty_and_empty_like():
+    jt = JaggedTensor(jnp.array([1, 2, 3]), lengths=jnp.array([2, 1]), weights=jnp.ones(3))
+    assert jt.lengths_or_none().tolist() == [2, 1] and jt.offsets_or_none().tolist() == [0, 2, 3]
+    e = JaggedTensor.empty(is_weighted=True, values_dtype=jnp.int32)
+    assert e.values().shape == (0,) and e.values().dtype == jnp.int32
+    assert e.lengths().shape == (0,) and e.weights().dtype == jnp.float32
+    assert JaggedTensor.empty().weights_or_none() is None
+    with pytest.raises(ValueError, match="lengths are stored as int32"):
+        JaggedTensor.empty(lengths_dtype=jnp.int64)
+    like = JaggedTensor.empty_like(jt)
+    assert like.values().dtype == jnp.int32 and like.values().shape == (0,)
+    assert like.weights().dtype == jt.weights().dtype and like.lengths().shape == (0,)

@@ -430,3 +430,73 @@ def test_validate_kjt_rejects_a_kjt_built_around_the_constructor(make_bags):
     too_long = np.full_like(bad_lengths, 10)
     with pytest.raises(ValueError, match=rf"lengths sum to 60, more than the {kjt.capacity()}"):
         validate_kjt(jax.tree.unflatten(treedef, [kjt.values(), jnp.asarray(too_long)]))
+
+
+class TestTorchRecMembers:
+    """Members a TorchRec port calls, with TorchRec's meaning."""
+
+    def test_repeated_keys_are_refused_at_construction_with_the_key_named(self):
+        with pytest.raises(ValueError, match="key 'a' appears more than once"):
+            KeyedJaggedTensor(["a", "b", "a"], np.arange(3), lengths=np.ones(3, int))
+        with pytest.raises(ValueError, match="key 'b' appears more than once"):
+            KeyedJaggedTensor.empty(keys=["b", "b"], stride=1)
+
+    def test_lengths_offsets_and_per_key_members(self):
+        kjt = _worked_example()
+        assert kjt.lengths_or_none().tolist() == [2, 0, 1, 1, 1, 3]
+        assert kjt.offsets_or_none().tolist() == [0, 2, 2, 3, 4, 5, 8]
+        assert kjt.length_per_key_or_none() == [3, 5]
+        assert kjt.offset_per_key_or_none() == [0, 3, 8]
+        assert kjt.index_per_key() == {"f1": 0, "f2": 1}
+        assert kjt.lengths_offset_per_key() == [0, 3, 6]
+        flat = kjt.flatten_lengths()
+        assert flat.keys() == kjt.keys() and flat.lengths().tolist() == kjt.lengths().tolist()
+
+    def test_per_key_lists_are_none_under_jit_instead_of_a_host_sync(self):
+        def f(kjt):
+            assert kjt.length_per_key_or_none() is None
+            assert kjt.offset_per_key_or_none() is None
+            return kjt.offsets_or_none()
+
+        assert jax.jit(f)(_worked_example()).tolist() == [0, 2, 2, 3, 4, 5, 8]
+
+    def test_empty_like_keeps_stride_and_dtypes(self):
+        kjt = KeyedJaggedTensor(["a"], np.array([1, 2]), lengths=[1, 1], weights=[0.5, 1.5])
+        e = KeyedJaggedTensor.empty_like(kjt)
+        assert (e.keys(), e.stride(), e.capacity()) == ([], 2, 0)
+        assert e.weights().dtype == kjt.weights().dtype and e.values().dtype == jnp.int32
+
+    def test_permute_takes_indices_tensor(self):
+        kjt = _worked_example()
+        out = kjt.permute([1, 0], indices_tensor=jnp.array([1, 0]))
+        assert out.keys() == ["f2", "f1"] and out.values().tolist() == [3, 4, 5, 6, 7, 0, 1, 2]
+        with pytest.raises(ValueError, match=r"indices_tensor \[0, 1\] differs"):
+            kjt.permute([1, 0], indices_tensor=np.array([0, 1]))
+
+    def test_a_key_repeated_by_concat_resolves_to_its_last_occurrence_as_torchrec(self):
+        a = KeyedJaggedTensor(["x", "y"], np.array([1, 2, 3]), lengths=[1, 2])
+        b = KeyedJaggedTensor(["x"], np.array([7, 8, 9]), lengths=[3])
+        kjt = KeyedJaggedTensor.concat([a, b])
+        assert kjt.keys() == ["x", "y", "x"] and kjt.index_per_key() == {"x": 2, "y": 1}
+        assert kjt["x"].values().tolist() == [7, 8, 9]
+        assert list(kjt.to_dict()) == ["x", "y"]
+        assert kjt.to_dict()["x"].values().tolist() == [7, 8, 9]
+        jitted = jax.jit(lambda k: k["x"].values())(kjt)
+        assert jitted.tolist()[:3] == [7, 8, 9]
+        torch = pytest.importorskip("torch")
+        torchrec = pytest.importorskip("torchrec")
+
+        def theirs(k):
+            return torchrec.KeyedJaggedTensor(
+                keys=k.keys(),
+                values=torch.as_tensor(np.asarray(k.values())),
+                lengths=torch.as_tensor(np.asarray(k.lengths())),
+            )
+
+        ref = torchrec.KeyedJaggedTensor.concat([theirs(a), theirs(b)])
+        assert ref.keys() == kjt.keys() and ref.index_per_key() == kjt.index_per_key()
+        assert ref["x"].values().tolist() == kjt["x"].values().tolist()
+        assert {k: v.values().tolist() for k, v in ref.to_dict().items()} == {
+            k: v.values().tolist() for k, v in kjt.to_dict().items()
+        }
+        assert ref.lengths_offset_per_key() == kjt.lengths_offset_per_key()

@@ -115,3 +115,32 @@ def test_regroup_rejects_mixed_key_dims_and_group_key_count_mismatch():
 def test_from_tensor_list_rejects_mismatched_batch_shapes():
     with pytest.raises(ValueError, match=r"key 'b' has shape \(3, 2\)"):
         KeyedTensor.from_tensor_list(["a", "b"], [jnp.zeros((2, 1)), jnp.zeros((3, 2))])
+
+
+def test_from_tensor_list_takes_cat_dim_equal_to_key_dim():
+    kt = KeyedTensor.from_tensor_list(["a", "b"], [jnp.ones((2, 1)), jnp.zeros((2, 3))], cat_dim=1)
+    assert kt.length_per_key() == [1, 3] and kt.values().shape == (2, 4)
+    one = KeyedTensor.from_tensor_list(["a"], [jnp.ones((2, 3))], key_dim=1, cat_dim=0)
+    assert one.values().shape == (2, 3)
+    with pytest.raises(ValueError, match="cat_dim 0 differs from key_dim 1"):
+        KeyedTensor.from_tensor_list(["a", "b"], [jnp.ones((2, 3))] * 2, key_dim=1, cat_dim=0)
+
+
+def test_a_repeated_key_resolves_to_its_last_occurrence_as_torchrec():
+    values = np.arange(12.0, dtype=np.float32).reshape(2, 6)
+    kt1 = KeyedTensor(["a", "b", "a"], [1, 2, 3], jnp.asarray(values))
+    kt2 = KeyedTensor(["b"], [1], jnp.asarray(values[:, :1] + 100))
+    assert kt1["a"].tolist() == values[:, 3:].tolist()
+    assert list(kt1.to_dict()) == ["a", "b"] and kt1.to_dict()["a"].shape == (2, 3)
+    groups = [["a", "b"], ["b"]]
+    got = KeyedTensor.regroup([kt1, kt2], groups)
+    torch = pytest.importorskip("torch")
+    torchrec = pytest.importorskip("torchrec")
+    t1 = torchrec.KeyedTensor(["a", "b", "a"], [1, 2, 3], torch.as_tensor(values))
+    t2 = torchrec.KeyedTensor(["b"], [1], torch.as_tensor(values[:, :1] + 100))
+    assert t1["a"].tolist() == kt1["a"].tolist()
+    assert {k: v.tolist() for k, v in t1.to_dict().items()} == {
+        k: v.tolist() for k, v in kt1.to_dict().items()
+    }
+    for ours, theirs in zip(got, torchrec.KeyedTensor.regroup([t1, t2], groups), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
