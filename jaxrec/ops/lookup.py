@@ -53,6 +53,7 @@ from jaxrec_kernels.sparse_update import (
     skips_nonfinite,
     sparse_row_gradients,
 )
+from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
 
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
 from jaxrec.ops.plan import LookupPlan
@@ -375,17 +376,44 @@ def _lookup_fwd(spec: LookupSpec, params: tuple, ids, offsets, weights):
     return _forward(spec, params, ids, offsets, weights), (params, ids, offsets, weights)
 
 
+def _weights_cotangent(spec: LookupSpec, params: tuple, views, grad_out, offsets, weights):
+    """The gradient of a pooled lookup w.r.t. its per-sample weights, every group summed.
+
+    Each group reads its table as the forward saw it (a fused group's residual, before this
+    step's update). Row-sharded: each device adds its rows' part and the parts are summed
+    over the axis. A sequence lookup does not read the weights: zeros.
+    """
+    if not spec.pooled:
+        return jnp.zeros_like(weights)
+    total = None
+    for (group, group_ids, _), param in zip(views, params, strict=True):
+        kwargs = {"batch_size": spec.batch_size, "pooling": group.pooling, "out": total}
+        if spec.backend == "pallas":
+            fn = functools.partial(weight_gradient, interpret=spec.interpret)
+        else:
+            fn = weight_gradient_reference
+        total = fn(_weight(param), group_ids, offsets, grad_out, group.features, **kwargs)
+    if spec.row_shards > 1:
+        total = jax.lax.psum(total, spec.row_shard_axis)
+    return total.astype(weights.dtype)
+
+
 def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     params, ids, offsets, weights = residuals
     grad_out, _ = cotangents
-    grads = []
     views = _group_views(spec, params, ids, offsets)
+    weights_grad = None
+    if weights is not None:
+        weights_grad = _weights_cotangent(spec, params, views, grad_out, offsets, weights)
+        # The weight gradient reads the tables before the fused updates overwrite them in
+        # place: order it first (XLA drops both when the weights are not differentiated).
+        weights_grad, params = jax.lax.optimization_barrier((weights_grad, params))
+    grads = []
     for g, ((group, group_ids, _), param) in enumerate(zip(views, params, strict=True)):
         group_grad_out = grad_out if spec.pooled else grad_out[g]
         grads.append(
             _group_cotangent(spec, group, param, group_grad_out, group_ids, offsets, weights)
         )
-    weights_grad = None if weights is None else jnp.zeros_like(weights)
     return tuple(grads), None, None, weights_grad
 
 
@@ -415,8 +443,9 @@ def lookup(
         :class:`~jaxrec.optim.FusedTableParams` when its optimizer is fused.
       ids: KJT values [capacity] (only the first ``offsets[-1]`` are read).
       offsets: KJT offsets [F * B + 1].
-      weights: per-sample weights [capacity] or None. They scale the rows;
-        they are not differentiated (their cotangent is zero).
+      weights: per-sample weights [capacity] or None. They scale the rows. Pooled: their
+        cotangent is ``<row_i, grad_bag>`` (divided by the bag length under MEAN; zero
+        for padding and bad ids), as FBGEMM's; sequence lookups do not read them (zero).
 
     Returns:
       ``(out, bad_count)``: pooled: out [B, sum of dims] in the

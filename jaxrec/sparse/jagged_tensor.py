@@ -275,6 +275,53 @@ class JaggedTensor:
         """int32 [B + 1]: ``concat([0], cumsum(lengths))``."""
         return _offsets_of(self._lengths)
 
+    def lengths_or_none(self) -> jax.Array:
+        """The lengths (always held, so never None; TorchRec's name for ported code)."""
+        return self._lengths
+
+    def offsets_or_none(self) -> jax.Array:
+        """The offsets (always computable, so never None; TorchRec's name for ported code)."""
+        return self.offsets()
+
+    @staticmethod
+    def empty(
+        is_weighted: bool = False,
+        values_dtype: Any = None,
+        weights_dtype: Any = None,
+        lengths_dtype: Any = jnp.int32,
+    ) -> JaggedTensor:
+        """A JaggedTensor of no bags and no values (TorchRec's; dtypes default to float32,
+        and lengths are int32 as everywhere in jaxrec).
+
+        >>> JaggedTensor.empty(is_weighted=True).lengths().shape
+        (0,)
+        """
+        if jnp.dtype(lengths_dtype) != jnp.int32:
+            raise ValueError(f"lengths are stored as int32, got lengths_dtype {lengths_dtype}")
+        values_dtype = jnp.float32 if values_dtype is None else values_dtype
+        weights_dtype = jnp.float32 if weights_dtype is None else weights_dtype
+        weights = jnp.zeros((0,), weights_dtype) if is_weighted else None
+        return JaggedTensor._make(
+            jnp.zeros((0,), values_dtype), jnp.zeros((0,), jnp.int32), weights
+        )
+
+    @staticmethod
+    def empty_like(jt: JaggedTensor) -> JaggedTensor:
+        """A JaggedTensor of no bags and no rows, with ``jt``'s dtypes and row shape.
+
+        >>> import jax.numpy as jnp
+        >>> rows = JaggedTensor(jnp.ones((3, 4), jnp.bfloat16), lengths=jnp.array([1, 2]))
+        >>> e = JaggedTensor.empty_like(rows)
+        >>> e.values().shape, e.values().dtype, e.lengths().shape
+        ((0, 4), dtype(bfloat16), (0,))
+        """
+        values, weights = jt.values(), jt.weights_or_none()
+        return JaggedTensor._make(
+            jnp.zeros((0, *values.shape[1:]), values.dtype),
+            jnp.zeros((0,), jt.lengths().dtype),
+            None if weights is None else jnp.zeros((0,), weights.dtype),
+        )
+
     def weights(self) -> jax.Array:
         """Per-row weights; ValueError when this JaggedTensor has none."""
         if self._weights is None:

@@ -492,3 +492,225 @@ def test_a_weight_tied_table_takes_the_unfused_path_beside_fused_ones():
 def test_table_optimizers_naming_an_unknown_table_is_refused():
     with pytest.raises(ValueError, match=r"table_optimizers names unknown tables \['zz'\]"):
         two_tables(optimizer=jaxrec.optim.exact_sgd(), table_optimizers={"zz": None})
+
+
+# Per-sample weight gradients ---------------------------------------------------------------
+
+WG_TABLES_ROWS = {"a": 9, "b": 6, "c": 7}
+
+
+def weight_grad_tables(pooling):
+    """Three tables in two groups of mixed dims (4, 3), feature fa read by two tables."""
+
+    def table(name, dim, features):
+        return EmbeddingBagConfig(
+            name=name,
+            embedding_dim=dim,
+            num_embeddings=WG_TABLES_ROWS[name],
+            feature_names=features,
+            pooling=pooling,
+        )
+
+    return [table("a", 4, ["fa", "fb"]), table("b", 3, ["fc"]), table("c", 4, ["fd"])]
+
+
+WG_KEYS, WG_ROWS = ["fa", "fb", "fc", "fd"], [7, 9, 6, 7]
+WG_TABLE_OF = {"fa": "a", "fb": "a", "fc": "b", "fd": "c"}
+
+
+def plain_pooled(tables_by_name, kjt, weights, pooling):
+    """The weighted pooled output written with a plain gather and ``segment_sum``."""
+    values = np.asarray(kjt.values())
+    lengths = np.asarray(kjt.lengths()).reshape(len(kjt.keys()), kjt.stride())
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    outs = []
+    for k, key in enumerate(kjt.keys()):
+        lo, n = offsets[k * kjt.stride()], lengths[k].sum()
+        bags = np.repeat(np.arange(kjt.stride()), lengths[k])
+        rows = tables_by_name[WG_TABLE_OF[key]][values[lo : lo + n]] * weights[lo : lo + n, None]
+        pooled = jax.ops.segment_sum(rows, bags, num_segments=kjt.stride())
+        if pooling == PoolingType.MEAN:
+            pooled = pooled / np.maximum(lengths[k], 1)[:, None]
+        outs.append(pooled)
+    return jnp.concatenate(outs, axis=1)
+
+
+def weighted_kjt(kjt, weights):
+    return KeyedJaggedTensor(
+        keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights
+    )
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_per_sample_weight_gradient_equals_autodiff_of_the_plain_formula(backend, pooling):
+    rng = np.random.default_rng(20)
+    kjt = random_kjt(rng, WG_KEYS, WG_ROWS, batch=5, weighted=True, capacity=80)
+    ebc = EmbeddingBagCollection(
+        tables=weight_grad_tables(pooling), is_weighted=True, backend=backend
+    )
+    variables = ebc.init(jax.random.key(0), kjt)
+    assert len(ebc.plan.groups) == 2
+    g_out = jnp.asarray(rng.normal(size=(5, 15)), jnp.float32)
+    by_name = {k.split(".")[1]: v for k, v in ebc.state_dict(variables).items()}
+
+    def loss(weights):
+        return jnp.sum(ebc.apply(variables, weighted_kjt(kjt, weights)).values() * g_out)
+
+    def plain_loss(weights):
+        return jnp.sum(plain_pooled(by_name, kjt, weights, pooling) * g_out)
+
+    got = jax.jit(jax.grad(loss))(kjt.weights())
+    want = jax.grad(plain_loss)(kjt.weights())
+    assert float(jnp.abs(want).max()) > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_fused_step_gives_the_weight_gradient_of_the_old_tables_and_the_right_update(backend):
+    rng = np.random.default_rng(21)
+    lr = 0.5
+    kjt = random_kjt(rng, WG_KEYS, WG_ROWS, batch=4, weighted=True, capacity=64)
+    tables = weight_grad_tables(PoolingType.MEAN)
+    plain = EmbeddingBagCollection(tables=tables, is_weighted=True, backend=backend)
+    fused = EmbeddingBagCollection(
+        tables=tables,
+        is_weighted=True,
+        backend=backend,
+        optimizer=jaxrec.optim.exact_sgd(learning_rate=lr),
+    )
+    variables = plain.init(jax.random.key(1), kjt)
+    fused_params = fused.load_state_dict(
+        fused.init(jax.random.key(2), kjt), plain.state_dict(variables)
+    )["params"]
+    g_out = jnp.asarray(rng.normal(size=(4, 15)), jnp.float32)
+
+    def loss(module, params, weights):
+        out = module.apply({"params": params}, weighted_kjt(kjt, weights)).values()
+        return jnp.sum(out * g_out)
+
+    want_params, want_weights = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(
+        variables["params"], kjt.weights()
+    )
+    got_params, got_weights = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1)))(
+        fused_params, kjt.weights()
+    )
+    np.testing.assert_allclose(got_weights, want_weights, rtol=1e-5, atol=1e-6)
+    new_tables = fused.state_dict({"params": jaxrec.optim.apply_updates(fused_params, got_params)})
+    dense_grads = plain.state_dict({"params": want_params})
+    for name, old in plain.state_dict(variables).items():
+        np.testing.assert_allclose(
+            new_tables[name], old - lr * dense_grads[name], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_weight_gradient_is_zero_for_padding_and_bad_ids():
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name="t", embedding_dim=2, num_embeddings=3, feature_names=["f"])
+        ],
+        is_weighted=True,
+        backend="xla",
+        bounds_check_mode="ignore",
+    )
+
+    def kjt_of(values):
+        kjt = KeyedJaggedTensor(
+            keys=["f"], values=jnp.array(values), lengths=jnp.array([2, 1]), weights=jnp.ones(3)
+        )
+        return pad_to_capacity(kjt, 6)
+
+    variables = ebc.init(jax.random.key(0), kjt_of([1, 2, 0]))
+
+    @jax.jit
+    def grad(kjt):
+        def loss(w):
+            return jnp.sum(ebc.apply(variables, weighted_kjt(kjt, w)).values())
+
+        return jax.grad(loss)(kjt.weights())
+
+    got = np.asarray(grad(kjt_of([1, 7, -1])))  # 7 and -1 are outside the table
+    row = np.asarray(ebc.state_dict(variables)["embedding_bags.t.weight"][1])
+    np.testing.assert_allclose(got, [row.sum(), 0, 0, 0, 0, 0], rtol=1e-6)
+
+
+def test_per_sample_weight_gradient_matches_torchrec():
+    torch = pytest.importorskip("torch")
+    torchrec = pytest.importorskip("torchrec")
+    rng = np.random.default_rng(22)
+    kjt = random_kjt(rng, WG_KEYS, WG_ROWS, batch=5, weighted=True)
+    ebc = EmbeddingBagCollection(tables=weight_grad_tables(PoolingType.SUM), is_weighted=True)
+    variables = ebc.init(jax.random.key(0), kjt)
+    g_out = rng.normal(size=(5, 15)).astype(np.float32)
+    got = jax.grad(lambda w: jnp.sum(ebc.apply(variables, weighted_kjt(kjt, w)).values() * g_out))(
+        kjt.weights()
+    )
+
+    tr_ebc = torchrec.EmbeddingBagCollection(
+        tables=[
+            torchrec.EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.embedding_dim,
+                num_embeddings=t.num_embeddings,
+                feature_names=list(t.feature_names),
+            )
+            for t in weight_grad_tables(PoolingType.SUM)
+        ],
+        is_weighted=True,
+    )
+    tr_ebc.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in ebc.state_dict(variables).items()}
+    )
+    weights = torch.from_numpy(np.array(kjt.weights())).requires_grad_()
+    tr_kjt = torchrec.KeyedJaggedTensor(
+        keys=WG_KEYS,
+        values=torch.from_numpy(np.array(kjt.values(), np.int64)),
+        lengths=torch.from_numpy(np.array(kjt.lengths(), np.int64)),
+        weights=weights,
+    )
+    out = tr_ebc(tr_kjt)
+    assert out.keys() == WG_KEYS
+    (out.values() * torch.from_numpy(g_out)).sum().backward()
+    np.testing.assert_allclose(got, weights.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (forced host) devices")
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_row_sharded_weight_gradient_equals_one_device(backend):
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from jaxrec.parallel import row_partition_specs, shard_rows
+
+    rng = np.random.default_rng(23)
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=16, feature_names=["fa"]),
+        EmbeddingBagConfig(name="b", embedding_dim=2, num_embeddings=8, feature_names=["fb"]),
+    ]
+    kjt = random_kjt(rng, ["fa", "fb"], [16, 8], batch=4, weighted=True)
+    single = EmbeddingBagCollection(tables=tables, is_weighted=True, backend=backend)
+    sharded = EmbeddingBagCollection(
+        tables=tables, is_weighted=True, backend=backend, row_shard_axis="rows"
+    )
+    params = single.init(jax.random.key(0), kjt)["params"]
+    g_out = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+
+    def weight_grad(module, params, weights):
+        def loss(w):
+            out = module.apply({"params": params}, weighted_kjt(kjt, w)).values()
+            return jnp.sum(out * g_out)
+
+        return jax.grad(loss)(weights)
+
+    want = weight_grad(single, params, kjt.weights())
+    mesh = Mesh(np.array(jax.devices()[:4]), ("rows",))
+    got = jax.jit(
+        jax.shard_map(
+            functools.partial(weight_grad, sharded),
+            mesh=mesh,
+            in_specs=(row_partition_specs(params, mesh, "rows"), P()),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )(shard_rows(params, mesh, "rows"), kjt.weights())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
