@@ -56,10 +56,10 @@ from jaxrec_kernels.sparse_update import (
 from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
 
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
-from jaxrec.ops.plan import LookupPlan
 from jaxrec.ops.bags import checked_offsets
 from jaxrec.ops.nonfinite import report_nonfinite_rows
-from jaxrec.optim.fused import FusedTableParams
+from jaxrec.ops.plan import LookupPlan
+from jaxrec.optim.fused import FusedTableParams, lookup_cotangent
 from jaxrec.optim.sparse_optimizers import SparseOptimizer
 
 
@@ -308,7 +308,8 @@ def _row_gradients(spec: LookupSpec, group: GroupSpec, grad_out, ids, offsets, w
 def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, offsets, weights):
     """The cotangent of one group's parameter given the output cotangent.
 
-    Fused: the updated table, state and step (and ``uses = 1``). Plain table: its gradient.
+    Fused: the updated table, state and step, with the marker of one genuine update
+    (``jaxrec.optim.fused.lookup_cotangent``). Plain table: its gradient.
     """
     if not isinstance(param, FusedTableParams):
         rows, row_grads = _row_gradients(spec, group, grad_out, ids, offsets, weights)
@@ -339,14 +340,12 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             dim=group.dim,
             pooling=group.pooling,
             optimizer=group.optimizer,
-        )
-    return FusedTableParams(
             return_nonfinite=True,
-        weight=new_weight, state=new_state, step=step, uses=jnp.ones_like(param.uses)
+        )
     if skips_nonfinite(group.optimizer):
         name = f"{group.pooling}_{jnp.dtype(param.weight.dtype).name}_d{group.dim}"
         report_nonfinite_rows(spec.bounds_check, nonfinite, name)
-    )
+    return lookup_cotangent(param, new_weight, new_state, step)
 
 
 def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weights):
@@ -373,7 +372,28 @@ def _lookup(spec: LookupSpec, params: tuple, ids, offsets, weights):
 
 
 def _lookup_fwd(spec: LookupSpec, params: tuple, ids, offsets, weights):
-    return _forward(spec, params, ids, offsets, weights), (params, ids, offsets, weights)
+    result = _forward(spec, params, ids, offsets, weights)
+    return result, (_after_reads(result, params), ids, offsets, weights)
+
+
+def _after_reads(result, params: tuple) -> tuple:
+    """``params`` with each fused table ordered after the forward's reads of it.
+
+    The backward writes a fused table in place. When the loss is linear in the outputs the
+    backward does not depend on the forward's result, so nothing orders the forward's reads
+    of a table before those writes and XLA keeps copies of the table to stay correct (two
+    per step on the CPU). Passing the fused tables through an optimization barrier together
+    with the forward's result makes every write wait for every read. It also keeps the
+    forward alive when only the gradient is asked for: the barrier costs nothing else.
+    """
+    fused = [i for i, param in enumerate(params) if isinstance(param, FusedTableParams)]
+    if not fused:
+        return params
+    _, tables = jax.lax.optimization_barrier((result, tuple(params[i].weight for i in fused)))
+    ordered = list(params)
+    for i, table in zip(fused, tables, strict=True):
+        ordered[i] = dataclasses.replace(params[i], weight=table)
+    return tuple(ordered)
 
 
 def _weights_cotangent(spec: LookupSpec, params: tuple, views, grad_out, offsets, weights):
@@ -464,11 +484,20 @@ def lookup(
     Where the axis is not bound the lookup is the unsharded one.
     """
     spec = _bind_row_shards(spec)
+    offsets, bad_bags = checked_offsets(offsets, ids.shape[0])
     out, bad = _lookup(spec, tuple(params), ids, offsets, weights)
     if spec.bounds_check == BoundsCheckMode.FATAL.value:
         checkify.check(
             bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
         )
+        checkify.check(
+            bad_bags == 0,
+            "{count} bags have a negative length or end past the values' capacity "
+            "(bounds_check_mode=FATAL)",
+            count=bad_bags,
+        )
+    if spec.bounds_check in (BoundsCheckMode.FATAL.value, BoundsCheckMode.WARNING.value):
+        bad = bad + bad_bags
     return out, bad
 
 
@@ -492,18 +521,9 @@ def sparse_gradients(
     if _bind_row_shards(spec).row_shards > 1:
         raise ValueError(
             "sparse_gradients of row-sharded tables is not supported; call it outside "
-    offsets, bad_bags = checked_offsets(offsets, ids.shape[0])
             f"shard_map over {spec.row_shard_axis!r} with the whole tables"
         )
     return tuple(
         _row_gradients(spec, group, grad_out if spec.pooled else grad_out[g], ids, offsets, weights)
         for g, group in enumerate(spec.groups)
-        checkify.check(
-            bad_bags == 0,
-            "{count} bags have a negative length or end past the values' capacity "
-            "(bounds_check_mode=FATAL)",
-            count=bad_bags,
-        )
-    if spec.bounds_check in (BoundsCheckMode.FATAL.value, BoundsCheckMode.WARNING.value):
-        bad = bad + bad_bags
     )
