@@ -97,7 +97,9 @@ def _stack(plan: LookupPlan, tables: Mapping[str, TableState], optimizers) -> di
         first = _fused_member(group.name, members)
         groups[group.name] = FusedTableParams(
             weight=weight,
-            state={k: jnp.asarray(np.concatenate([m.state[k] for m in members])) for k in first.state},
+            state={
+                k: jnp.asarray(np.concatenate([m.state[k] for m in members])) for k in first.state
+            },
             step=jnp.asarray(first.step),
             uses=jnp.asarray(first.uses),
         )
@@ -110,7 +112,9 @@ def _fused_member(group: str, members: list[TableState]) -> TableState:
         raise ValueError(f"group {group!r} is fused, but a table in it has no optimizer state")
     steps = {float(m.step) for m in members}
     if len(steps) > 1:
-        raise ValueError(f"the tables of group {group!r} have different step counts {sorted(steps)}")
+        raise ValueError(
+            f"the tables of group {group!r} have different step counts {sorted(steps)}"
+        )
     return members[0]
 
 
@@ -241,7 +245,10 @@ def partition_specs(layout: ShardedLayout, axis: str) -> dict[str, Any]:
             continue
         shards[group.name] = FusedTableParams(
             weight=split,
-            state={k: P(axis, *([None] * (v.ndim - 1))) for k, v in optimizer.init(1, group.dim).items()},
+            state={
+                k: P(axis, *([None] * (v.ndim - 1)))
+                for k, v in optimizer.init(1, group.dim).items()
+            },
             step=P(),
             uses=P(),
         )

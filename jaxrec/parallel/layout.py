@@ -156,7 +156,9 @@ class ShardedLayout:
         """The plan of the data-parallel tables (replicated groups), or None."""
         if not self.dp_tables:
             return None
-        by_name = {t.name: (t, tag) for t, tag in zip(self.tables, self.optimizer_tags, strict=True)}
+        by_name = {
+            t.name: (t, tag) for t, tag in zip(self.tables, self.optimizer_tags, strict=True)
+        }
         chosen = [by_name[name] for name in self.dp_tables]
         return build_plan([t for t, _ in chosen], [tag for _, tag in chosen])
 
@@ -212,7 +214,9 @@ class ShardedLayout:
         return build_plan(configs, [g.optimizer_tag for g in self.groups])
 
 
-_DATA_TYPES = {jnp.dtype(dtype).name: data_type for data_type, dtype in TRAINABLE_DATA_TYPES.items()}
+_DATA_TYPES = {
+    jnp.dtype(dtype).name: data_type for data_type, dtype in TRAINABLE_DATA_TYPES.items()
+}
 
 
 def _optimizer_tags(tables, optimizer, overrides) -> tuple[tuple[int, ...], tuple[Any, ...]]:

@@ -353,7 +353,9 @@ def sharded_lookup(
     perm, width_a, width_r, index, divide_by = _columns(spec)
     if layout.groups:
         lengths, send_ids, send_w, bad = _route(spec, ids, offsets, weights)
-        to_owner = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0)
+        to_owner = functools.partial(
+            jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
+        )
         lengths, send_ids = to_owner(lengths), to_owner(send_ids)
         send_w = None if send_w is None else to_owner(send_w)
         values, local_offsets, local_w = _compact(lengths, send_ids, send_w)

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-class ShardingType(str, enum.Enum):
+class ShardingType(enum.StrEnum):
     """How a table is split across the devices of a mesh axis (TorchRec's values)."""
 
     DATA_PARALLEL = "data_parallel"
@@ -147,7 +147,9 @@ class ParameterSharding:
             raise ValueError(f"{label} needs at least one rank")
         total, what = (rows, "rows") if kind.splits_rows else (dim, "columns")
         if kind.splits_rows and len(set(ranks)) != len(ranks):
-            raise ValueError(f"{label} ranks {list(ranks)} repeat a rank; a rank holds one row range")
+            raise ValueError(
+                f"{label} ranks {list(ranks)} repeat a rank; a rank holds one row range"
+            )
         sizes = self.sizes if self.sizes is not None else _even_split(total, len(ranks))
         if len(sizes) != len(ranks):
             raise ValueError(f"{label} has {len(sizes)} sizes for {len(ranks)} ranks")
@@ -159,10 +161,12 @@ class ParameterSharding:
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
         if kind.splits_rows:
             return tuple(
-                ShardMetadata((s, 0), (n, dim), r) for s, n, r in zip(starts, sizes, ranks, strict=True)
+                ShardMetadata((s, 0), (n, dim), r)
+                for s, n, r in zip(starts, sizes, ranks, strict=True)
             )
         return tuple(
-            ShardMetadata((0, s), (rows, n), r) for s, n, r in zip(starts, sizes, ranks, strict=True)
+            ShardMetadata((0, s), (rows, n), r)
+            for s, n, r in zip(starts, sizes, ranks, strict=True)
         )
 
 

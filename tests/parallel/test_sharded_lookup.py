@@ -50,14 +50,49 @@ def tables():
 
 
 PLANS = {
-    "table_wise": {"t0": table_wise(3), "t1": table_wise(3), "t2": table_wise(0), "t3": table_wise(7)},
-    "row_wise": {"t0": row_wise(), "t1": row_wise(), "t2": row_wise(), "t3": row_wise(sizes=[1, 1, 1, 1, 1, 1, 1, 6])},
-    "column_wise": {"t0": column_wise([1, 6]), "t1": column_wise([2, 5, 1], sizes=[1, 2, 1]), "t2": column_wise([0, 1, 2, 3]), "t3": column_wise([4, 4])},
-    "table_row_wise": {"t0": table_row_wise([2, 3, 5]), "t1": table_row_wise([0, 1], sizes=[20, 1]), "t2": table_row_wise([4, 5, 6, 7]), "t3": table_row_wise([6])},
-    "table_column_wise": {"t0": table_column_wise([4, 4]), "t1": table_column_wise([0, 7]), "t2": table_column_wise([3]), "t3": table_column_wise([2, 3, 2])},
+    "table_wise": {
+        "t0": table_wise(3),
+        "t1": table_wise(3),
+        "t2": table_wise(0),
+        "t3": table_wise(7),
+    },
+    "row_wise": {
+        "t0": row_wise(),
+        "t1": row_wise(),
+        "t2": row_wise(),
+        "t3": row_wise(sizes=[1, 1, 1, 1, 1, 1, 1, 6]),
+    },
+    "column_wise": {
+        "t0": column_wise([1, 6]),
+        "t1": column_wise([2, 5, 1], sizes=[1, 2, 1]),
+        "t2": column_wise([0, 1, 2, 3]),
+        "t3": column_wise([4, 4]),
+    },
+    "table_row_wise": {
+        "t0": table_row_wise([2, 3, 5]),
+        "t1": table_row_wise([0, 1], sizes=[20, 1]),
+        "t2": table_row_wise([4, 5, 6, 7]),
+        "t3": table_row_wise([6]),
+    },
+    "table_column_wise": {
+        "t0": table_column_wise([4, 4]),
+        "t1": table_column_wise([0, 7]),
+        "t2": table_column_wise([3]),
+        "t3": table_column_wise([2, 3, 2]),
+    },
     "data_parallel": {n: data_parallel() for n, *_ in TABLES},
-    "mixed": {"t0": row_wise(), "t1": column_wise([5, 2]), "t2": table_wise(6), "t3": data_parallel()},
-    "mixed2": {"t0": table_column_wise([1, 1]), "t1": data_parallel(), "t2": table_row_wise([0, 7]), "t3": table_wise(0)},
+    "mixed": {
+        "t0": row_wise(),
+        "t1": column_wise([5, 2]),
+        "t2": table_wise(6),
+        "t3": data_parallel(),
+    },
+    "mixed2": {
+        "t0": table_column_wise([1, 1]),
+        "t1": data_parallel(),
+        "t2": table_row_wise([0, 7]),
+        "t3": table_wise(0),
+    },
 }
 
 
@@ -66,9 +101,7 @@ def optimizers(plan):
     keeps its own per-row state, as TorchRec's, so row-wise state is not the one device's)."""
     rowwise = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.3)
     elementwise = jaxrec.optim.exact_adagrad(learning_rate=0.3)
-    return rowwise, {
-        n: elementwise for n, s in plan.items() if s.sharding_type.splits_columns
-    }
+    return rowwise, {n: elementwise for n, s in plan.items() if s.sharding_type.splits_columns}
 
 
 def device_batches(rng, weighted, empty_devices=(), capacity=48):
@@ -83,7 +116,7 @@ def device_batches(rng, weighted, empty_devices=(), capacity=48):
     flat_v = np.full((N, capacity), PAD, np.int32)
     flat_w = np.zeros((N, capacity), np.float32)
     all_w = rng.normal(size=(N, capacity)).astype(np.float32)
-    for d, (lengths, values) in enumerate(per_device):
+    for d, (_, values) in enumerate(per_device):
         real = np.concatenate(values)
         flat_v[d, : real.size] = real
         flat_w[d, : real.size] = all_w[d, : real.size]
@@ -113,7 +146,11 @@ def setup(plan_name, *, fused, weighted, backend="xla"):
     plan = ShardingPlan(PLANS[plan_name])
     default, overrides = optimizers(plan) if fused else (None, None)
     ebc = EmbeddingBagCollection(
-        tables=tables(), optimizer=default, table_optimizers=overrides, backend=backend, is_weighted=weighted
+        tables=tables(),
+        optimizer=default,
+        table_optimizers=overrides,
+        backend=backend,
+        is_weighted=weighted,
     )
     layout = ShardedLayout.create(tables(), plan, N, optimizer=default, table_optimizers=overrides)
     spec = ShardedLookupSpec.create(layout, KEYS, batch_size=B, axis="x", backend=backend)
@@ -128,13 +165,22 @@ def sharded_fn(spec, layout, body):
         offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(lengths)])
         return body(params, values, offsets.astype(jnp.int32), weights, g)
 
-    return specs, functools.partial(
-        jax.shard_map, mesh=mesh(), in_specs=(specs, P("x"), P("x"), P("x"), P("x")), check_vma=False
-    ), inner
+    return (
+        specs,
+        functools.partial(
+            jax.shard_map,
+            mesh=mesh(),
+            in_specs=(specs, P("x"), P("x"), P("x"), P("x")),
+            check_vma=False,
+        ),
+        inner,
+    )
 
 
 def forward(spec, layout, params, local, g):
-    specs, smap, inner = sharded_fn(spec, layout, lambda p, i, o, w, g: sharded_lookup(spec, p, i, o, w))
+    specs, smap, inner = sharded_fn(
+        spec, layout, lambda p, i, o, w, g: sharded_lookup(spec, p, i, o, w)
+    )
     out, bad = jax.jit(smap(inner, out_specs=(P("x"), P())))(params, *local, g)
     return out, bad
 
@@ -150,7 +196,9 @@ def single_loss(ebc, p, kjt, g):
 
 def assert_tables_close(got, want):
     for name in want:
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-7, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
@@ -168,7 +216,11 @@ def test_forward_and_gradients_match_one_device(plan_name, weighted):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert int(bad) == 0
 
-    specs, smap, inner = sharded_fn(spec, layout, lambda p, i, o, w, g: jax.grad(functools.partial(loss_fn, spec))(p, i, o, w, g))
+    specs, smap, inner = sharded_fn(
+        spec,
+        layout,
+        lambda p, i, o, w, g: jax.grad(functools.partial(loss_fn, spec))(p, i, o, w, g),
+    )
     grads = jax.jit(smap(inner, out_specs=specs))(sharded, *local, g)
     want_grads = jax.grad(functools.partial(single_loss, ebc))(params, whole, g)
     assert_tables_close(
@@ -209,4 +261,6 @@ def test_three_fused_steps_match_one_device(plan_name):
     want_state = ebc.optimizer_state_dict({"params": params})
     for name, state in ebc.optimizer_state_dict(got).items():
         for key, value in state.items():
-            np.testing.assert_allclose(value, want_state[name][key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(
+                value, want_state[name][key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}"
+            )
