@@ -101,17 +101,26 @@ def optimizers(plan):
     keeps its own per-row state, as TorchRec's, so row-wise state is not the one device's)."""
     rowwise = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.3)
     elementwise = jaxrec.optim.exact_adagrad(learning_rate=0.3)
-    return rowwise, {n: elementwise for n, s in plan.items() if s.sharding_type.splits_columns}
+    split = [n for n, s in plan.items() if s.sharding_type.splits_columns]
+    if len(split) == len(plan):
+        return elementwise, None
+    return rowwise, {n: elementwise for n in split}
 
 
-def device_batches(rng, weighted, empty_devices=(), capacity=48):
-    """Per device: padded values [capacity], lengths [F * B], weights; and the global KJT."""
+def device_batches(rng, weighted, empty_devices=(), capacity=48, bad_ids=False):
+    """Per device: padded values [capacity], lengths [F * B], weights; and the global KJT.
+
+    ``bad_ids``: about one id in six outside its table (-1, rows, rows + 7)."""
     per_device = []
     for d in range(N):
         lengths = rng.integers(0, 4, (len(KEYS), B))
         if d in empty_devices:
             lengths[:] = 0
         values = [rng.integers(0, ROWS[k], n) for k, n in zip(KEYS, lengths.sum(1), strict=True)]
+        if bad_ids:
+            for k, v in zip(KEYS, values, strict=True):
+                bad = rng.random(v.size) < 1 / 6
+                v[bad] = rng.choice([-1, ROWS[k], ROWS[k] + 7], int(bad.sum()))
         per_device.append((lengths, values))
     flat_v = np.full((N, capacity), PAD, np.int32)
     flat_w = np.zeros((N, capacity), np.float32)
@@ -264,3 +273,57 @@ def test_three_fused_steps_match_one_device(plan_name):
             np.testing.assert_allclose(
                 value, want_state[name][key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}"
             )
+
+
+@pytest.mark.parametrize("plan_name", ["mixed", "mixed2"])
+def test_ids_outside_their_tables_read_zero_rows_and_are_counted_once(plan_name):
+    rng = np.random.default_rng(2)
+    ebc, layout, spec = setup(plan_name, fused=False, weighted=False)
+    local, whole = device_batches(rng, False, bad_ids=True)
+    params = ebc.init(jax.random.key(0), device_batches(rng, False)[1])["params"]
+    want, counts = jax.jit(lambda p, k: ebc.apply({"params": p}, k, mutable=["bounds_check"]))(
+        params, whole
+    )
+    g = jnp.zeros((N * B, ebc.plan.num_columns))
+    got, bad = forward(spec, layout, shard_params(layout, params["embedding_bags"]), local, g)
+    np.testing.assert_allclose(got, want.values(), rtol=1e-6, atol=1e-7)
+    assert int(bad) == sum(int(c) for c in jax.tree.leaves(counts)) > 0
+
+
+def test_pallas_backend_trains_like_one_device():
+    rng = np.random.default_rng(3)
+    ebc, layout, spec = setup("mixed", fused=True, weighted=True, backend="pallas")
+    local, whole = device_batches(rng, True, empty_devices=(4,))
+    params = ebc.init(jax.random.key(1), whole)["params"]
+    sharded = shard_params(layout, params["embedding_bags"])
+    g = jnp.asarray(rng.normal(size=(N * B, ebc.plan.num_columns)), jnp.float32)
+
+    def step(p, i, o, w, g):
+        return jaxrec.optim.apply_updates(
+            p, jax.grad(functools.partial(loss_fn, spec))(p, i, o, w, g)
+        )
+
+    specs, smap, inner = sharded_fn(spec, layout, step)
+    sharded = jax.jit(smap(inner, out_specs=specs))(sharded, *local, g)
+    grads = jax.jit(jax.grad(functools.partial(single_loss, ebc)))(params, whole, g)
+    params = jaxrec.optim.apply_updates(params, grads)
+    got = {"params": {"embedding_bags": unshard_params(layout, sharded)}}
+    assert_tables_close(ebc.state_dict(got), ebc.state_dict({"params": params}))
+
+
+def test_misuse_is_refused_by_name():
+    _, layout, spec = setup("mixed", fused=False, weighted=False)
+    with pytest.raises(ValueError, match=r"lack the collection's features \['f4'\]"):
+        ShardedLookupSpec.create(layout, KEYS[1:], batch_size=B, axis="x")
+    offsets = jnp.zeros(len(KEYS) * B + 1, jnp.int32)
+    with pytest.raises(ValueError, match="inside shard_map over mesh axis 'x'"):
+        sharded_lookup(spec, {}, jnp.zeros(4, jnp.int32), offsets, None)
+    small = Mesh(np.array(jax.devices()[:4]), ("x",))
+    with pytest.raises(ValueError, match="on 8 devices but mesh axis 'x' has 4"):
+        jax.shard_map(
+            lambda i, o: sharded_lookup(spec, {}, i, o, None)[0],
+            mesh=small,
+            in_specs=(P(), P()),
+            out_specs=P(),
+            check_vma=False,
+        )(jnp.zeros(4, jnp.int32), offsets)
