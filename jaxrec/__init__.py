@@ -13,7 +13,13 @@ from jaxrec.configs import (
     EmbeddingConfig,
     PoolingType,
 )
-from jaxrec.modules import EmbeddingBagCollection, EmbeddingCollection
+from jaxrec.modules import (
+    EmbeddingBagCollection,
+    EmbeddingCollection,
+    FeatureProcessedEmbeddingBagCollection,
+    PositionWeightedModule,
+    PositionWeightedModuleCollection,
+)
 from jaxrec.ops import BoundsCheckMode
 from jaxrec.sparse import (
     JaggedTensor,
@@ -33,10 +39,13 @@ __all__ = [
     "EmbeddingBagConfig",
     "EmbeddingCollection",
     "EmbeddingConfig",
+    "FeatureProcessedEmbeddingBagCollection",
     "JaggedTensor",
     "KeyedJaggedTensor",
     "KeyedTensor",
     "PoolingType",
+    "PositionWeightedModule",
+    "PositionWeightedModuleCollection",
     "capacity_bucket",
     "optim",
     "pad_to_capacity",

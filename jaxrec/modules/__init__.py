@@ -2,5 +2,16 @@
 
 from jaxrec.modules.embedding_bag_collection import EmbeddingBagCollection
 from jaxrec.modules.embedding_collection import EmbeddingCollection
+from jaxrec.modules.feature_processor import (
+    FeatureProcessedEmbeddingBagCollection,
+    PositionWeightedModule,
+    PositionWeightedModuleCollection,
+)
 
-__all__ = ["EmbeddingBagCollection", "EmbeddingCollection"]
+__all__ = [
+    "EmbeddingBagCollection",
+    "EmbeddingCollection",
+    "FeatureProcessedEmbeddingBagCollection",
+    "PositionWeightedModule",
+    "PositionWeightedModuleCollection",
+]
