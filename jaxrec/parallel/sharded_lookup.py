@@ -65,8 +65,6 @@ class ShardedLookupSpec:
     ) -> ShardedLookupSpec:
         """The spec of a lookup of ``layout`` for local KJTs with ``kjt_keys`` and stride
         ``batch_size``, inside ``shard_map`` over mesh axis ``axis``."""
-        if not layout.pooled:
-            raise ValueError("sharded sequence (EmbeddingCollection) lookups are not built yet")
         keys = tuple(kjt_keys)
         missing = [name for name, _ in layout.features if name not in keys]
         if missing:
@@ -100,6 +98,8 @@ class ShardedLookupSpec:
             "shift": np.zeros((f_count, width), np.int32),
             "rows": np.zeros(f_count, np.int32),
             "counted": np.zeros(f_count, bool),
+            "col_offset": np.zeros((f_count, width), np.int32),
+            "num_cols": np.zeros((f_count, width), np.int32),
         }
         where = {}
         for rank, row in enumerate(layout.assignments):
@@ -121,6 +121,8 @@ class ShardedLookupSpec:
                 out["row_starts"][k, shard.index] = shard.row_offset if split else 0
                 out["dest"][k, shard.index] = where[(fi, shard.index)]
                 out["shift"][k, shard.index] = shard.local_row - shard.row_offset
+                out["col_offset"][k, shard.index] = shard.col_offset
+                out["num_cols"][k, shard.index] = shard.num_cols
         return out
 
     @functools.cached_property
@@ -143,7 +145,8 @@ def _bags_of_positions(offsets: jax.Array, capacity: int):
 
 def _route(spec: ShardedLookupSpec, ids, offsets, weights):
     """Sender side: per destination, the lengths ``[n, K, B]`` and padded ids (and weights)
-    ``[n, cap]``, plus this device's count of ids outside their tables."""
+    ``[n, cap]``, this device's count of ids outside their tables, and for every buffer
+    entry the send it holds (``copy * capacity + position``) and whether it is real."""
     layout, routes = spec.layout, spec.routes
     n, num_slots, batch = layout.num_devices, len(layout.slots), spec.batch_size
     capacity = ids.shape[0]
@@ -158,9 +161,10 @@ def _route(spec: ShardedLookupSpec, ids, offsets, weights):
     bucket = jnp.clip(bucket, 0, routes["row_starts"].shape[1] - 1)
     copies = int(routes["copies"].max(initial=0))
     sentinel = n * num_slots * batch
-    keys, values = [], []
+    keys, values, shards = [], [], []
     for j in range(max(copies, 1)):
         shard = jnp.where(row_split, bucket, j)
+        shards.append(shard)
         sent = live & (j < jnp.asarray(routes["copies"])[kjt]) & ~(bad & row_split)
         dest = jnp.asarray(routes["dest"])[kjt, shard]
         keys.append(jnp.where(sent, dest * batch + b, sentinel))
@@ -181,7 +185,8 @@ def _route(spec: ShardedLookupSpec, ids, offsets, weights):
     if weights is not None:
         tiled = jnp.tile(weights, max(copies, 1))
         out_weights = jnp.where(real, tiled[take], 0).astype(weights.dtype)
-    return lengths, out_ids, out_weights, bad_count
+    entries = (take, jnp.concatenate(shards)[take], real)
+    return lengths, out_ids, out_weights, bad_count, entries
 
 
 def _compact(lengths, ids, weights):
@@ -349,10 +354,12 @@ def sharded_lookup(
             f"offsets has {offsets.shape[0]} entries; {len(spec.kjt_keys)} keys of stride "
             f"{batch} need {len(spec.kjt_keys) * batch + 1}"
         )
+    if not layout.pooled:
+        return _sequence(spec, params, ids, offsets)
     parts, bad = [], jnp.zeros((), jnp.int32)
     perm, width_a, width_r, index, divide_by = _columns(spec)
     if layout.groups:
-        lengths, send_ids, send_w, bad = _route(spec, ids, offsets, weights)
+        lengths, send_ids, send_w, bad, _ = _route(spec, ids, offsets, weights)
         to_owner = functools.partial(
             jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
         )
@@ -386,3 +393,85 @@ def sharded_lookup(
             bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
         )
     return result, bad
+
+
+def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):
+    """The sequence lookup: every id's row returns to its position on the source device.
+
+    Owners look their ids up (one row per received position), the rows go back in the
+    buffers they came in (``all_to_all``), and the source scatters each into its position
+    and its shard's columns. Returns one ``[capacity, dim]`` array per group of the
+    single-device plan (row i: the embedding of position i, as :func:`lookup` gives).
+    """
+    layout, axis, batch = spec.layout, spec.axis, spec.batch_size
+    n, capacity = layout.num_devices, ids.shape[0]
+    single = layout.single_plan
+    width = max([g.dim for g in single.groups])
+    out = jnp.zeros((capacity, width), jnp.float32)
+    bad = jnp.zeros((), jnp.int32)
+    if layout.groups:
+        lengths, send_ids, _, bad, (take, shard, real) = _route(spec, ids, offsets, None)
+        to_owner = functools.partial(
+            jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
+        )
+        lengths, send_ids = to_owner(lengths), to_owner(send_ids)
+        values, local_offsets, _ = _compact(lengths, send_ids, None)
+        groups = tuple(params["shards"][g.name] for g in layout.groups)
+        rows, _ = lookup(_local_spec(spec), groups, values, local_offsets, None)
+        # one row per received position, in the group of its slot, padded to ``width``
+        bags, _ = _bags_of_positions(local_offsets, values.shape[0])
+        slot_group = jnp.asarray([slot.group for slot in layout.slots], jnp.int32)
+        group_of = slot_group[(bags // batch) % len(layout.slots)]
+        merged = sum(
+            jnp.where(
+                (group_of == g)[:, None],
+                jnp.pad(r.astype(jnp.float32), ((0, 0), (0, width - r.shape[1]))),
+                0.0,
+            )
+            for g, r in enumerate(rows)
+        )
+        cap = send_ids.shape[1]
+        totals = lengths.reshape(n, -1).sum(axis=1)
+        starts = jnp.cumsum(totals) - totals
+        back_index = jnp.clip(starts[:, None] + jnp.arange(cap)[None, :], 0, n * cap - 1)
+        back = jnp.where(
+            (jnp.arange(cap)[None, :] < totals[:, None])[..., None], merged[back_index], 0.0
+        )
+        back = to_owner(back)  # [owner, cap, width], aligned with this device's send buffers
+        position = take % capacity
+        bags_here, _ = _bags_of_positions(offsets, capacity)
+        kjt = jnp.minimum(bags_here // batch, len(spec.kjt_keys) - 1)[position]
+        col0 = jnp.asarray(spec.routes["col_offset"])[kjt, shard]
+        cols = jnp.asarray(spec.routes["num_cols"])[kjt, shard]
+        lane = jnp.arange(width)
+        target = jnp.where(
+            real[..., None] & (lane < cols[..., None]), col0[..., None] + lane, width
+        )
+        out = out.at[jnp.broadcast_to(position[..., None], target.shape), target].add(
+            back, mode="drop"
+        )
+    bags_here, live = _bags_of_positions(offsets, capacity)
+    kjt = jnp.minimum(bags_here // batch, len(spec.kjt_keys) - 1)
+    feature_group = np.full(len(spec.kjt_keys), -1, np.int32)
+    for f in single.features:
+        feature_group[spec.kjt_keys.index(f.name)] = f.group
+    group_of_position = jnp.where(live, jnp.asarray(feature_group)[kjt], -1)
+    dp_rows = {}
+    if layout.dp_tables:
+        dp_out, dp_bad = _data_parallel(spec, params["replicated"], ids, offsets, None)
+        bad = bad + dp_bad
+        single_of = {(g.dim, g.dtype, g.optimizer_tag): k for k, g in enumerate(single.groups)}
+        for g, r in zip(layout.dp_plan.groups, dp_out, strict=True):
+            dp_rows[single_of[(g.dim, g.dtype, g.optimizer_tag)]] = r
+    results = []
+    for k, group in enumerate(single.groups):
+        rows = jnp.where((group_of_position == k)[:, None], out[:, : group.dim], 0.0)
+        if k in dp_rows:
+            rows = rows + jnp.where((group_of_position == k)[:, None], dp_rows[k], 0.0)
+        results.append(rows.astype(group.dtype))
+    bad = jax.lax.psum(bad, axis)
+    if spec.bounds_check == BoundsCheckMode.FATAL.value:
+        checkify.check(
+            bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
+        )
+    return tuple(results), bad

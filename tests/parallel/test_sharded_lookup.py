@@ -10,8 +10,15 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxrec
-from jaxrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
-from jaxrec.parallel.convert import partition_specs, shard_params, unshard_params
+from jaxrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.parallel.convert import partition_specs, shard_params, table_states, unshard_params
 from jaxrec.parallel.layout import ShardedLayout
 from jaxrec.parallel.sharded_lookup import ShardedLookupSpec, sharded_lookup
 from jaxrec.parallel.types import (
@@ -327,3 +334,83 @@ def test_misuse_is_refused_by_name():
             out_specs=P(),
             check_vma=False,
         )(jnp.zeros(4, jnp.int32), offsets)
+
+
+def sequence_setup(plan_name, optimizer=None):
+    configs = [
+        EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=list(f))
+        for n, r, d, f, _ in TABLES
+    ]
+    plan = ShardingPlan(PLANS[plan_name])
+    layout = ShardedLayout.create(configs, plan, N, optimizer=optimizer)
+    spec = ShardedLookupSpec.create(layout, KEYS, batch_size=B, axis="x", backend="xla")
+    single = LookupSpec.create(
+        layout.single_plan, KEYS, batch_size=N * B, backend="xla", optimizer=optimizer
+    )
+    groups = {}
+    key = jax.random.key(4)
+    for g, group in enumerate(layout.single_plan.groups):
+        weight = jax.random.normal(jax.random.fold_in(key, g), (group.num_rows, group.dim))
+        groups[group.name] = (
+            weight if optimizer is None else jaxrec.optim.init_fused_table(weight, optimizer)
+        )
+    return layout, spec, single, groups
+
+
+def local_rows(whole_rows, local, whole):
+    """The single-device rows of every position, in each device's local position order."""
+    lengths = np.asarray(local[1]).reshape(N, len(KEYS), B).sum(axis=2)  # [device, feature]
+    capacity = local[0].shape[0] // N
+    out = np.zeros((N, capacity) + whole_rows.shape[1:], whole_rows.dtype)
+    start = 0
+    for k in range(len(KEYS)):
+        for d in range(N):
+            first = lengths[d, :k].sum()
+            out[d, first : first + lengths[d, k]] = whole_rows[start : start + lengths[d, k]]
+            start += lengths[d, k]
+    return out.reshape((N * capacity,) + whole_rows.shape[1:])
+
+
+@pytest.mark.parametrize("plan_name", ["mixed", "mixed2", "column_wise"])
+def test_sequence_rows_and_fused_step_match_one_device(plan_name):
+    rng = np.random.default_rng(5)
+    optimizer = jaxrec.optim.exact_sgd(learning_rate=0.5)
+    layout, spec, single, groups = sequence_setup(plan_name, optimizer)
+    local, whole = device_batches(rng, False, empty_devices=(1,), bad_ids=True)
+    local = local[:2] + (None,)
+    c = [jnp.asarray(rng.normal(size=g.dim), jnp.float32) for g in layout.single_plan.groups]
+
+    def loss(rows):
+        return sum(jnp.sum(jnp.sin(r) * cg) for r, cg in zip(rows, c, strict=True))
+
+    def whole_step(p):
+        def f(p):
+            tables = tuple(p[g.name] for g in layout.single_plan.groups)
+            rows, _ = lookup(single, tables, whole.values(), whole.offsets(), None)
+            return loss(rows), rows
+
+        grads, rows = jax.grad(f, has_aux=True)(p)
+        return jaxrec.optim.apply_updates(p, grads), rows
+
+    def sharded_step(p, i, o, w, g):
+        def f(p):
+            rows, bad = sharded_lookup(spec, p, i, o, None)
+            return loss(rows), (rows, bad)
+
+        grads, (rows, bad) = jax.grad(f, has_aux=True)(p)
+        return jaxrec.optim.apply_updates(p, grads), rows, bad
+
+    want_params, want_rows = jax.jit(whole_step)(groups)
+    specs, smap, inner = sharded_fn(spec, layout, sharded_step)
+    got_params, got_rows, bad = jax.jit(
+        smap(
+            lambda p, i, o, w, g: inner(p, i, o, None, g),
+            out_specs=(specs, (P("x"),) * len(c), P()),
+        )
+    )(shard_params(layout, groups), *local[:2], jnp.zeros(N), jnp.zeros(N))
+    for got, want in zip(got_rows, want_rows, strict=True):
+        np.testing.assert_array_equal(got, local_rows(np.asarray(want), local, whole))
+    assert int(bad) > 0
+    got_tables = table_states(layout.single_plan, unshard_params(layout, got_params))
+    for name, want in table_states(layout.single_plan, want_params).items():
+        np.testing.assert_allclose(got_tables[name].weight, want.weight, rtol=1e-6, atol=1e-7)
