@@ -594,10 +594,11 @@ def _update_kernel(
     del refs[: len(update.consts)]
     del refs[: 1 + len(names)]  # the aliased inputs: same memory as the outputs
     w_ref, *state_refs, nonfinite_ref = refs
-    nonfinite_ref[pl.program_id(0)] = jnp.int32(0)
+    program = pl.program_id(0)
+    nonfinite_ref[program] = jnp.int32(0)
 
     # This program owns the runs that start in its sorted slots [k0, k0 + block_rows).
-    k = pl.program_id(0) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+    k = program * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
     in_range = k < num_slots
     k = jnp.where(in_range, k, 0)
     count = masked_load(run_ref.at[k], in_range, 0)
@@ -631,8 +632,10 @@ def _update_kernel(
         touched = count > 0
         if skip_nonfinite:
             # A row whose summed gradient is not finite is neither read nor written.
-            finite = jnp.all(jnp.isfinite(grads) | ~col_ok[None, :], axis=1)
-            nonfinite_ref[pl.program_id(0)] = jnp.sum(touched & ~finite, dtype=jnp.int32)
+            # x * 0 is NaN exactly for a NaN or infinite x (padded lanes hold zeros); a sum
+            # over the row stays in Triton's reductions.
+            finite = jnp.isfinite(jnp.sum(grads * 0.0, axis=1))
+            nonfinite_ref[program] = jnp.sum(touched & ~finite, dtype=jnp.int32)
             touched = touched & finite
         rows = jnp.where(touched, masked_load(rows_ref.at[k], touched, 0), w_ref.shape[0])
         lanes = touched[:, None] & col_ok[None, :]
