@@ -3,7 +3,8 @@
 Sections (``--sections``, comma-separated):
 
 - ``modules``: the collections on fresh random inputs (mixed dims, shared tables, MEAN,
-  per-sample weights, padding): Pallas (the GPU default) against the XLA backend; a fused
+  per-sample weights, padding): Pallas (the GPU default) against the XLA backend (float32 to
+  1e-5 relative; fp16 and bf16 tables with 16-bit outputs within 1 ulp); a fused
   row-wise Adagrad training loop through the modules and ``jaxrec.optim.fused`` on both
   backends; two runs from the same start give bitwise-equal tables.
 - ``sequence``: launch variants of the sequence kernel against the XLA reference on the
@@ -14,12 +15,14 @@ Sections (``--sections``, comma-separated):
   peers in the same run: ``jax.grad`` of the table + ``optax.adagrad``, and a plain-XLA
   sparse step (unique + segment_sum + scatter, donated).
 
-Writes ``gpu_check_modules.json`` to ``--out`` (default ``$OUT``).
+Writes ``gpu_check_modules.json`` to ``--out`` (default ``$OUT``). ``--sections modules
+--small`` runs the first section on a CPU (Pallas in interpret mode), as the test suite does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -45,6 +48,7 @@ from jaxrec import (
 )
 
 from .sequence_lookup import SequenceConfig
+from .ulps import rounded_once_ulps
 
 
 def _rel(a, b) -> float:
@@ -65,9 +69,18 @@ def _random_kjt(rng, keys, rows, batch, max_len, weighted=False, capacity=None):
     return pad_to_capacity(kjt, capacity)
 
 
-def check_modules(seed: int) -> dict:
+def _ulps(a, b) -> float:
+    """Largest distance in ulps of 16-bit outputs (both round a float32 sum once)."""
+    return float(rounded_once_ulps(np.asarray(a), np.asarray(b, np.float64), a.dtype).max())
+
+
+def check_modules(seed: int, small: bool = False) -> dict:
+    """Pallas against XLA through the collections; ``small``: CPU-sized inputs, the Pallas
+    collections in interpret mode (``backend="pallas"``), for a smoke test of this check."""
     rng = np.random.default_rng(seed)
     out: dict = {}
+    batch, max_len, capacity = (16, 8, 1024) if small else (256, 30, 32768)
+    pallas_backend = "pallas" if small else "auto"  # auto: Pallas on GPU
     tables = [
         EmbeddingBagConfig(
             name="a", embedding_dim=24, num_embeddings=5000, feature_names=["fa", "fb"]
@@ -83,17 +96,32 @@ def check_modules(seed: int) -> dict:
     ]
     keys, rows = ["fa", "fb", "fc", "fd"], [5000, 5000, 20000, 300]
     for weighted in (False, True):
-        kjt = _random_kjt(rng, keys, rows, 256, 30, weighted)
-        pallas = EmbeddingBagCollection(tables=tables, is_weighted=weighted)  # auto: Pallas on GPU
+        kjt = _random_kjt(rng, keys, rows, batch, max_len, weighted)
+        pallas = EmbeddingBagCollection(tables=tables, is_weighted=weighted, backend=pallas_backend)
         xla = EmbeddingBagCollection(tables=tables, is_weighted=weighted, backend="xla")
         variables = xla.init(jax.random.key(seed), kjt)
         a = jax.jit(pallas.apply)(variables, kjt).values()
         b = jax.jit(xla.apply)(variables, kjt).values()
         out[f"ebc_weighted={weighted}_relerr"] = _rel(a, b)
+    # 16-bit tables, long weighted bags, 16-bit outputs: within 1 ulp (a kernel that summed
+    # in 16 bits would be several ulps off).
+    for name, data_type in (("fp16", jaxrec.DataType.FP16), ("bf16", jaxrec.DataType.BF16)):
+        low = [dataclasses.replace(t, data_type=data_type) for t in tables]
+        dtype = {"fp16": jnp.float16, "bf16": jnp.bfloat16}[name]
+        kjt = _random_kjt(rng, keys, rows, batch, 2 * max_len, weighted=True)
+        collections = [
+            EmbeddingBagCollection(
+                tables=low, is_weighted=True, backend=backend, output_dtype=dtype
+            )
+            for backend in (pallas_backend, "xla")
+        ]
+        variables = collections[1].init(jax.random.key(seed), kjt)
+        a, b = (jax.jit(c.apply)(variables, kjt).values() for c in collections)
+        out[f"ebc_{name}_max_ulps"] = _ulps(a, b)
     ec_tables = [
         EmbeddingConfig(name="e", embedding_dim=64, num_embeddings=7000, feature_names=["x", "y"])
     ]
-    kjt = _random_kjt(rng, ["x", "y"], [7000, 7000], 128, 20)
+    kjt = _random_kjt(rng, ["x", "y"], [7000, 7000], batch // 2, max_len)
     ec_p, ec_x = (
         EmbeddingCollection(tables=ec_tables, backend="pallas"),
         EmbeddingCollection(tables=ec_tables, backend="xla"),
@@ -104,12 +132,16 @@ def check_modules(seed: int) -> dict:
 
     # Fused training through the modules, both backends, 3 steps.
     optimizer = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.05)
-    batches = [_random_kjt(rng, keys, rows, 256, 30, capacity=32768) for _ in range(3)]
-    g_outs = [jnp.asarray(rng.normal(size=(256, 24 * 2 + 128 + 48)), jnp.float32) for _ in range(3)]
+    batches = [_random_kjt(rng, keys, rows, batch, max_len, capacity=capacity) for _ in range(3)]
+    g_outs = [
+        jnp.asarray(rng.normal(size=(batch, 24 * 2 + 128 + 48)), jnp.float32) for _ in range(3)
+    ]
     finals = {}
     for backend in ("pallas", "xla", "pallas-again"):
         ebc = EmbeddingBagCollection(
-            tables=tables, optimizer=optimizer, backend=backend.split("-")[0]
+            tables=tables,
+            optimizer=optimizer,
+            backend=pallas_backend if backend.startswith("pallas") else backend,
         )
         params = ebc.init(jax.random.key(seed), batches[0])["params"]
         tx = jaxrec.optim.fused(optax.sgd(0.1))
@@ -132,6 +164,7 @@ def check_modules(seed: int) -> dict:
     )
     out["ok"] = (
         max(v for k, v in out.items() if k.endswith("relerr")) < 1e-5
+        and max(v for k, v in out.items() if k.endswith("max_ulps")) <= 1
         and out["fused_train_bitwise_deterministic"]
     )
     return out
@@ -334,6 +367,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default="modules,sequence,train")
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    parser.add_argument(
+        "--small", action="store_true", help="modules section on CPU-sized inputs (smoke test)"
+    )
     args = parser.parse_args(argv)
     report: dict = {"environment": bench.environment(), "seed": args.seed}
     sections = args.sections.split(",")
@@ -342,7 +378,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             if name == "modules":
-                report["modules"] = check_modules(args.seed)
+                report["modules"] = check_modules(args.seed, args.small)
                 failed |= not report["modules"]["ok"]
             elif name == "sequence":
                 report["sequence"] = check_sequence(args.seed, args.iters)

@@ -1,10 +1,12 @@
-"""The GPU check script's pieces, run on the CPU (interpret mode) on small inputs."""
+"""The GPU check scripts' CPU modes (Pallas in interpret mode, small inputs), so a broken
+check, or a kernel that fails one, shows up before a GPU run."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxrec_kernels import gpu_check
+from jaxrec_kernels import gpu_check, gpu_check_backward, gpu_check_modules
 from jaxrec_kernels.pooled_lookup import PooledConfig
 
 from jaxrec import bench
@@ -14,6 +16,9 @@ def test_first_correctness_cases_pass_in_interpret_mode():
     records = gpu_check.correctness(seed=3, interpret=True, limit=3)
     assert len(records) == 3
     assert all(r["ok"] for r in records), records
+    # fp32 to 1e-6 relative; fp16 and bf16 within 1 ulp of the reference rounded once.
+    assert [r["dtype"] for r in records] == ["fp32", "fp16", "bf16"]
+    assert records[0]["relerr"] <= 1e-6 and all(r["max_ulps"] <= 1 for r in records[1:])
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -53,3 +58,39 @@ def test_bench_section_runs_rounds_and_in_jit_timing_in_interpret_mode(tmp_path,
     assert pallas[0]["ms_in_jit"] > 0 and pallas[0]["weighted"]
     assert len(record["bench_rounds"]) == 2 * len(record["bench"])
     assert "in-jit ms" in capsys.readouterr().out
+
+
+def test_backward_check_runs_every_section_on_small_shapes(tmp_path):
+    argv = ["--small", "--interpret", "--limit", "1", "--out", str(tmp_path)]
+    assert gpu_check_backward.main(argv) == 0
+    record = json.loads((tmp_path / "gpu_check_backward.json").read_text())
+    assert len(record["correctness"]) == 1 and record["correctness"][0]["ok"]
+    assert record["variants"]["backward"][0]["ms"] > 0
+    assert record["variants"]["table_copies_in_backward"] == 0
+    assert record["step"][0]["pallas_ms"] > 0 and "xla_handwritten_ms" in record["step"][0]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_backward_check_holds_16_bit_tables_to_one_ulp(dtype):
+    rng = np.random.default_rng(5)
+    opt = gpu_check_backward.so.exact_rowwise_adagrad(0.05, stochastic_rounding=True)
+    result = gpu_check_backward.check_case(
+        rng,
+        gpu_check_backward.SMALL,
+        opt,
+        dim=16,
+        pooling="sum",
+        dtype=dtype,
+        weighted=True,
+        config=gpu_check_backward.SparseUpdateConfig(),
+        interpret=True,
+    )
+    assert result["ok"] and result["max_ulps"] <= 1, result
+
+
+def test_modules_check_runs_on_small_inputs_in_interpret_mode(tmp_path):
+    argv = ["--sections", "modules", "--small", "--seed", "1", "--out", str(tmp_path)]
+    assert gpu_check_modules.main(argv) == 0
+    record = json.loads((tmp_path / "gpu_check_modules.json").read_text())["modules"]
+    assert record["ok"] and record["fused_train_bitwise_deterministic"]
+    assert record["ebc_fp16_max_ulps"] <= 1 and record["ebc_bf16_max_ulps"] <= 1
