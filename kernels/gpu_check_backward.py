@@ -13,6 +13,10 @@
    donated) at 100k / 1M / 2M rows per table, fp32 and bf16 with stochastic rounding, and two
    peers from the same run: the XLA reference step (XLA forward, XLA fused update) and a
    hand-written XLA sparse step (``unique`` + ``segment_sum`` + scatter).
+4. ``weights``: the gradient w.r.t. the per-sample weights (:mod:`.weight_gradient`): the
+   Pallas kernel against the XLA reference (SUM/MEAN, several dims, fp32/bf16 tables; at most
+   1e-5 relative, padding exactly 0), and both timed on the train shape at 1M rows per table
+   with the bytes they must move.
 
 Train shape: 8 tables x E rows x D=128 stacked in one group, B=8192, bag lengths uniform in
 0..40, row-wise Adagrad. Writes ``gpu_check_backward.json`` to ``--out`` (default ``$OUT``).
@@ -49,6 +53,7 @@ from .sparse_update import (
     sparse_row_gradients,
 )
 from .ulps import rounded_once_ulps
+from .weight_gradient import weight_gradient, weight_gradient_reference
 
 VARIANTS = [
     SparseUpdateConfig(4, 1, 1, 1),
@@ -545,10 +550,59 @@ def train_steps(rng, sizes, deadline, config, interpret, limit=None):
     return out
 
 
+def weight_gradients(rng, sizes, interpret, limit=None):
+    """The per-sample weight gradient: kernel against reference, then timed on the train shape."""
+    cases = [
+        (dim, pooling, dtype)
+        for dim in (4, 64, 128, 160)
+        for pooling in ("sum", "mean")
+        for dtype in (jnp.float32, jnp.bfloat16)
+    ][:limit]
+    checks = []
+    for dim, pooling, dtype in cases:
+        case = {"dim": dim, "pooling": pooling, "dtype": jnp.dtype(dtype).name}
+        try:
+            batch = make_batch(
+                rng, sizes.check_tables, sizes.check_rows, sizes.check_batch, 20, dim, padding=9
+            )
+            table = jnp.asarray(rng.normal(size=(batch.num_rows, dim)), dtype)
+            g = jnp.asarray(rng.normal(size=(batch.batch_size, sizes.check_tables * dim)))
+            args = (table, batch.ids, batch.offsets, g, batch.features)
+            kw = {"batch_size": batch.batch_size, "pooling": pooling}
+            got = weight_gradient(*args, interpret=interpret, **kw)
+            want = weight_gradient_reference(*args, **kw)
+            case["rel_err"] = _rel(got[: batch.lookups], want[: batch.lookups])
+            case["padding_zero"] = bool(np.all(np.asarray(got[batch.lookups :]) == 0))
+            case["ok"] = case["rel_err"] <= 1e-5 and case["padding_zero"]
+        except Exception as err:  # record and go on: one failure must not hide the others
+            case.update(ok=False, error=_error(err))
+        checks.append(case)
+    rows, dim = sizes.step_rows[0], 128
+    batch = make_batch(rng, sizes.tables, rows, sizes.batch, sizes.max_len, dim)
+    table = jnp.asarray(rng.normal(size=(batch.num_rows, dim)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(batch.batch_size, sizes.tables * dim)), jnp.float32)
+    kw = {"features": batch.features, "batch_size": batch.batch_size}
+    timing = {"lookups": batch.lookups, "rows_per_table": rows}
+    # Per id: its row and its bag's cotangent slice (fp32), the id, its bag and the result.
+    timing["bytes"] = batch.lookups * (2 * dim * 4 + 3 * 4)
+    impls = {
+        "pallas_ms": functools.partial(weight_gradient, interpret=interpret),
+        "xla_reference_ms": weight_gradient_reference,
+    }
+    for name, impl in impls.items():
+
+        def op(ids, impl=impl):
+            return impl(table, ids, batch.offsets, g, **kw)
+
+        timing[name] = _loop_ms(op, batch.ids, iters=3 if interpret else 20)
+    timing["pallas_gb_s"] = timing["bytes"] / timing["pallas_ms"] / 1e6
+    return {"checks": checks, "ok": all(c["ok"] for c in checks), "timing": timing}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--sections", default="correctness,variants,step")
+    parser.add_argument("--sections", default="correctness,variants,step,weights")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
@@ -588,7 +642,12 @@ def main(argv=None) -> int:
         results["step_config"] = dataclasses.asdict(config)
         results["step"] = train_steps(rng, sizes, deadline, config, args.interpret, args.limit)
         save()
+    if "weights" in sections and time.time() < deadline:
+        results["weights"] = weight_gradients(rng, sizes, args.interpret, args.limit)
+        save()
+        print("weights", results["weights"]["timing"], "ok:", results["weights"]["ok"])
     ok = all(r.get("ok") for r in results.get("correctness", []))
+    ok = ok and results.get("weights", {}).get("ok", True)
     print("seed", seed, "correctness:", "all ok" if ok else "FAILURES")
     v = results.get("variants", {})
     print("bytes", v.get("bytes"))

@@ -1,6 +1,8 @@
 """Per-sample weight gradient: the Pallas kernel (interpret mode) and the XLA reference against
 a NumPy loop oracle and against autodiff of the plain pooled lookup."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,13 @@ def test_bad_arguments_are_refused_with_the_argument_named():
         weight_gradient(w, ids, offs, jnp.ones((2, 2)), feats, batch_size=2, out=jnp.ones(2))
     with pytest.raises(ValueError, match="block_ids"):
         WeightGradientConfig(block_ids=3)
+
+
+def test_gpu_check_weights_section_runs_on_small_shapes(tmp_path):
+    from jaxrec_kernels import gpu_check_backward
+
+    argv = ["--small", "--interpret", "--limit", "2", "--sections", "weights"]
+    assert gpu_check_backward.main([*argv, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gpu_check_backward.json").read_text())["weights"]
+    assert len(record["checks"]) == 2 and record["ok"]
+    assert record["timing"]["pallas_ms"] > 0 and record["timing"]["bytes"] > 0
