@@ -5,7 +5,7 @@
 ['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection', 'EmbeddingConfig']
 """
 
-from jaxrec import optim, parallel
+from jaxrec import optim, parallel, tbe
 from jaxrec.configs import (
     BaseEmbeddingConfig,
     DataType,
@@ -50,4 +50,5 @@ __all__ = [
     "optim",
     "pad_to_capacity",
     "parallel",
+    "tbe",
 ]

@@ -1,0 +1,36 @@
+"""FBGEMM's table-batched embedding operator for JAX: FBGEMM's names, explicit state.
+
+>>> from jaxrec import tbe
+>>> op = tbe.SplitTableBatchedEmbeddingBagsCodegen(
+...     [(10, 4, tbe.EmbeddingLocation.DEVICE, tbe.ComputeDevice.CPU)],
+...     optimizer=tbe.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.05)
+>>> state = op.init()
+>>> op.get_learning_rate(state), [w.shape for w in op.split_embedding_weights(state)]
+(0.05000000074505806, [(10, 4)])
+"""
+
+from jaxrec.tbe.enums import (
+    BoundsCheckMode,
+    CacheAlgorithm,
+    ComputeDevice,
+    EmbeddingLocation,
+    OptimType,
+    PoolingMode,
+    SparseType,
+    WeightDecayMode,
+)
+from jaxrec.tbe.operator import SplitTableBatchedEmbeddingBagsCodegen
+from jaxrec.tbe.state import TBEState
+
+__all__ = [
+    "BoundsCheckMode",
+    "CacheAlgorithm",
+    "ComputeDevice",
+    "EmbeddingLocation",
+    "OptimType",
+    "PoolingMode",
+    "SparseType",
+    "SplitTableBatchedEmbeddingBagsCodegen",
+    "TBEState",
+    "WeightDecayMode",
+]
