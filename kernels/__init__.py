@@ -4,6 +4,8 @@
 - :mod:`~jaxrec_kernels.sequence_lookup`: one row per id (EmbeddingCollection).
 - :mod:`~jaxrec_kernels.sparse_update`: the fused backward — duplicate-id reduction and a
   sparse optimizer applied to the touched rows in place — and the true sparse gradient.
+- :mod:`~jaxrec_kernels.weight_gradient`: the gradient of a pooled lookup w.r.t. its
+  per-sample weights.
 """
 
 from jaxrec_kernels.pooled_lookup import (
@@ -27,15 +29,23 @@ from jaxrec_kernels.sparse_update import (
     fused_update_from_row_gradients,
     sparse_row_gradients,
 )
+from jaxrec_kernels.weight_gradient import (
+    WeightGradientConfig,
+    default_weight_gradient_config,
+    weight_gradient,
+    weight_gradient_reference,
+)
 
 __all__ = [
     "POOLINGS",
     "PooledConfig",
     "SequenceConfig",
     "SparseUpdateConfig",
+    "WeightGradientConfig",
     "default_pooled_config",
     "default_sequence_config",
     "default_update_config",
+    "default_weight_gradient_config",
     "fused_sparse_update",
     "fused_sparse_update_reference",
     "fused_update_from_row_gradients",
@@ -44,4 +54,6 @@ __all__ = [
     "sequence_lookup",
     "sequence_lookup_reference",
     "sparse_row_gradients",
+    "weight_gradient",
+    "weight_gradient_reference",
 ]

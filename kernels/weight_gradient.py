@@ -15,7 +15,8 @@ under MEAN), so the gradient of per-sample weight ``i`` of bag ``(f, b)`` is
 summed over every group feature that lists KJT feature ``f`` (a feature read by several
 tables). It is 0 for padding positions, for positions of KJT features outside the group and
 for ids outside ``[0, num_rows)`` (``-1`` included: those read a zero row in the forward).
-Dot products are accumulated in fp32 whatever the table and cotangent dtypes.
+Dot products are accumulated in fp32 whatever the table and cotangent dtypes. (Under
+``bounds_check="none"`` the forward reads some row for a bad id; its weight still gets 0.)
 
 The kernel runs one program per block of ``block_ids`` id positions: it gathers the block's
 rows and the matching ``grad_out`` slices ``[block_ids, D]`` and reduces them along ``D``.
