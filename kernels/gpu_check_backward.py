@@ -599,10 +599,47 @@ def weight_gradients(rng, sizes, interpret, limit=None):
     return {"checks": checks, "ok": all(c["ok"] for c in checks), "timing": timing}
 
 
+def guard_cost(rng, sizes, deadline, config, interpret, limit=None):
+    """The fused train step with the non-finite guard on (the default) and off.
+
+    Same step as :func:`train_steps` (lookup + fused row-wise Adagrad, D=128 fp32), timed with
+    ``optimizer.skip_nonfinite`` True and False; ``overhead`` is on/off - 1.
+    """
+    opt, dim = so.exact_rowwise_adagrad(0.01, eps=1e-8), 128
+    out = []
+    for rows in list(dict.fromkeys(sizes.step_rows))[:limit]:
+        if time.time() > deadline:
+            break
+        batch, w, g = _train_inputs(rng, sizes, rows, jnp.float32)
+        inputs = (g, batch.ids, batch.offsets)
+        r = {"rows_per_table": rows, "lookups": batch.lookups}
+        for impl in ("pallas", "xla"):
+            for guard in (True, False):
+                fn = step_fn(
+                    batch, opt._replace(skip_nonfinite=guard), dim, impl, config, interpret
+                )
+                carry = (w, opt.init(batch.num_rows, dim), jnp.int32(1), jnp.zeros(()))
+                key = f"{impl}_guard_{'on' if guard else 'off'}_ms"
+                try:
+                    r[key], carry = _median_ms(
+                        lambda c, fn=fn, inputs=inputs: fn(c, *inputs), carry, 10, 5
+                    )
+                except Exception as err:
+                    r[f"{key}_error"] = _error(err)
+                w = carry[0]
+            on, off = r.get(f"{impl}_guard_on_ms"), r.get(f"{impl}_guard_off_ms")
+            if on and off:
+                r[f"{impl}_overhead"] = on / off - 1
+        print(json.dumps(r), flush=True)
+        out.append(r)
+        del w, g, carry, inputs
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--sections", default="correctness,variants,step,weights")
+    parser.add_argument("--sections", default="correctness,variants,step,guard,weights")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
@@ -641,6 +678,9 @@ def main(argv=None) -> int:
     if "step" in sections and time.time() < deadline:
         results["step_config"] = dataclasses.asdict(config)
         results["step"] = train_steps(rng, sizes, deadline, config, args.interpret, args.limit)
+        save()
+    if "guard" in sections and time.time() < deadline:
+        results["guard"] = guard_cost(rng, sizes, deadline, config, args.interpret, args.limit)
         save()
     if "weights" in sections and time.time() < deadline:
         results["weights"] = weight_gradients(rng, sizes, args.interpret, args.limit)

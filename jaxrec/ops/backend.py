@@ -28,7 +28,19 @@ class BoundsCheckMode(enum.Enum):
     - WARNING: the id contributes a zero row and is counted; the count is
       returned (functional API) or sown into the ``"bounds_check"`` collection.
     - IGNORE: the id contributes a zero row, nothing is counted.
-    - NONE: no check; the result for such an id is undefined.
+    - NONE: the id is not checked against its table: the forward reads stacked
+      row ``clip(row_offset + id, 0, R - 1)`` of its group (for a bad id, a row
+      of another table of the group, or the group's first or last row), never
+      memory outside the stacked buffer, on every backend; nothing is counted,
+      and the fused backward does not update a row for it.
+
+    In every mode a bag of negative length, or ending past the values'
+    capacity (a traced running sum that overflowed int32 included), is emptied
+    before any kernel runs (``jaxrec.ops.bags``); FATAL raises on it and WARNING
+    adds it to the same count as the bad ids. A traced id outside int32 (64-bit
+    ids under ``jax_enable_x64``) becomes -1, a bad id, never another row. The
+    fused update's non-finite guard reports skipped rows by the same mode
+    (``jaxrec.ops.nonfinite``).
     """
 
     FATAL = "fatal"
