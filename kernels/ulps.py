@@ -6,9 +6,9 @@ exact one far below a 16-bit ulp). Summing in 16 bits instead rounds after every
 drifts by several ulps on long bags. The checks of the tests and of the GPU check scripts
 measure that distance with :func:`rounded_once_ulps`.
 
->>> import ml_dtypes, numpy as np
->>> x = np.array([1.0, 1.0, -0.0], ml_dtypes.bfloat16)
->>> y = np.array([1.0078125, 0.9921875, 0.0], ml_dtypes.bfloat16)  # the neighbours of 1.0
+>>> import jax.numpy as jnp, numpy as np
+>>> x = np.array([1.0, 1.0, -0.0], jnp.bfloat16)
+>>> y = np.array([1.0078125, 0.9921875, 0.0], jnp.bfloat16)  # the neighbours of 1.0
 >>> ulp_distance(x, y).tolist()
 [1.0, 2.0, 0.0]
 >>> rounded_once_ulps(np.float16([3.0]), np.array([3.0015]), np.float16).tolist()
@@ -17,12 +17,12 @@ measure that distance with :func:`rounded_once_ulps`.
 
 from __future__ import annotations
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 _INT = {2: np.int16, 4: np.int32}
 FLOOR = 2.0**-17  # the float32 sum's own error, relative to the largest output
-_FLOATS = tuple(np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32))
+_FLOATS = tuple(np.dtype(t) for t in (np.float16, jnp.bfloat16, np.float32))
 
 
 def _ordered(x: np.ndarray) -> np.ndarray:

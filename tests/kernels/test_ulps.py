@@ -1,13 +1,13 @@
 """Ulp distances of 16-bit floats, and the rounded-once assertion that the 16-bit lookup
 tests use: it accepts a float32 sum rounded once and refuses a sum accumulated in 16 bits."""
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jaxrec_kernels.ulps import rounded_once_ulps, ulp_distance
 from ulp_assertions import assert_rounded_once
 
-DTYPES = [np.float16, ml_dtypes.bfloat16]
+DTYPES = [np.float16, jnp.bfloat16]
 
 
 def long_bags(dtype, seed, num_bags=64, dim=32, min_len=40, max_len=80):
