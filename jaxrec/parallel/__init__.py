@@ -10,6 +10,12 @@ the per-device shard layout, the sharded lookup and the params conversion.
 
 from jaxrec.parallel.convert import TableState, partition_specs, shard_params, unshard_params
 from jaxrec.parallel.layout import ShardedLayout
+from jaxrec.parallel.planner import (
+    EmbeddingShardingPlanner,
+    ParameterConstraints,
+    PlanReport,
+    Topology,
+)
 from jaxrec.parallel.row_sharding import row_partition_specs, row_shardings, shard_rows
 from jaxrec.parallel.sharded_lookup import ShardedLookupSpec, sharded_lookup
 from jaxrec.parallel.types import (
@@ -26,6 +32,10 @@ from jaxrec.parallel.types import (
 )
 
 __all__ = [
+    "EmbeddingShardingPlanner",
+    "ParameterConstraints",
+    "PlanReport",
+    "Topology",
     "ParameterSharding",
     "ShardMetadata",
     "ShardedLayout",

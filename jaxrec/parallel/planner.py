@@ -18,8 +18,11 @@ The plan is greedy over the cost model of :mod:`jaxrec.parallel.cost_model`:
    over the 2, 4, ... least loaded devices; column-wise (if allowed) in 2, 3, ... equal
    column shards of at least ``min_partition`` columns on the least loaded devices;
    data-parallel. Keep the candidates whose memory fits every device; choose the one with
-   the smallest maximum per-device time (lookup + communication), then the smallest total
-   time, then the smallest memory. Refuse a table that fits nowhere.
+   the smallest maximum plus mean per-device time (lookup + communication): the maximum
+   is the step's time, the mean the work that later tables must balance against (a greedy
+   on the maximum alone replicates table after table, each a little cheaper than the next
+   table-wise owner); then the smallest maximum, then the least memory. Refuse a table
+   that fits nowhere.
 
 What comes out: a table-wise placement while it fits and balances (its all-to-all moves
 only ``B x dim`` outputs per source, a row-wise table reduce-scatters ``(N - 1) B dim``
@@ -146,7 +149,9 @@ class ParameterConstraints:
         pinned = self.pinned
         if pinned is not None and not isinstance(pinned, ParameterSharding):
             raise ValueError(f"pinned must be a ParameterSharding, got {type(pinned).__name__}")
-        if pinned is not None and pinned.sharding_type not in self.allowed:
+        if pinned is not None and pinned.sharding_type not in (
+            self.sharding_types or (pinned.sharding_type,)
+        ):
             raise ValueError(
                 f"pinned {pinned.sharding_type.value} is not among the allowed sharding_types "
                 f"{[k.value for k in self.allowed]}"
@@ -410,7 +415,7 @@ class EmbeddingShardingPlanner:
         for kind in constraint.allowed:
             if kind is ShardingType.TABLE_WISE:
                 out += [table_wise(r) for r in range(n)]
-            elif kind is ShardingType.ROW_WISE:
+            elif kind is ShardingType.ROW_WISE and p.table.num_embeddings >= n:
                 out.append(row_wise())
             elif kind is ShardingType.TABLE_ROW_WISE:
                 k = 2
@@ -438,12 +443,8 @@ class EmbeddingShardingPlanner:
                 misses[kind] = min(over, misses.get(kind, over))
                 continue
             seconds = new.seconds
-            score = (
-                float(seconds.max()),
-                float(seconds.sum()),
-                new.allocated,
-                _PREFERENCE.index(kind),
-            )
+            worst, total = float(seconds.max()), float(seconds.sum())
+            score = (worst + total / n, worst, new.allocated, _PREFERENCE.index(kind))
             if best is None or _before(score, best[0]):
                 best = (score, new, sharding)
         if best is not None:
