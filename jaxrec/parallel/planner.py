@@ -28,9 +28,12 @@ What comes out: a table-wise placement while it fits and balances (its all-to-al
 only ``B x dim`` outputs per source, a row-wise table reduce-scatters ``(N - 1) B dim``
 partial sums on every device); row-wise for a table bigger than a device's free memory or
 so hot that one device's lookups would dominate; data-parallel for tiny *plain* tables
-(their dense gradient all-reduce is smaller than any all-to-all). Tiny *fused* tables go
-table-wise: a fused replica all-gathers ``(N - 1) B p`` gradient rows, which costs more
-than a table-wise all-to-all. Column-wise types are proposed only where a table's
+(their dense gradient all-reduce is smaller than any all-to-all) where the replica costs
+every device less than a table-wise owner's share. Tiny *fused* tables go table-wise,
+spread over the owners: a fused replica all-gathers ``(N - 1) B p`` gradient rows on every
+device, as much as one table-wise owner receives. Data parallel is proposed only for
+tables of at most ``data_parallel_max_bytes`` unless a table's constraints list it.
+Column-wise types are proposed only where a table's
 constraints allow them: a column shard keeps its own row-wise optimizer state, so such a
 table trains differently from one device.
 
