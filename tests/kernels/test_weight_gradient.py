@@ -35,9 +35,7 @@ def both(*args, **kw):
     return weight_gradient(*args, interpret=True, **kw), weight_gradient_reference(*args, **kw)
 
 
-@pytest.mark.parametrize(
-    "pooling,dim,seed", [("sum", 3, 0), ("mean", 16, 1), ("sum", 40, 2), ("mean", 5, 3)]
-)
+@pytest.mark.parametrize("pooling,dim,seed", [("sum", 3, 0), ("mean", 40, 2)])
 def test_matches_numpy_oracle_with_bad_ids_padding_and_a_feature_in_two_tables(pooling, dim, seed):
     rng = np.random.default_rng(seed)
     batch, rows = 5, 7
