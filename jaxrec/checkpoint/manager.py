@@ -106,7 +106,10 @@ class CheckpointManager:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+                cleanup_tmp_directories=True,  # remove what an interrupted save left
             ),
         )
 

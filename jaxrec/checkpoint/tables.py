@@ -229,6 +229,16 @@ def _table_groups(layout: TableLayout) -> dict[str, list[str]]:
     return {k: list(dict.fromkeys(v)) for k, v in out.items()}
 
 
+def _leaf_kinds(leaves_of: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, bool], dict]:
+    """``{(leaf, per_row): {array prefix: array name}}``: one optimizer's ``momentum1`` may
+    be per-row and another's per-element, so a leaf name alone does not fix the shape."""
+    out: dict[tuple[str, bool], dict[str, str]] = {}
+    for prefix, leaves in leaves_of.items():
+        for leaf, value in leaves.items():
+            out.setdefault((leaf, np.ndim(value) == 1), {})[prefix] = f"{prefix}/{leaf}"
+    return out
+
+
 def to_canonical(layout: TableLayout, subtree: Any) -> dict[str, dict[str, Any]]:
     """The canonical form (module docstring) of a placed collection's variables."""
     entries = _groups(layout, subtree)
@@ -238,17 +248,14 @@ def to_canonical(layout: TableLayout, subtree: Any) -> dict[str, dict[str, Any]]
     holders = _table_groups(layout)
     sources: dict[str, jax.Array] = {}
     replicated = set()
-    kinds: dict[str, tuple[bool, str]] = {}  # leaf -> (per_row, dtype)
-    for prefix, entry in entries.items():
-        for leaf, value in _leaves(entry).items():
-            name = f"{prefix}/{leaf}"
-            sources[name] = value
+    leaves_of = {p: _leaves(e) for p, e in entries.items()}
+    for prefix, leaves in leaves_of.items():
+        for leaf, value in leaves.items():
+            sources[f"{prefix}/{leaf}"] = value
             if prefix.startswith("replicated/"):
-                replicated.add(name)
-            kinds.setdefault(leaf, (np.ndim(value) == 1, str(value.dtype)))
+                replicated.add(f"{prefix}/{leaf}")
     all_copies, targets = [], {}
-    for leaf, (per_row, _) in kinds.items():
-        arrays = {p: f"{p}/{leaf}" for p in entries if f"{p}/{leaf}" in sources}
+    for (leaf, per_row), arrays in _leaf_kinds(leaves_of).items():
         tables = {t: shapes[t] for t, ps in holders.items() if any(p in arrays for p in ps)}
         src = _segments(layout, arrays, leaf, per_row)
         dst = canonical_segments(tables, n, leaf, per_row=per_row)
@@ -358,9 +365,7 @@ def from_canonical(
         for s, v in rec.get("state", {}).items():
             sources[canonical_array(t, s)] = v
     leaves_of = {p: _leaves(e) for p, e in entries.items()}
-    for leaf in dict.fromkeys(leaf for ls in leaves_of.values() for leaf in ls):
-        arrays = {p: f"{p}/{leaf}" for p, ls in leaves_of.items() if leaf in ls}
-        per_row = any(np.ndim(leaves_of[p][leaf]) == 1 for p in arrays)
+    for (leaf, per_row), arrays in _leaf_kinds(leaves_of).items():
         tables = {t: shapes[t] for t, ps in holders.items() if any(p in arrays for p in ps)}
         src = canonical_segments(tables, n, leaf, per_row=per_row)
         dst = _segments(layout, arrays, leaf, per_row)
@@ -375,6 +380,11 @@ def from_canonical(
                 p.startswith("replicated/"),
             )
     moved = move(tuple(all_copies), sources, targets, mesh, axis)
+    for p, leaves in leaves_of.items():  # the target's own shardings, where it has them
+        for leaf, value in leaves.items():
+            sharding = getattr(value, "sharding", None)
+            if sharding is not None:
+                moved[f"{p}/{leaf}"] = jax.device_put(moved[f"{p}/{leaf}"], sharding)
     replicated = NamedSharding(mesh, P())
     groups: dict[str, Any] = {}
     for p, entry in entries.items():
@@ -393,8 +403,14 @@ def from_canonical(
         groups[p] = FusedTableParams(
             weight=weight,
             state={k: moved[f"{p}/{k}"] for k in entry.state},
-            step=jax.device_put(np.asarray(first["step"], entry.step.dtype), replicated),
-            uses=jax.device_put(np.asarray(first["uses"], entry.uses.dtype), replicated),
+            step=jax.device_put(
+                np.asarray(first["step"], entry.step.dtype),
+                getattr(entry.step, "sharding", None) or replicated,
+            ),
+            uses=jax.device_put(
+                np.asarray(first["uses"], entry.uses.dtype),
+                getattr(entry.uses, "sharding", None) or replicated,
+            ),
         )
     if isinstance(layout.plan, ShardedLayout):
         return {
