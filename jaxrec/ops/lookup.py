@@ -427,6 +427,9 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
         weights_grad = _weights_cotangent(spec, params, views, grad_out, offsets, weights)
         # The weight gradient reads the tables before the fused updates overwrite them in
         # place: order it first (XLA drops both when the weights are not differentiated).
+        # The CPU compiler drops the barrier before it places copies, so there a step that
+        # differentiates the weights of a fused lookup copies the fused tables (correct,
+        # not in place); a step that does not is unaffected.
         weights_grad, params = jax.lax.optimization_barrier((weights_grad, params))
     grads = []
     for g, ((group, group_ids, _), param) in enumerate(zip(views, params, strict=True)):
