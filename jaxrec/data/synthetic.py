@@ -37,6 +37,7 @@ class Batch(NamedTuple):
     dense: jax.Array  # [B, num_dense] float32
     sparse: KeyedJaggedTensor  # F keys, stride B
     labels: jax.Array  # [B] float32 in {0, 1}
+    weights: jax.Array | None = None  # [B] float32: 1 for a real example, 0 for batch padding
 
 
 @dataclass(frozen=True)
