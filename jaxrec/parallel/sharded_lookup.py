@@ -22,6 +22,30 @@ get the gradient summed over the axis. Autodiff through the collectives gives th
 backward: output gradients travel back the same way and each owner updates its rows in
 place. Run the caller's step inside ``jax.shard_map(..., check_vma=False)``, with the
 sharded params split as :func:`jaxrec.parallel.convert.partition_specs` says.
+
+Two devices, table ``a`` split by rows, ``b`` whole on device 1, one bag per device:
+
+>>> import jax, jax.numpy as jnp, numpy as np
+>>> from jax.sharding import Mesh, PartitionSpec as P
+>>> from jaxrec.configs import EmbeddingBagConfig
+>>> from jaxrec.parallel import ShardingPlan, partition_specs, row_wise, shard_params, table_wise
+>>> tables = [
+...     EmbeddingBagConfig(name="a", embedding_dim=2, num_embeddings=4, feature_names=["fa"]),
+...     EmbeddingBagConfig(name="b", embedding_dim=2, num_embeddings=3, feature_names=["fb"]),
+... ]
+>>> layout = ShardedLayout.create(tables, ShardingPlan({"a": row_wise(), "b": table_wise(1)}), 2)
+>>> params = shard_params(layout, {"sum_float32_d2": jnp.arange(14.0).reshape(7, 2)})
+>>> spec = ShardedLookupSpec.create(layout, ("fa", "fb"), batch_size=1, axis="x", backend="xla")
+>>> def body(p, ids, lengths):
+...     offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(lengths)])
+...     return sharded_lookup(spec, p, ids, offsets, None)[0]
+>>> step = jax.jit(jax.shard_map(
+...     body, mesh=Mesh(np.array(jax.devices()[:2]), ("x",)),
+...     in_specs=(partition_specs(layout, "x"), P("x"), P("x")), out_specs=P("x"),
+...     check_vma=False))
+>>> # device 0: fa [0, 3], fb [2]; device 1: fa [], fb [0, 1] (3 id slots per device)
+>>> step(params, jnp.array([0, 3, 2, 0, 1, 0]), jnp.array([2, 1, 0, 2])).tolist()
+[[6.0, 8.0, 12.0, 13.0], [0.0, 0.0, 18.0, 20.0]]
 """
 
 from __future__ import annotations
@@ -36,6 +60,7 @@ from jax.experimental import checkify
 
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
 from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.parallel.input_dist import bags_of_positions, compact, route, routing_tables
 from jaxrec.parallel.layout import ShardedLayout
 
 __all__ = ["ShardedLookupSpec", "sharded_lookup"]
@@ -77,132 +102,6 @@ class ShardedLookupSpec:
         return cls(layout, keys, int(batch_size), axis, backend, mode.value)
 
     # ---- static routing tables -----------------------------------------------------------
-    @functools.cached_property
-    def routes(self) -> dict[str, np.ndarray]:
-        """Per KJT feature and shard index: where its ids go (numpy, static).
-
-        ``copies [F]`` shards reading every id (column-split: one per shard; 0: not sent),
-        ``row_split [F]``, ``row_starts [F, S]`` (padded with int32 max), ``dest [F, S]``
-        (rank * slots + slot), ``shift [F, S]`` (local row - global row), ``rows [F]``.
-        """
-        layout, keys = self.layout, self.kjt_keys
-        num_slots = len(layout.slots)
-        width = max([len(layout.shards_of(t.name)) for t in layout.tables] + [1])
-        big = np.iinfo(np.int32).max
-        f_count = len(keys)
-        out = {
-            "copies": np.zeros(f_count, np.int32),
-            "row_split": np.zeros(f_count, bool),
-            "row_starts": np.full((f_count, width), big, np.int32),
-            "dest": np.zeros((f_count, width), np.int32),
-            "shift": np.zeros((f_count, width), np.int32),
-            "rows": np.zeros(f_count, np.int32),
-            "counted": np.zeros(f_count, bool),
-            "col_offset": np.zeros((f_count, width), np.int32),
-            "num_cols": np.zeros((f_count, width), np.int32),
-        }
-        where = {}
-        for rank, row in enumerate(layout.assignments):
-            for slot, held in enumerate(row):
-                if held is not None:
-                    where[held] = rank * num_slots + slot
-        for fi, (feature, table_name) in enumerate(layout.features):
-            k = keys.index(feature)
-            sharding = layout.plan[table_name]
-            out["rows"][k] = layout.table(table_name).num_embeddings
-            shards = layout.shards_of(table_name)
-            if not shards:  # data parallel: looked up in place
-                continue
-            out["counted"][k] = True
-            split = sharding.sharding_type.splits_rows
-            out["row_split"][k] = split
-            out["copies"][k] = 1 if split else len(shards)
-            for shard in shards:
-                out["row_starts"][k, shard.index] = shard.row_offset if split else 0
-                out["dest"][k, shard.index] = where[(fi, shard.index)]
-                out["shift"][k, shard.index] = shard.local_row - shard.row_offset
-                out["col_offset"][k, shard.index] = shard.col_offset
-                out["num_cols"][k, shard.index] = shard.num_cols
-        return out
-
-    @functools.cached_property
-    def send_capacity(self) -> int:
-        """Ids sent to one device, per id of the local KJT: the most shards of one table a
-        device holds (column shards may share a device; row shards never do)."""
-        counts = [1]
-        for t in self.layout.tables:
-            ranks = [s.rank for s in self.layout.shards_of(t.name)]
-            counts += [ranks.count(r) for r in set(ranks)]
-        return max(counts)
-
-
-def _bags_of_positions(offsets: jax.Array, capacity: int):
-    """For every position of the values: its bag (flat ``f * B + b``) and whether it is real."""
-    positions = jnp.arange(capacity, dtype=jnp.int32)
-    bags = jnp.searchsorted(offsets[1:], positions, side="right").astype(jnp.int32)
-    return bags, positions < offsets[-1]
-
-
-def _route(spec: ShardedLookupSpec, ids, offsets, weights):
-    """Sender side: per destination, the lengths ``[n, K, B]`` and padded ids (and weights)
-    ``[n, cap]``, this device's count of ids outside their tables, and for every buffer
-    entry the send it holds (``copy * capacity + position``) and whether it is real."""
-    layout, routes = spec.layout, spec.routes
-    n, num_slots, batch = layout.num_devices, len(layout.slots), spec.batch_size
-    capacity = ids.shape[0]
-    bags, live = _bags_of_positions(offsets, capacity)
-    kjt = jnp.minimum(bags // batch, len(spec.kjt_keys) - 1)
-    b = bags % batch
-    rows = jnp.asarray(routes["rows"])[kjt]
-    bad = live & ((ids < 0) | (ids >= rows))
-    bad_count = jnp.sum(bad & jnp.asarray(routes["counted"])[kjt]).astype(jnp.int32)
-    row_split = jnp.asarray(routes["row_split"])[kjt]
-    bucket = jnp.sum(ids[:, None] >= jnp.asarray(routes["row_starts"])[kjt], axis=1) - 1
-    bucket = jnp.clip(bucket, 0, routes["row_starts"].shape[1] - 1)
-    copies = int(routes["copies"].max(initial=0))
-    sentinel = n * num_slots * batch
-    keys, values, shards = [], [], []
-    for j in range(max(copies, 1)):
-        shard = jnp.where(row_split, bucket, j)
-        shards.append(shard)
-        sent = live & (j < jnp.asarray(routes["copies"])[kjt]) & ~(bad & row_split)
-        dest = jnp.asarray(routes["dest"])[kjt, shard]
-        keys.append(jnp.where(sent, dest * batch + b, sentinel))
-        values.append(jnp.where(bad, -1, ids + jnp.asarray(routes["shift"])[kjt, shard]))
-    keys, values = jnp.concatenate(keys), jnp.concatenate(values)
-    order = jnp.argsort(keys, stable=True)
-    lengths = jnp.bincount(keys, length=sentinel + 1)[:sentinel].astype(jnp.int32)
-    lengths = lengths.reshape(n, num_slots, batch)
-    totals = lengths.sum(axis=(1, 2))
-    starts = jnp.cumsum(totals) - totals
-    cap = capacity * spec.send_capacity
-    index = starts[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
-    real = jnp.arange(cap)[None, :] < totals[:, None]
-    index = jnp.clip(index, 0, keys.shape[0] - 1)
-    take = order[index]
-    out_ids = jnp.where(real, values[take], 0)
-    out_weights = None
-    if weights is not None:
-        tiled = jnp.tile(weights, max(copies, 1))
-        out_weights = jnp.where(real, tiled[take], 0).astype(weights.dtype)
-    entries = (take, jnp.concatenate(shards)[take], real)
-    return lengths, out_ids, out_weights, bad_count, entries
-
-
-def _compact(lengths, ids, weights):
-    """Receiver side: the per-source padded buffers as one KJT (features source-major)."""
-    n, cap = ids.shape
-    totals = lengths.reshape(n, -1).sum(axis=1)
-    ends = jnp.cumsum(totals)
-    q = jnp.arange(n * cap, dtype=jnp.int32)
-    source = jnp.minimum(jnp.searchsorted(ends, q, side="right"), n - 1)
-    within = jnp.clip(q - (ends[source] - totals[source]), 0, cap - 1)
-    real = q < ends[-1]
-    values = jnp.where(real, ids[source, within], 0)
-    out_weights = None if weights is None else jnp.where(real, weights[source, within], 0)
-    flat = lengths.reshape(-1)
-    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(flat).astype(jnp.int32)])
-    return values, offsets, out_weights
 
 
 @functools.lru_cache(maxsize=64)
@@ -359,13 +258,15 @@ def sharded_lookup(
     parts, bad = [], jnp.zeros((), jnp.int32)
     perm, width_a, width_r, index, divide_by = _columns(spec)
     if layout.groups:
-        lengths, send_ids, send_w, bad, _ = _route(spec, ids, offsets, weights)
+        lengths, send_ids, send_w, bad, _ = route(
+            layout, spec.kjt_keys, batch, ids, offsets, weights
+        )
         to_owner = functools.partial(
             jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
         )
         lengths, send_ids = to_owner(lengths), to_owner(send_ids)
         send_w = None if send_w is None else to_owner(send_w)
-        values, local_offsets, local_w = _compact(lengths, send_ids, send_w)
+        values, local_offsets, local_w = compact(lengths, send_ids, send_w)
         local = _local_spec(spec)
         groups = tuple(params["shards"][g.name] for g in layout.groups)
         out, _ = lookup(local, groups, values, local_offsets, local_w)
@@ -410,16 +311,18 @@ def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):
     out = jnp.zeros((capacity, width), jnp.float32)
     bad = jnp.zeros((), jnp.int32)
     if layout.groups:
-        lengths, send_ids, _, bad, (take, shard, real) = _route(spec, ids, offsets, None)
+        lengths, send_ids, _, bad, (take, shard, real) = route(
+            layout, spec.kjt_keys, batch, ids, offsets, None
+        )
         to_owner = functools.partial(
             jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
         )
         lengths, send_ids = to_owner(lengths), to_owner(send_ids)
-        values, local_offsets, _ = _compact(lengths, send_ids, None)
+        values, local_offsets, _ = compact(lengths, send_ids, None)
         groups = tuple(params["shards"][g.name] for g in layout.groups)
         rows, _ = lookup(_local_spec(spec), groups, values, local_offsets, None)
         # one row per received position, in the group of its slot, padded to ``width``
-        bags, _ = _bags_of_positions(local_offsets, values.shape[0])
+        bags, _ = bags_of_positions(local_offsets, values.shape[0])
         slot_group = jnp.asarray([slot.group for slot in layout.slots], jnp.int32)
         group_of = slot_group[(bags // batch) % len(layout.slots)]
         merged = sum(
@@ -439,10 +342,10 @@ def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):
         )
         back = to_owner(back)  # [owner, cap, width], aligned with this device's send buffers
         position = take % capacity
-        bags_here, _ = _bags_of_positions(offsets, capacity)
+        bags_here, _ = bags_of_positions(offsets, capacity)
         kjt = jnp.minimum(bags_here // batch, len(spec.kjt_keys) - 1)[position]
-        col0 = jnp.asarray(spec.routes["col_offset"])[kjt, shard]
-        cols = jnp.asarray(spec.routes["num_cols"])[kjt, shard]
+        col0 = jnp.asarray(routing_tables(layout, spec.kjt_keys)["col_offset"])[kjt, shard]
+        cols = jnp.asarray(routing_tables(layout, spec.kjt_keys)["num_cols"])[kjt, shard]
         lane = jnp.arange(width)
         target = jnp.where(
             real[..., None] & (lane < cols[..., None]), col0[..., None] + lane, width
@@ -450,7 +353,7 @@ def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):
         out = out.at[jnp.broadcast_to(position[..., None], target.shape), target].add(
             back, mode="drop"
         )
-    bags_here, live = _bags_of_positions(offsets, capacity)
+    bags_here, live = bags_of_positions(offsets, capacity)
     kjt = jnp.minimum(bags_here // batch, len(spec.kjt_keys) - 1)
     feature_group = np.full(len(spec.kjt_keys), -1, np.int32)
     for f in single.features:

@@ -1,0 +1,151 @@
+"""Input distribution: every id to the device that owns its table, rows or columns.
+
+The sender checks each id against its global table, routes it to its shard (row-split
+tables: bucketized by row range; column shards: one copy per shard), rewrites it to the
+owner's local row, and sorts the ids into one capacity-padded buffer per destination
+(:func:`route`). After ``jax.lax.all_to_all`` of lengths and ids, the owner packs the
+per-source buffers into one KJT whose features are (source device, slot) pairs
+(:func:`compact`). Everything static (which shard holds what) is numpy, computed once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.parallel.layout import ShardedLayout
+
+__all__ = ["bags_of_positions", "compact", "route", "routing_tables", "send_capacity"]
+
+
+@functools.lru_cache(maxsize=64)
+def routing_tables(layout: ShardedLayout, kjt_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per KJT feature and shard index: where its ids go (numpy, static).
+
+    ``copies [F]`` shards reading every id (column-split: one per shard; 0: not sent),
+    ``row_split [F]``, ``row_starts [F, S]`` (padded with int32 max), ``dest [F, S]``
+    (rank * slots + slot), ``shift [F, S]`` (local row - global row), ``col_offset`` and
+    ``num_cols [F, S]`` (the shard's columns), ``rows [F]`` (the table's), ``counted [F]``
+    (whether the sender counts its bad ids: not for data-parallel tables).
+    """
+    num_slots = len(layout.slots)
+    width = max([len(layout.shards_of(t.name)) for t in layout.tables] + [1])
+    big = np.iinfo(np.int32).max
+    f_count = len(kjt_keys)
+    out = {
+        "copies": np.zeros(f_count, np.int32),
+        "row_split": np.zeros(f_count, bool),
+        "row_starts": np.full((f_count, width), big, np.int32),
+        "dest": np.zeros((f_count, width), np.int32),
+        "shift": np.zeros((f_count, width), np.int32),
+        "rows": np.zeros(f_count, np.int32),
+        "counted": np.zeros(f_count, bool),
+        "col_offset": np.zeros((f_count, width), np.int32),
+        "num_cols": np.zeros((f_count, width), np.int32),
+    }
+    where = {}
+    for rank, row in enumerate(layout.assignments):
+        for slot, held in enumerate(row):
+            if held is not None:
+                where[held] = rank * num_slots + slot
+    for fi, (feature, table_name) in enumerate(layout.features):
+        k = kjt_keys.index(feature)
+        sharding = layout.plan[table_name]
+        out["rows"][k] = layout.table(table_name).num_embeddings
+        shards = layout.shards_of(table_name)
+        if not shards:  # data parallel: looked up in place
+            continue
+        out["counted"][k] = True
+        split = sharding.sharding_type.splits_rows
+        out["row_split"][k] = split
+        out["copies"][k] = 1 if split else len(shards)
+        for shard in shards:
+            out["row_starts"][k, shard.index] = shard.row_offset if split else 0
+            out["dest"][k, shard.index] = where[(fi, shard.index)]
+            out["shift"][k, shard.index] = shard.local_row - shard.row_offset
+            out["col_offset"][k, shard.index] = shard.col_offset
+            out["num_cols"][k, shard.index] = shard.num_cols
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def send_capacity(layout: ShardedLayout) -> int:
+    """Ids sent to one device, per id of the local KJT: the most shards of one table a
+    device holds (column shards may share a device; row shards never do)."""
+    counts = [1]
+    for t in layout.tables:
+        ranks = [s.rank for s in layout.shards_of(t.name)]
+        counts += [ranks.count(r) for r in set(ranks)]
+    return max(counts)
+
+
+def bags_of_positions(offsets: jax.Array, capacity: int):
+    """For every position of the values: its bag (flat ``f * B + b``) and whether it is real."""
+    positions = jnp.arange(capacity, dtype=jnp.int32)
+    bags = jnp.searchsorted(offsets[1:], positions, side="right").astype(jnp.int32)
+    return bags, positions < offsets[-1]
+
+
+def route(layout: ShardedLayout, kjt_keys: tuple[str, ...], batch: int, ids, offsets, weights):
+    """Sender side: per destination, the lengths ``[n, K, B]`` and padded ids (and weights)
+    ``[n, cap]``, this device's count of ids outside their tables, and for every buffer
+    entry the send it holds (``copy * capacity + position``) and whether it is real."""
+    routes = routing_tables(layout, kjt_keys)
+    n, num_slots = layout.num_devices, len(layout.slots)
+    capacity = ids.shape[0]
+    bags, live = bags_of_positions(offsets, capacity)
+    kjt = jnp.minimum(bags // batch, len(kjt_keys) - 1)
+    b = bags % batch
+    rows = jnp.asarray(routes["rows"])[kjt]
+    bad = live & ((ids < 0) | (ids >= rows))
+    bad_count = jnp.sum(bad & jnp.asarray(routes["counted"])[kjt]).astype(jnp.int32)
+    row_split = jnp.asarray(routes["row_split"])[kjt]
+    bucket = jnp.sum(ids[:, None] >= jnp.asarray(routes["row_starts"])[kjt], axis=1) - 1
+    bucket = jnp.clip(bucket, 0, routes["row_starts"].shape[1] - 1)
+    copies = int(routes["copies"].max(initial=0))
+    sentinel = n * num_slots * batch
+    keys, values, shards = [], [], []
+    for j in range(max(copies, 1)):
+        shard = jnp.where(row_split, bucket, j)
+        shards.append(shard)
+        sent = live & (j < jnp.asarray(routes["copies"])[kjt]) & ~(bad & row_split)
+        dest = jnp.asarray(routes["dest"])[kjt, shard]
+        keys.append(jnp.where(sent, dest * batch + b, sentinel))
+        values.append(jnp.where(bad, -1, ids + jnp.asarray(routes["shift"])[kjt, shard]))
+    keys, values = jnp.concatenate(keys), jnp.concatenate(values)
+    order = jnp.argsort(keys, stable=True)
+    lengths = jnp.bincount(keys, length=sentinel + 1)[:sentinel].astype(jnp.int32)
+    lengths = lengths.reshape(n, num_slots, batch)
+    totals = lengths.sum(axis=(1, 2))
+    starts = jnp.cumsum(totals) - totals
+    cap = capacity * send_capacity(layout)
+    index = starts[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
+    real = jnp.arange(cap)[None, :] < totals[:, None]
+    index = jnp.clip(index, 0, keys.shape[0] - 1)
+    take = order[index]
+    out_ids = jnp.where(real, values[take], 0)
+    out_weights = None
+    if weights is not None:
+        tiled = jnp.tile(weights, max(copies, 1))
+        out_weights = jnp.where(real, tiled[take], 0).astype(weights.dtype)
+    entries = (take, jnp.concatenate(shards)[take], real)
+    return lengths, out_ids, out_weights, bad_count, entries
+
+
+def compact(lengths, ids, weights):
+    """Receiver side: the per-source padded buffers as one KJT (features source-major)."""
+    n, cap = ids.shape
+    totals = lengths.reshape(n, -1).sum(axis=1)
+    ends = jnp.cumsum(totals)
+    q = jnp.arange(n * cap, dtype=jnp.int32)
+    source = jnp.minimum(jnp.searchsorted(ends, q, side="right"), n - 1)
+    within = jnp.clip(q - (ends[source] - totals[source]), 0, cap - 1)
+    real = q < ends[-1]
+    values = jnp.where(real, ids[source, within], 0)
+    out_weights = None if weights is None else jnp.where(real, weights[source, within], 0)
+    flat = lengths.reshape(-1)
+    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(flat).astype(jnp.int32)])
+    return values, offsets, out_weights
