@@ -235,7 +235,13 @@ class CheckpointManager:
                 record["uses"] = np.zeros((5,), np.float32)
             target[key] = record
         args = ocp.args.Composite(tables=ocp.args.StandardRestore(target, strict=False))
-        return self._manager.restore(step, args=args)["tables"]
+        restored = self._manager.restore(step, args=args)["tables"]
+        for key, record in restored.items():  # the saved arrays' padding rows dropped
+            rows = saved[key]["rows"]
+            record["weight"] = np.asarray(record["weight"])[:rows]
+            for k, v in record.get("state", {}).items():
+                record["state"][k] = np.asarray(v)[:rows]
+        return restored
 
     def wait_until_finished(self) -> None:
         """Wait for a background save to finish (raises what it raised)."""
