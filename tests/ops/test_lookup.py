@@ -714,3 +714,24 @@ def test_row_sharded_weight_gradient_equals_one_device(backend):
         )
     )(shard_rows(params, mesh, "rows"), kjt.weights())
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_fused_step_that_does_not_differentiate_the_weights_copies_no_table():
+    rng = np.random.default_rng(24)
+    kjt = random_kjt(rng, WG_KEYS, WG_ROWS, batch=4, weighted=True, capacity=64)
+    ebc = EmbeddingBagCollection(
+        tables=weight_grad_tables(PoolingType.SUM),
+        is_weighted=True,
+        backend="xla",
+        optimizer=jaxrec.optim.exact_sgd(learning_rate=0.1),
+    )
+    params = ebc.init(jax.random.key(0), kjt)["params"]
+    g_out = jnp.ones((4, 15))
+
+    def grads(params, kjt):
+        return jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g_out))(params)
+
+    text = jax.jit(grads, donate_argnums=0).lower(params, kjt).compile().as_text()
+    shapes = [f"f32[{rows},{dim}]" for rows, dim in ((16, 4), (6, 3))]
+    copies = [line for line in text.splitlines() if " copy(" in line]
+    assert not [c for c in copies if any(s in c for s in shapes)], copies
