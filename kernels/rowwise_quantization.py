@@ -27,7 +27,7 @@ scale rounded down, by at most ``2**bits - 1`` times the scale's float16 roundin
 >>> round(float(scale[0]) * 255, 5), float(bias[0])
 (2.0, 0.0)
 >>> dequantize_rows(quantize_rows(x, "int4"), "int4", 4).tolist()
-[[0.0, 0.5333333015441895, 1.0666666030883789, 2.0]]
+[[0.0, 0.533203125, 1.06640625, 1.99951171875]]
 """
 
 from __future__ import annotations
