@@ -64,11 +64,11 @@ def measure(batch_size: int = 256, num_batches: int = 200, repeats: int = 5) -> 
     order = np.random.default_rng(0).permutation(len(data))
     batches = [order[i : i + batch_size] for i in range(0, num_batches * batch_size, batch_size)]
     return {
-        "jaxrec numpy": _median_ms(
-            lambda r: data.batch(r, batch_size), batches, repeats
-        ),
+        "jaxrec numpy": _median_ms(lambda r: data.batch(r, batch_size), batches, repeats),
         "jaxrec + device_put": _median_ms(
-            lambda r: jax.block_until_ready(data.batch(r, batch_size, to_device=True)), batches, repeats
+            lambda r: jax.block_until_ready(data.batch(r, batch_size, to_device=True)),
+            batches,
+            repeats,
         ),
         "torchrec kjt": _median_ms(lambda r: _torchrec_batch(data, r), batches, repeats),
     }

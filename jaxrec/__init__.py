@@ -5,7 +5,7 @@
 ['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection', 'EmbeddingConfig']
 """
 
-from jaxrec import optim, parallel, tbe
+from jaxrec import metrics, optim, parallel, tbe
 from jaxrec.configs import (
     BaseEmbeddingConfig,
     DataType,
@@ -47,6 +47,7 @@ __all__ = [
     "PositionWeightedModule",
     "PositionWeightedModuleCollection",
     "capacity_bucket",
+    "metrics",
     "optim",
     "pad_to_capacity",
     "parallel",

@@ -168,7 +168,9 @@ def recbole_ml100k_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
 
 
-def load_movielens_100k(path: str | Path | None = None, zip_prefix_length: int = 2) -> MovieLens100K:
+def load_movielens_100k(
+    path: str | Path | None = None, zip_prefix_length: int = 2
+) -> MovieLens100K:
     """Read MovieLens-100K from ``path`` (GroupLens' or RecBole's files; default: the recbole
     wheel's copy, see :func:`recbole_ml100k_path`)."""
     folder = recbole_ml100k_path() if path is None else Path(path)
@@ -237,7 +239,9 @@ def _rows_of(ids: np.ndarray, known: np.ndarray, what: str) -> np.ndarray:
 
 def _assemble(inter: np.ndarray, users, items, zip_prefix_length: int) -> MovieLens100K:
     if inter.ndim != 2 or inter.shape[1] < 4:
-        raise ValueError(f"ratings need 4 columns (user, item, rating, timestamp), got {inter.shape}")
+        raise ValueError(
+            f"ratings need 4 columns (user, item, rating, timestamp), got {inter.shape}"
+        )
     user_ids = np.asarray([int(u[0]) for u in users])
     ages = np.asarray([int(u[1]) for u in users])
     age_bucket = np.searchsorted(np.asarray(AGE_BUCKETS), ages, side="right").astype(np.int32)
