@@ -2,8 +2,8 @@
 
 :func:`move` runs the :class:`~jaxrec.checkpoint.geometry.Copy` list of two placements
 inside one jitted ``jax.shard_map``: copies within a rank are local slices; copies from
-rank ``r`` to rank ``r + s`` travel in one ``jax.lax.ppermute`` per (destination array,
-shift ``s``), packed into a buffer as large as the most any rank sends at that shift. No
+rank ``r`` to rank ``r + s`` travel in one ``jax.lax.ppermute`` per (shift ``s``, dtype),
+packed into a buffer as large as the most any rank sends at that shift. No
 rank ever holds more of a table than its blocks of the source and the destination plus
 one such buffer, so a whole table is never gathered onto one device (unless the
 destination is replicated, as data-parallel tables are).
@@ -81,23 +81,35 @@ def _compiled(copies, source_specs, target_items, mesh, axis):
     n = mesh.shape[axis]
     names = [name for name, _ in source_specs]
     targets = dict(target_items)
+    # one exchange per (shift, dtype): every destination array of that dtype shares it
+    batches: dict[tuple[int, str], list[Copy]] = {}
+    for c in copies:
+        key = ((c.dst_rank - c.src_rank) % n, targets[c.dst].dtype)
+        batches.setdefault(key, []).append(c)
 
     def body(*locals_):
         src = {
             name: x[:, None] if x.ndim == 1 else x for name, x in zip(names, locals_, strict=True)
         }
         rank = jax.lax.axis_index(axis) if n > 1 else 0
-        outs = []
-        for name, spec in target_items:
-            buf = jnp.zeros((spec.rows, spec.cols), spec.dtype)
-            by_shift: dict[int, list[Copy]] = {}
-            for c in copies:
-                if c.dst == name:
-                    by_shift.setdefault((c.dst_rank - c.src_rank) % n, []).append(c)
-            for shift, group in sorted(by_shift.items()):
-                buf = _shifted(src, buf, group, shift, rank, n, axis, spec)
-            outs.append(buf[:, 0] if spec.ndim == 1 else buf)
-        return tuple(outs)
+        bufs = {name: jnp.zeros((t.rows, t.cols), t.dtype) for name, t in target_items}
+        for (shift, dtype), batch in sorted(batches.items()):
+            touched = tuple(dict.fromkeys(c.dst for c in batch))
+            cols = max(targets[name].cols for name in touched)
+            new = _exchange(
+                src,
+                tuple(bufs[t] for t in touched),
+                touched,
+                batch,
+                shift,
+                rank,
+                n,
+                axis,
+                dtype,
+                cols,
+            )
+            bufs.update(zip(touched, new, strict=True))
+        return tuple(bufs[name][:, 0] if t.ndim == 1 else bufs[name] for name, t in target_items)
 
     def _spec(replicated):
         return P() if replicated else P(axis)
@@ -116,26 +128,35 @@ def _piece(src, c: Copy):
     return src[c.src][c.src_row : c.src_row + c.rows, c.src_col : c.src_col + c.cols]
 
 
-def _shifted(src, buf, group: list[Copy], shift: int, rank, n: int, axis: str, spec: ArraySpec):
-    """``buf`` with the copies of one shift written in (local when the shift is 0)."""
+def _exchange(src, bufs, names, batch, shift, rank, n, axis, dtype, cols):
+    """``bufs`` (the arrays ``names``) with the copies of one shift written in: local
+    slices when the shift is 0, else one ``ppermute`` of a ``[width, cols]`` buffer."""
+    index = {name: i for i, name in enumerate(names)}
+
+    def write(b, c, piece):
+        i = index[c.dst]
+        rows = slice(c.dst_row, c.dst_row + c.rows)
+        b = list(b)
+        b[i] = b[i].at[rows, c.dst_col : c.dst_col + c.cols].set(piece.astype(b[i].dtype))
+        return tuple(b)
+
     if shift == 0:
 
         def local(r, b):
-            for c in (c for c in group if c.dst_rank == r):
-                piece = _piece(src, c).astype(b.dtype)
-                b = b.at[c.dst_row : c.dst_row + c.rows, c.dst_col : c.dst_col + c.cols].set(piece)
+            for c in (c for c in batch if c.dst_rank == r):
+                b = write(b, c, _piece(src, c))
             return b
 
-        return _switch(rank, n, local, buf)
+        return _switch(rank, n, local, bufs)
 
-    sent = {r: [c for c in group if c.src_rank == r] for r in range(n)}
+    sent = {r: [c for c in batch if c.src_rank == r] for r in range(n)}
     width = max(sum(c.rows for c in cs) for cs in sent.values())
 
     def pack(r):
-        out = jnp.zeros((width, spec.cols), spec.dtype)
+        out = jnp.zeros((width, cols), dtype)
         top = 0
         for c in sent[r]:
-            piece = _piece(src, c).astype(spec.dtype)
+            piece = _piece(src, c).astype(dtype)
             out = out.at[top : top + c.rows, c.dst_col : c.dst_col + c.cols].set(piece)
             top += c.rows
         return out
@@ -147,9 +168,8 @@ def _shifted(src, buf, group: list[Copy], shift: int, rank, n: int, axis: str, s
     def unpack(d, b, got):
         top = 0
         for c in sent[(d - shift) % n]:
-            cols = slice(c.dst_col, c.dst_col + c.cols)
-            b = b.at[c.dst_row : c.dst_row + c.rows, cols].set(got[top : top + c.rows, cols])
+            b = write(b, c, got[top : top + c.rows, c.dst_col : c.dst_col + c.cols])
             top += c.rows
         return b
 
-    return _switch(rank, n, unpack, buf, recv)
+    return _switch(rank, n, unpack, bufs, recv)
