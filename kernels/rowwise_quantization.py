@@ -32,6 +32,8 @@ scale rounded down, by at most ``2**bits - 1`` times the scale's float16 roundin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +169,7 @@ def _from_bytes(raw: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(raw, dtype).astype(jnp.float32)
 
 
+@jax.jit
 def quantize_8bit_rowwise(x: jax.Array) -> jax.Array:
     """``[R, D]`` floats -> ``[R, D + 8]`` uint8, FBGEMM's ``FloatToFused8BitRowwiseQuantized``."""
     _check_float_table(x)
@@ -184,6 +187,7 @@ def dequantize_8bit_rowwise(q: jax.Array, dtype=jnp.float32) -> jax.Array:
     return dequantize_rows(q, "int8", None, dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("bit_rate",))
 def quantize_nbit_rowwise(x: jax.Array, bit_rate: int) -> jax.Array:
     """``[R, D]`` floats -> ``[R, ceil(D * bit_rate / 8) + 4]`` uint8, FBGEMM's
     ``FloatToFusedNBitRowwiseQuantizedSBHalf`` (bit rate 2, 4 or 8)."""
@@ -213,6 +217,7 @@ def quantize_nbit_rowwise(x: jax.Array, bit_rate: int) -> jax.Array:
     )
 
 
+@functools.partial(jax.jit, static_argnames=("bit_rate", "dim", "dtype"))
 def dequantize_nbit_rowwise(
     q: jax.Array, bit_rate: int, dim: int | None = None, dtype=jnp.float32
 ) -> jax.Array:
@@ -257,6 +262,7 @@ def unpack_values(packed: jax.Array, weight_type: str, dim: int) -> jax.Array:
     return ((raw >> shifts) & np.uint8((1 << bits) - 1)).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("weight_type", "dim", "dtype"))
 def dequantize_rows(
     q: jax.Array, weight_type: str, dim: int | None = None, dtype=jnp.float32
 ) -> jax.Array:
