@@ -52,11 +52,12 @@ PATH = "params/sparse/embedding_bags"
 
 @functools.cache
 def collection():
-    """Row-wise Adagrad on a, c, d; element-wise Adam on b (column-split below)."""
+    """Row-wise Adagrad on a, b, d (b column-split below: each shard keeps the per-row
+    state); element-wise Adam on c, whose ``momentum1`` is per element, not per row."""
     return EmbeddingBagCollection(
         tables=TABLES,
         optimizer=jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.1),
-        table_optimizers={"b": jaxrec.optim.adam(learning_rate=0.1)},
+        table_optimizers={"c": jaxrec.optim.adam(learning_rate=0.1)},
     )
 
 
@@ -254,7 +255,7 @@ def test_sharded_checkpoint_restores_on_4_and_1_devices_under_other_plans(tmp_pa
         )
         back = restored8.state["params"]["sparse"]["embedding_bags"]
         assert_same_tables(ebc, unshard_params(layout8, back), groups)
-        # the per-row state of b's three column shards: every shard holds the same copy
+        # everything, padding and the per-row state of b's three column shards included
         jax.tree.map(
             np.testing.assert_array_equal, back, state8["params"]["sparse"]["embedding_bags"]
         )
@@ -343,8 +344,8 @@ def test_export_and_import_whole_tables(tmp_path, optimizer_state):
     if optimizer_state:
         momentum = ebc.optimizer_state_dict({"params": {"embedding_bags": groups}})
         np.testing.assert_array_equal(
-            exported["sparse.embedding_bags.b.weight/momentum2"],
-            momentum["embedding_bags.b.weight"]["momentum2"],
+            exported["sparse.embedding_bags.c.weight/momentum2"],
+            momentum["embedding_bags.c.weight"]["momentum2"],
         )
     # into a 4-device layout of another plan: weights, and the state when exported
     mesh4 = Mesh(np.array(jax.devices()[:4]), ("x",))
