@@ -91,8 +91,10 @@ def test_both_layouts_give_the_same_examples_and_features(data):
 def test_random_split_is_a_seeded_partition(data):
     train, test = data.split("random", train_fraction=0.6, seed=3)
     assert (len(train), len(test)) == (3, 2)
-    pairs = sorted(zip(np.r_[train.timestamp, test.timestamp], np.r_[train.user, test.user]))
-    assert pairs == sorted(zip(data.timestamp, data.user))
+    pairs = sorted(
+        zip(np.r_[train.timestamp, test.timestamp], np.r_[train.user, test.user], strict=True)
+    )
+    assert pairs == sorted(zip(data.timestamp, data.user, strict=True))
     again, _ = data.split("random", train_fraction=0.6, seed=3)
     np.testing.assert_array_equal(again.timestamp, train.timestamp)
 
