@@ -1,6 +1,9 @@
 """Pallas kernels of jaxrec (installed as ``jaxrec_kernels``), each beside its XLA reference.
 
 - :mod:`~jaxrec_kernels.pooled_lookup`: pooled (SUM/MEAN, weighted) lookups of a stacked group.
+- :mod:`~jaxrec_kernels.quantized_lookup`: pooled lookups of row-wise quantized (int8/int4/int2)
+  groups, dequantized in the kernel; :mod:`~jaxrec_kernels.rowwise_quantization`: FBGEMM's
+  fused row-wise layouts.
 - :mod:`~jaxrec_kernels.sequence_lookup`: one row per id (EmbeddingCollection).
 - :mod:`~jaxrec_kernels.sparse_update`: the fused backward — duplicate-id reduction and a
   sparse optimizer applied to the touched rows in place — and the true sparse gradient.
@@ -14,6 +17,12 @@ from jaxrec_kernels.pooled_lookup import (
     pooled_lookup,
     pooled_lookup_reference,
 )
+from jaxrec_kernels.quantized_lookup import (
+    default_quantized_config,
+    quantized_pooled_lookup,
+    quantized_pooled_lookup_reference,
+)
+from jaxrec_kernels.rowwise_quantization import dequantize_rows, quantize_rows, row_bytes
 from jaxrec_kernels.sequence_lookup import (
     SequenceConfig,
     default_sequence_config,
@@ -43,14 +52,20 @@ __all__ = [
     "SparseUpdateConfig",
     "WeightGradientConfig",
     "default_pooled_config",
+    "default_quantized_config",
     "default_sequence_config",
     "default_update_config",
     "default_weight_gradient_config",
+    "dequantize_rows",
     "fused_sparse_update",
     "fused_sparse_update_reference",
     "fused_update_from_row_gradients",
     "pooled_lookup",
     "pooled_lookup_reference",
+    "quantize_rows",
+    "quantized_pooled_lookup",
+    "quantized_pooled_lookup_reference",
+    "row_bytes",
     "sequence_lookup",
     "sequence_lookup_reference",
     "sparse_row_gradients",

@@ -1,0 +1,194 @@
+"""Quantized pooled lookup: the Pallas kernel (interpret mode), its XLA reference, a float32
+lookup of the dequantized table, and FBGEMM's CPU int-nbit TBE, on fresh random inputs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxrec_kernels.pooled_lookup import PooledConfig, pooled_lookup_reference
+from jaxrec_kernels.quantized_lookup import (
+    quantized_pooled_lookup,
+    quantized_pooled_lookup_reference,
+)
+from jaxrec_kernels.rowwise_quantization import dequantize_rows, quantize_rows, row_bytes
+from random_kjt import random_kjt
+
+
+def quantized_table(seed, rows, dim, weight_type):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(rows, dim)) * rng.uniform(0.1, 2.0, (rows, 1))
+    return quantize_rows(jnp.asarray(w, jnp.float32), weight_type)
+
+
+@pytest.mark.parametrize(
+    "weight_type,dim,pooling,weighted",
+    [
+        ("int8", 24, "sum", False),
+        ("int8", 5, "mean", True),
+        ("int4", 16, "sum", True),
+        ("int4", 7, "mean", False),
+        ("int2", 12, "sum", False),
+    ],
+)
+def test_kernel_reference_and_dequantized_lookup_agree(weight_type, dim, pooling, weighted):
+    rng = np.random.default_rng(dim)
+    batch, rows = 5, 9
+    ids, offsets = random_kjt(rng, 3, batch, 10, rows)
+    psw = jnp.asarray(rng.normal(size=ids.shape), jnp.float32) if weighted else None
+    q = quantized_table(dim, 3 * rows, dim, weight_type)
+    feats = ((0, 0, rows, 2 * dim), (1, rows, rows, 0), (2, 2 * rows, rows, dim))
+    kw = dict(batch_size=batch, num_columns=3 * dim, pooling=pooling)
+    args = (jnp.asarray(ids), jnp.asarray(offsets), psw, feats)
+    got, bad = quantized_pooled_lookup(
+        q, *args, dim=dim, weight_type=weight_type, interpret=True, **kw
+    )
+    ref, ref_bad = quantized_pooled_lookup_reference(
+        q, *args, dim=dim, weight_type=weight_type, **kw
+    )
+    table = dequantize_rows(q, weight_type, dim)
+    dense, _ = pooled_lookup_reference(table, *args, **kw)
+    assert got.shape == (batch, 3 * dim) and got.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(table))) * 12  # the largest bag sum's magnitude
+    np.testing.assert_allclose(got, ref, rtol=0, atol=4e-7 * scale)
+    np.testing.assert_allclose(got, dense, rtol=0, atol=4e-7 * scale)
+    assert int(bad) == int(ref_bad) == 0
+    assert float(jnp.max(jnp.abs(got))) > 0
+
+
+@pytest.mark.parametrize("mode", ["warning", "ignore", "none"])
+@pytest.mark.parametrize("weight_type", ["int8", "int4"])
+def test_bad_ids_as_the_float_kernels(mode, weight_type):
+    rng = np.random.default_rng(3)
+    batch, rows, dim = 6, 5, 8
+    ids, offsets = random_kjt(rng, 2, batch, 8, rows, bad_frac=0.3)
+    q = quantized_table(4, 2 * rows, dim, weight_type)
+    feats = ((0, 0, rows, 0), (1, rows, rows, dim))
+    kw = dict(batch_size=batch, num_columns=2 * dim, bounds_check=mode, pooling="mean")
+    args = (jnp.asarray(ids), jnp.asarray(offsets), None, feats)
+    got, bad = quantized_pooled_lookup(
+        q, *args, dim=dim, weight_type=weight_type, interpret=True, **kw
+    )
+    ref, ref_bad = quantized_pooled_lookup_reference(
+        q, *args, dim=dim, weight_type=weight_type, **kw
+    )
+    dense, dense_bad = pooled_lookup_reference(dequantize_rows(q, weight_type, dim), *args, **kw)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, dense, rtol=0, atol=1e-5)
+    assert int(bad) == int(ref_bad) == int(dense_bad)
+    assert (int(bad) > 0) == (mode == "warning")
+
+
+def test_writes_only_its_columns_of_a_given_output_and_handles_no_ids():
+    q = quantized_table(0, 4, 3, "int8")
+    out = jnp.full((2, 5), 7.0, jnp.float32)
+    ids = jnp.zeros((0,), jnp.int32)
+    offsets = jnp.zeros((3,), jnp.int32)
+    for fn, extra in (
+        (quantized_pooled_lookup, {"interpret": True}),
+        (quantized_pooled_lookup_reference, {}),
+    ):
+        got, bad = fn(
+            q,
+            ids,
+            offsets,
+            None,
+            ((0, 0, 4, 1),),
+            dim=3,
+            weight_type="int8",
+            batch_size=2,
+            num_columns=5,
+            out=out,
+            **extra,
+        )
+        np.testing.assert_array_equal(got, [[7.0, 0, 0, 0, 7.0]] * 2)
+        assert int(bad) == 0
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(dim=4), "have 12 bytes, got 13"),
+        (dict(weight_type="int3"), "weight_type must be one of"),
+        (dict(config=PooledConfig(16, 16, strategy="segmented")), "'bags' strategy"),
+        (dict(pooling="max"), "pooling must be one of"),
+        (dict(num_columns=4), "exceed num_columns=4"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(change, match):
+    q = quantized_table(0, 4, 5, "int8")
+    kw = dict(dim=5, weight_type="int8", batch_size=1, num_columns=5, interpret=True)
+    kw.update(change)
+    ids, offsets = jnp.array([1], jnp.int32), jnp.array([0, 1], jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        quantized_pooled_lookup(q, ids, offsets, None, ((0, 0, 4, 0),), **kw)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        quantized_pooled_lookup_reference(
+            q.astype(jnp.int32),
+            ids,
+            offsets,
+            None,
+            ((0, 0, 4, 0),),
+            dim=5,
+            weight_type="int8",
+            batch_size=1,
+            num_columns=5,
+        )
+
+
+@pytest.mark.parametrize("weight_type,sparse_type", [("int4", "INT4"), ("int2", "INT2")])
+@pytest.mark.parametrize("pooling", ["SUM", "MEAN"])
+def test_matches_fbgemm_int_nbit_tbe_on_the_cpu(weight_type, sparse_type, pooling):
+    torch = pytest.importorskip("torch")
+    inference = pytest.importorskip("fbgemm_gpu.split_table_batched_embeddings_ops_inference")
+    common = pytest.importorskip("fbgemm_gpu.split_table_batched_embeddings_ops_common")
+    configs = pytest.importorskip("fbgemm_gpu.split_embedding_configs")
+    rng = np.random.default_rng(11)
+    batch, dims, rows = 4, (8, 16), (10, 7)
+    op = inference.IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[
+            (
+                f"t{t}",
+                rows[t],
+                dims[t],
+                configs.SparseType[sparse_type],
+                common.EmbeddingLocation.HOST,
+            )
+            for t in range(2)
+        ],
+        device="cpu",
+        pooling_mode=common.PoolingMode[pooling],
+        output_dtype=configs.SparseType.FP32,
+    )
+    op.fill_random_weights()
+    got = []
+    ids_t, offsets_t = [], [0]
+    for t in range(2):
+        q = quantized_table(t, rows[t], dims[t], weight_type)
+        values, scale_shift = op.split_embedding_weights()[t]
+        values.copy_(torch.from_numpy(np.asarray(q[:, :-4])))
+        scale_shift.copy_(torch.from_numpy(np.asarray(q[:, -4:])))
+        ids, offsets = random_kjt(rng, 1, batch, 6, rows[t], pad=0)
+        out, _ = quantized_pooled_lookup(
+            q,
+            jnp.asarray(ids),
+            jnp.asarray(offsets),
+            None,
+            ((0, 0, rows[t], 0),),
+            dim=dims[t],
+            weight_type=weight_type,
+            batch_size=batch,
+            num_columns=dims[t],
+            pooling=pooling.lower(),
+            interpret=True,
+        )
+        got.append(np.asarray(out))
+        ids_t.append(ids)
+        offsets_t.extend(offsets[1:] + offsets_t[-1])
+    want = op(
+        torch.from_numpy(np.concatenate(ids_t)).int(), torch.tensor(offsets_t, dtype=torch.int32)
+    ).numpy()
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-6, atol=1e-6)
+
+
+def test_row_bytes_are_fbgemms():
+    assert quantized_table(0, 3, 128, "int8").shape == (3, row_bytes(128, "int8")) == (3, 136)
+    assert quantized_table(0, 3, 128, "int4").shape == (3, 68)
