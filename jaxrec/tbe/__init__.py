@@ -19,18 +19,23 @@ from jaxrec.tbe.enums import (
     SparseType,
     WeightDecayMode,
 )
+from jaxrec.tbe.managed import CachedTBE, Prefetched
 from jaxrec.tbe.operator import SplitTableBatchedEmbeddingBagsCodegen
+from jaxrec.tbe.pipeline import prefetch_pipeline
 from jaxrec.tbe.state import TBEState
 
 __all__ = [
     "BoundsCheckMode",
     "CacheAlgorithm",
+    "CachedTBE",
     "ComputeDevice",
     "EmbeddingLocation",
     "OptimType",
     "PoolingMode",
+    "Prefetched",
     "SparseType",
     "SplitTableBatchedEmbeddingBagsCodegen",
     "TBEState",
     "WeightDecayMode",
+    "prefetch_pipeline",
 ]

@@ -37,7 +37,8 @@ __all__ = [
 
 
 class EmbeddingLocation(enum.IntEnum):
-    """Where a table lives. Only DEVICE is built; the others are refused at construction."""
+    """Where a table lives: DEVICE (whole in device memory); HOST, MANAGED and
+    MANAGED_CACHING (host memory behind a device cache, :class:`jaxrec.tbe.CachedTBE`)."""
 
     DEVICE = 0
     MANAGED = 1

@@ -80,8 +80,10 @@ def _count(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _parse_specs(embedding_specs: Any) -> tuple[tuple[int, int, ComputeDevice], ...]:
-    """``(rows, dim, compute_device)`` per table; refuses placements that are not built."""
+def _parse_specs(
+    embedding_specs: Any,
+) -> tuple[tuple[int, int, EmbeddingLocation, ComputeDevice], ...]:
+    """``(rows, dim, location, compute_device)`` per table."""
     if isinstance(embedding_specs, str) or not isinstance(embedding_specs, Sequence):
         raise ValueError(
             "embedding_specs must be a list of (rows, dim, EmbeddingLocation, ComputeDevice) "
@@ -100,14 +102,8 @@ def _parse_specs(embedding_specs: Any) -> tuple[tuple[int, int, ComputeDevice], 
         dim = _count(f"embedding_specs[{t}] dim", spec[1], 1)
         location = as_member(EmbeddingLocation, spec[2], f"embedding_specs[{t}] location")
         device = as_member(ComputeDevice, spec[3], f"embedding_specs[{t}] compute device")
-        if location is not EmbeddingLocation.DEVICE:
-            raise ValueError(
-                f"embedding_specs[{t}]: EmbeddingLocation.{location.name} is not built yet; "
-                "host and managed (UVM, cached) placements come with the HBM cache. Place the "
-                "table on EmbeddingLocation.DEVICE"
-            )
-        parsed.append((rows, dim, device))
-    devices = {device for _, _, device in parsed}
+        parsed.append((rows, dim, location, device))
+    devices = {device for _, _, _, device in parsed}
     if len(devices) > 1:
         raise ValueError(
             "all tables of a TBE must share one compute device (as FBGEMM's), got "
@@ -152,7 +148,9 @@ class SplitTableBatchedEmbeddingBagsCodegen:
 
     Args:
       embedding_specs: one ``(rows, dim, EmbeddingLocation, ComputeDevice)`` per table.
-        Only ``EmbeddingLocation.DEVICE`` is built; other placements are refused here.
+        ``HOST``, ``MANAGED`` and ``MANAGED_CACHING`` tables live in host memory behind a
+        device cache: train them through :class:`jaxrec.tbe.CachedTBE` (this operator's
+        own state and call hold every table on the device).
         ``ComputeDevice.CUDA`` runs the Pallas kernels where a GPU is present and the same
         computation in XLA elsewhere; ``ComputeDevice.CPU`` runs the XLA path. All tables
         share one compute device. Any ``dim >= 1`` works (FBGEMM's GPU kernels want
@@ -214,9 +212,7 @@ class SplitTableBatchedEmbeddingBagsCodegen:
         backend: str | None = None,
     ) -> None:
         specs = _parse_specs(embedding_specs)
-        self.embedding_specs = tuple(
-            (rows, dim, EmbeddingLocation.DEVICE, device) for rows, dim, device in specs
-        )
+        self.embedding_specs = specs
         self.feature_table_map = _parse_feature_map(feature_table_map, len(specs))
         self.cache_algorithm = as_member(CacheAlgorithm, cache_algorithm, "cache_algorithm")
         self.cache_load_factor = _number("cache_load_factor", cache_load_factor)
@@ -256,11 +252,11 @@ class SplitTableBatchedEmbeddingBagsCodegen:
             raise ValueError(
                 f"table_names must name each of the {len(specs)} tables once, got {table_names!r}"
             )
-        device = specs[0][2]
+        device = specs[0][3]
         self.backend = backend or ("auto" if device is ComputeDevice.CUDA else "xla")
         resolve_backend(self.backend)
         if self.pooling_mode is PoolingMode.NONE:
-            dims = sorted({dim for _, dim, _ in specs})
+            dims = sorted({dim for _, dim, _, _ in specs})
             if len(dims) > 1:
                 raise ValueError(
                     f"PoolingMode.NONE needs all tables of one dim (as FBGEMM's), got dims {dims}"
@@ -348,6 +344,17 @@ class SplitTableBatchedEmbeddingBagsCodegen:
         with ``key`` each table is drawn uniformly in ``±sqrt(1 / rows)`` (TorchRec's
         default, as the collections do).
         """
+        hosted = [
+            n
+            for n, s in zip(self.table_names, self.embedding_specs, strict=True)
+            if s[2] is not EmbeddingLocation.DEVICE
+        ]
+        if hosted:
+            raise ValueError(
+                f"tables {hosted} are placed in host memory (HOST/MANAGED/MANAGED_CACHING); "
+                "this state holds every table on the device. Train them with "
+                "jaxrec.tbe.CachedTBE(op), which keeps them in host memory behind a cache"
+            )
         optimizer = make_optimizer(self._optimizer_args, self.learning_rate)
         plan = self.plan
         if key is None:

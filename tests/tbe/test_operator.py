@@ -229,11 +229,6 @@ def test_state_round_trips_through_flax_serialization():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (
-            {"embedding_specs": [(3, 8, EmbeddingLocation.MANAGED, CUDA)]},
-            "MANAGED is not built yet",
-        ),
-        ({"embedding_specs": [(3, 8, EmbeddingLocation.HOST, CPU)]}, "HOST is not built yet"),
         ({"embedding_specs": [(3, 8, DEV, CPU), (3, 8, DEV, CUDA)]}, "one compute device"),
         ({"embedding_specs": [(0, 8, DEV, CPU)]}, r"rows must be an int >= 1"),
         ({"embedding_specs": [(3, 8, DEV)]}, r"must be \(rows, dim"),

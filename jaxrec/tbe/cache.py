@@ -1,0 +1,272 @@
+"""The set-associative HBM cache of a host-backed table group: tags, replacement, metrics.
+
+A cached group keeps its rows in host memory (:mod:`jaxrec.tbe.host_table`) and
+``sets * ways`` of them in a device buffer (the cache; slot ``s * ways + w`` is way ``w``
+of set ``s``). Row ``r`` of the group may only live in set ``hash(r) % sets``. This module
+holds the cache's metadata as a device pytree (:class:`CacheState`) and the jitted step
+that maps one batch onto the cache (:func:`assign`):
+
+1. the batch's ids become group rows (``row_offset + id``); ids outside their table, padding
+   and features of other groups take no part;
+2. each unique row looks for its tag in its set: a hit keeps its slot;
+3. each missing row takes a victim way of its set. Victims are, in this order, empty ways,
+   then the least recently used way (LRU: the batch counter at its last use) or the least
+   frequently used one (LFU: how many times its row was read, counted per row over the
+   whole run, as FBGEMM's LFU state). A way holding a row of this batch or a *locked* slot
+   (the previous batch's, still in flight in a pipeline) is never a victim; ties go to the
+   lower way. When a set has more missing rows than free ways, the batch cannot be cached:
+   :func:`assign` counts the overflow and the caller refuses the batch
+   (:meth:`jaxrec.tbe.CachedTBE.prefetch` raises before anything changes);
+4. the batch's positions are rewritten to slot ids (``-1`` for bad ids, which every kernel
+   skips and the bounds check counts exactly as it counts them in a device table).
+
+Everything has a fixed shape (the capacity of ``indices``), so one compilation serves
+every batch. Misses come out compacted at the front of ``miss_rows`` / ``miss_slots`` /
+``evict_rows``, so the host moves only ``num_misses`` rows.
+
+>>> import jax.numpy as jnp
+>>> layout = CacheLayout(num_rows=10, sets=1, ways=2, features=((0, 0, 10),),
+...                      table_offsets=(0,), algorithm="lru")
+>>> state = layout.init()
+>>> ids, offsets = jnp.array([7, 3, 7], jnp.int32), jnp.array([0, 2, 3], jnp.int32)
+>>> state, out = assign(layout, state, ids, offsets, jnp.full((3,), -1), batch_size=2)
+>>> out.slots.tolist(), int(out.num_misses), out.miss_rows[:2].tolist()
+([1, 0, 1], 2, [3, 7])
+>>> state.tags.tolist()
+[[3, 7]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxrec_kernels.pooled_lookup import position_bags
+
+__all__ = ["METRICS", "CacheLayout", "CacheState", "Assignment", "assign"]
+
+METRICS = ("hits", "misses", "evictions", "unique_rows")
+_BIG = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Static layout of one group's cache (hashable: a jit static argument).
+
+    Attributes:
+      num_rows: rows of the group (host-backed).
+      sets, ways: the cache holds ``sets * ways`` rows; row ``r`` lives in set
+        ``hash(r) % sets``.
+      features: one ``(kjt_feature_index, row_offset, num_rows)`` per feature of the group.
+      table_offsets: first group row of each table of the group (ascending), for the
+        per-table metrics.
+      algorithm: ``"lru"`` or ``"lfu"``.
+    """
+
+    num_rows: int
+    sets: int
+    ways: int
+    features: tuple[tuple[int, int, int], ...]
+    table_offsets: tuple[int, ...]
+    algorithm: str = "lru"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("lru", "lfu"):
+            raise ValueError(f"cache algorithm must be 'lru' or 'lfu', got {self.algorithm!r}")
+        if self.sets < 1 or self.ways < 1:
+            raise ValueError(f"a cache needs sets >= 1 and ways >= 1, got {self.sets}, {self.ways}")
+
+    @property
+    def slots(self) -> int:
+        """Rows the cache holds: ``sets * ways``."""
+        return self.sets * self.ways
+
+    def init(self) -> CacheState:
+        """An empty cache: every tag ``-1``, zero stamps, counts and metrics."""
+        tables = len(self.table_offsets)
+        zeros = jnp.zeros((tables, len(METRICS)), jnp.int32)
+        counts = self.num_rows if self.algorithm == "lfu" else 0
+        return CacheState(
+            tags=jnp.full((self.sets, self.ways), -1, jnp.int32),
+            stamps=jnp.zeros((self.sets, self.ways), jnp.int32),
+            counts=jnp.zeros((counts,), jnp.int32),
+            clock=jnp.zeros((), jnp.int32),
+            totals=zeros,
+            last=zeros,
+        )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["tags", "stamps", "counts", "clock", "totals", "last"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class CacheState:
+    """Device metadata of one group's cache.
+
+    Attributes:
+      tags: ``[sets, ways]`` int32, the group row held by each slot (``-1``: empty).
+      stamps: ``[sets, ways]`` int32, the batch counter at each slot's last use (LRU).
+      counts: ``[num_rows]`` int32 reads per row over the run (LFU; empty under LRU).
+      clock: int32 batches assigned so far.
+      totals: ``[tables, 4]`` int32 cumulative hits, misses, evictions and unique rows
+        (:data:`METRICS`) per table of the group; ``last``: the same for the last batch.
+    """
+
+    tags: jax.Array
+    stamps: jax.Array
+    counts: jax.Array
+    clock: jax.Array
+    totals: jax.Array
+    last: jax.Array
+
+
+class Assignment(NamedTuple):
+    """What :func:`assign` tells the host and the lookup about one batch."""
+
+    slots: jax.Array  # [N] slot of each position of this group (-1: bad id), else -1
+    in_group: jax.Array  # [N] bool: the position is a real id of a feature of this group
+    miss_rows: jax.Array  # [N] group rows to load, compacted (-1 past num_misses)
+    miss_slots: jax.Array  # [N] their slots
+    evict_rows: jax.Array  # [N] the row each miss slot held before (-1: empty), to write back
+    num_misses: jax.Array  # int32
+    overflow: jax.Array  # int32: missing rows that found no free way in their set
+    worst_set: jax.Array  # int32: a set that overflowed (0 if none)
+
+
+def set_of(rows: jax.Array, sets: int) -> jax.Array:
+    """The set of each group row: MurmurHash3's 32-bit finalizer, modulo ``sets``.
+
+    >>> set_of(jnp.array([0, 1, 2]), 1).tolist()
+    [0, 0, 0]
+    """
+    h = rows.astype(jnp.uint32)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return (h % jnp.uint32(sets)).astype(jnp.int32)
+
+
+def _group_rows(layout: CacheLayout, ids, offsets, batch_size):
+    """Per position: (group row or ``num_rows``, real id of this group, any position of it)."""
+    n = ids.shape[0]
+    num_kjt = (offsets.shape[0] - 1) // batch_size
+    bags, live = position_bags(offsets, n)
+    kjt = jnp.clip(bags // batch_size, 0, num_kjt - 1)
+    table = np.zeros((num_kjt, 3), np.int32)  # (member, row_offset, num_rows)
+    for k, row_offset, rows in layout.features:
+        table[k] = (1, row_offset, rows)
+    entry = jnp.asarray(table)[kjt]
+    member = live & (entry[:, 0] == 1)
+    valid = member & (ids >= 0) & (ids < entry[:, 2])
+    rows = jnp.where(valid, entry[:, 1] + ids, layout.num_rows)
+    return rows, valid, member
+
+
+def _metrics(layout: CacheLayout, uniq, real, hit, miss, evicting):
+    table = jnp.searchsorted(jnp.asarray(layout.table_offsets), uniq, side="right") - 1
+    table = jnp.where(real, table, len(layout.table_offsets))
+    columns = [hit, miss, evicting, real]
+    return jnp.stack(
+        [
+            jax.ops.segment_sum(c.astype(jnp.int32), table, len(layout.table_offsets))
+            for c in columns
+        ],
+        axis=1,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "batch_size"))
+def assign(
+    layout: CacheLayout,
+    state: CacheState,
+    ids: jax.Array,
+    offsets: jax.Array,
+    locked: jax.Array,
+    *,
+    batch_size: int,
+) -> tuple[CacheState, Assignment]:
+    """Map one batch onto the cache (module docstring); returns the new state and the plan.
+
+    ``ids [N]`` and ``offsets [F * B + 1]`` are the batch as the lookup reads it (after
+    :func:`jaxrec.ops.bags.checked_offsets`); ``locked [M]`` holds slots that must not be
+    evicted (``-1`` entries are ignored), e.g. the previous batch's ``slots``.
+    """
+    n = ids.shape[0]
+    sets, ways, sentinel = layout.sets, layout.ways, layout.num_rows
+    rows, valid, member = _group_rows(layout, ids, offsets, batch_size)
+    uniq, inverse = jnp.unique(rows, size=n, fill_value=sentinel, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    real = uniq < sentinel
+    set_u = jnp.where(real, set_of(uniq, sets), 0)
+
+    tag_rows = state.tags[set_u]  # [n, ways]
+    matches = (tag_rows == uniq[:, None]) & real[:, None]
+    hit = jnp.any(matches, axis=1)
+    hit_way = jnp.argmax(matches, axis=1).astype(jnp.int32)
+    miss = real & ~hit
+
+    # Ways that must stay: rows of this batch (hits) and the locked slots.
+    keep = jnp.zeros((sets, ways), bool)
+    keep = keep.at[jnp.where(hit, set_u, sets), hit_way].set(True, mode="drop")
+    locked = locked.reshape(-1)
+    lock_set = jnp.where(locked >= 0, locked // ways, sets)
+    keep = keep.at[lock_set, jnp.maximum(locked, 0) % ways].set(True, mode="drop")
+    if layout.algorithm == "lru":
+        use = state.stamps
+    else:
+        use = jnp.where(state.tags >= 0, state.counts[jnp.maximum(state.tags, 0)], 0)
+    priority = jnp.where(keep, _BIG, jnp.where(state.tags < 0, -1, use))  # lowest goes first
+
+    # Rank each miss among the misses of its set (misses sorted by set, stable by row).
+    miss_set = jnp.where(miss, set_u, sets)
+    sorted_set, perm = jax.lax.sort(
+        (miss_set, jnp.arange(n, dtype=jnp.int32)), num_keys=1, is_stable=True
+    )
+    first = jnp.searchsorted(sorted_set, sorted_set, side="left").astype(jnp.int32)
+    rank = jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32) - first)
+    set_priority = priority[set_u]  # [n, ways]
+    order = jnp.argsort(set_priority, axis=1, stable=True).astype(jnp.int32)
+    free = jnp.sum(set_priority < _BIG, axis=1)
+    overflowing = miss & (rank >= free)
+    victim_way = jnp.take_along_axis(order, jnp.minimum(rank, ways - 1)[:, None], axis=1)[:, 0]
+    way = jnp.where(hit, hit_way, victim_way)
+    slot_u = jnp.where(real, set_u * ways + way, -1)
+    old_tag = state.tags[set_u, victim_way]
+    evicting = miss & (old_tag >= 0)
+
+    miss_target = jnp.where(miss, set_u, sets)
+    tags = state.tags.at[miss_target, victim_way].set(uniq, mode="drop")
+    stamps = state.stamps.at[jnp.where(real, set_u, sets), way].set(state.clock, mode="drop")
+    counts = state.counts
+    if layout.algorithm == "lfu":
+        reads = jax.ops.segment_sum(valid.astype(jnp.int32), inverse, n)
+        counts = counts.at[jnp.where(real, uniq, sentinel)].add(reads, mode="drop")
+
+    num_misses = jnp.sum(miss.astype(jnp.int32))
+    compact = jnp.arange(n) < num_misses
+    last = _metrics(layout, uniq, real, hit, miss, evicting)
+    new_state = CacheState(
+        tags=tags,
+        stamps=stamps,
+        counts=counts,
+        clock=state.clock + 1,
+        totals=state.totals + last,
+        last=last,
+    )
+    plan = Assignment(
+        slots=jnp.where(valid, slot_u[inverse], -1),
+        in_group=member,
+        miss_rows=jnp.where(compact, uniq[perm], -1),
+        miss_slots=jnp.where(compact, slot_u[perm], -1),
+        evict_rows=jnp.where(compact & evicting[perm], old_tag[perm], -1),
+        num_misses=num_misses,
+        overflow=jnp.sum(overflowing.astype(jnp.int32)),
+        worst_set=jnp.max(jnp.where(overflowing, set_u, 0)),
+    )
+    return new_state, plan
