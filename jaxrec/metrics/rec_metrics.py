@@ -132,9 +132,15 @@ def _ratio(num: Array, den: Array) -> Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
+def _logs(p: Array, eta: float) -> tuple[Array, Array]:
+    """``log(p)`` and ``log(1 - p)`` of ``p`` clamped to ``[eta, 1 - eta]``; the clamp is applied
+    to ``p`` and ``1 - p`` separately, as float32 rounds ``1 - eta`` to 1."""
+    return jnp.log(jnp.maximum(p, eta)), jnp.log(jnp.maximum(1.0 - p, eta))
+
+
 def _cross_entropy(p: Array, y: Array, w: Array, eta: float) -> Array:
-    p = jnp.clip(p, eta, 1.0 - eta)
-    return -w * (y * jnp.log(p) + (1.0 - y) * jnp.log1p(-p))
+    log_p, log_q = _logs(p, eta)
+    return -w * (jnp.where(y > 0, y * log_p, 0.0) + jnp.where(y < 1, (1.0 - y) * log_q, 0.0))
 
 
 def _binary_sums(p: Array, y: Array, w: Array, eta: float) -> Array:
@@ -155,8 +161,8 @@ def ne(window_batches: int = 100, eta: float = 1e-12) -> RecMetric:
     """
 
     def finish(s: Array) -> Array:
-        mean = jnp.clip(_ratio(s[2], jnp.maximum(s[1], eta)), eta, 1.0 - eta)
-        norm = -s[2] * jnp.log(mean) - s[3] * jnp.log1p(-mean)
+        log_mean, log_rest = _logs(_ratio(s[2], jnp.maximum(s[1], eta)), eta)
+        norm = -s[2] * log_mean - s[3] * log_rest
         return _ratio(s[0], norm)
 
     return _sum_metric("ne", 4, lambda p, y, w: _binary_sums(p, y, w, eta), finish, window_batches)
