@@ -5,7 +5,7 @@
 ['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection', 'EmbeddingConfig']
 """
 
-from jaxrec import metrics, optim, parallel, tbe
+from jaxrec import metrics, optim, parallel, quant, tbe
 from jaxrec.configs import (
     BaseEmbeddingConfig,
     DataType,
@@ -50,6 +50,7 @@ __all__ = [
     "metrics",
     "optim",
     "pad_to_capacity",
+    "quant",
     "parallel",
     "tbe",
 ]
