@@ -1,0 +1,123 @@
+"""GPU check of the quantized pooled lookup: correctness on fresh random inputs and timing.
+
+On "large" (32 tables x 1M rows x 128, B=8192, bags of 0..40 ids) it times the INT8 and
+INT4 kernels against the fp32 Pallas forward and torch's ``embedding_bag`` on fp16 tables
+(when torch with CUDA is present), each with the bytes it reads and the % of the copy
+bandwidth (``--copy-tbps``). ``--interpret --small`` runs it on the CPU (the tests do).
+
+    python -m jaxrec_kernels.gpu_check_quantized            # on the GPU
+    python -m jaxrec_kernels.gpu_check_quantized --interpret --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .pooled_lookup import pooled_lookup
+from .quantized_lookup import quantized_pooled_lookup, quantized_pooled_lookup_reference
+from .rowwise_quantization import quantize_rows, row_bytes
+
+
+def inputs(seed, tables, rows, dim, batch, max_len):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len + 1, tables * batch)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = rng.integers(0, rows, int(offsets[-1])).astype(np.int32)
+    w = jax.random.normal(jax.random.key(seed), (tables * rows, dim), jnp.float32)
+    feats = tuple((t, t * rows, rows, t * dim) for t in range(tables))
+    return w, jnp.asarray(ids), jnp.asarray(offsets), feats, int(offsets[-1])
+
+
+def timed(fn, reps):
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--interpret", action="store_true")
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--copy-tbps", type=float, default=3.69)
+    args = p.parse_args(argv)
+    shape = (2, 50, 16, 4, 6) if args.small else (32, 1 << 20, 128, 8192, 40)
+    tables, rows, dim, batch, max_len = shape
+    w, ids, offsets, feats, n = inputs(0, *shape)
+    kw = dict(batch_size=batch, num_columns=tables * dim)
+    results = {}
+    for wt in ("int8", "int4"):
+        q = quantize_rows(w, wt)
+        got, bad = quantized_pooled_lookup(
+            q, ids, offsets, None, feats, dim=dim, weight_type=wt, interpret=args.interpret, **kw
+        )
+        ref, _ = quantized_pooled_lookup_reference(
+            q, ids, offsets, None, feats, dim=dim, weight_type=wt, **kw
+        )
+        err = float(jnp.max(jnp.abs(got - ref)))
+        assert err <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(ref)))), (wt, err)
+        assert int(bad) == 0
+        print(f"{wt}: kernel vs reference max abs diff {err:.3g} (ok)")
+        fn = jax.jit(
+            lambda q, wt=wt: quantized_pooled_lookup(
+                q,
+                ids,
+                offsets,
+                None,
+                feats,
+                dim=dim,
+                weight_type=wt,
+                interpret=args.interpret,
+                **kw,
+            )[0]
+        )
+        results[wt] = (timed(lambda fn=fn, q=q: fn(q), args.reps), n * row_bytes(dim, wt))
+    fp32 = jax.jit(
+        lambda w: pooled_lookup(w, ids, offsets, None, feats, interpret=args.interpret, **kw)[0]
+    )
+    results["fp32 jaxrec"] = (timed(lambda: fp32(w), args.reps), n * dim * 4)
+    try:
+        import torch
+
+        if torch.cuda.is_available() and not args.interpret:
+            tw = torch.randn(tables * rows, dim, device="cuda", dtype=torch.float16)
+            ti = torch.from_numpy(np.asarray(ids)).cuda().long()
+            off = np.asarray(offsets).copy()
+            ti = (
+                ti
+                + torch.from_numpy(
+                    np.repeat(np.arange(tables) * rows, np.diff(off).reshape(tables, batch).sum(1))
+                ).cuda()
+            )
+            to = torch.from_numpy(off[:-1]).cuda().long()
+            f = lambda: torch.nn.functional.embedding_bag(ti, tw, to, mode="sum")  # noqa: E731
+            f()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.reps):
+                f()
+            torch.cuda.synchronize()
+            results["torch fp16 embedding_bag"] = (
+                (time.perf_counter() - start) / args.reps,
+                n * dim * 2,
+            )
+    except ImportError:
+        pass
+    for name, (sec, nbytes) in results.items():
+        pct = 100 * nbytes / sec / (args.copy_tbps * 1e12)
+        print(
+            f"{name:26s} {sec * 1e3:9.3f} ms  {n / sec / 1e9:7.2f} G lookups/s  "
+            f"{nbytes / 1e9:7.3f} GB read  {pct:5.1f}% of copy bandwidth"
+        )
+
+
+if __name__ == "__main__":
+    main()
