@@ -59,7 +59,9 @@ def _median_ms(fn, batches: list[np.ndarray], repeats: int) -> float:
 def measure(batch_size: int = 256, num_batches: int = 200, repeats: int = 5) -> dict[str, float]:
     """Milliseconds per batch of each builder (see the module docstring)."""
     import jax
+    import torch
 
+    torch.set_num_threads(1)  # one host thread, as NumPy (torch's pool thrashes a busy host)
     data = load_movielens_100k()
     order = np.random.default_rng(0).permutation(len(data))
     batches = [order[i : i + batch_size] for i in range(0, num_batches * batch_size, batch_size)]
