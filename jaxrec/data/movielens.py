@@ -23,12 +23,12 @@ of ml-100k inside the ``recbole`` wheel is used, installed for its data alone::
 
     pip install --no-deps recbole
 
-Example on the wheel's copy (skipped when it is not installed)::
+Example on the wheel's copy::
 
-    >>> data = load_movielens_100k()  # doctest: +SKIP
-    >>> train, test = data.split("random", train_fraction=0.8, seed=0)  # doctest: +SKIP
-    >>> batch = next(train.batches(batch_size=256, shuffle=True))  # doctest: +SKIP
-    >>> batch.sparse.keys()  # doctest: +SKIP
+    >>> data = load_movielens_100k()
+    >>> train, test = data.split("random", train_fraction=0.8, seed=0)
+    >>> batch = next(train.batches(batch_size=256, shuffle=True))
+    >>> batch.sparse.keys()
     ['user', 'item', 'age', 'gender', 'occupation', 'zip', 'year', 'genre']
 """
 
