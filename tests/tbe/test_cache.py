@@ -1,0 +1,132 @@
+"""jaxrec.tbe.cache: hits, LRU/LFU victims, locking, overflow and metrics on hand-made batches."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.tbe.cache import CacheLayout, assign, set_of
+
+
+def _layout(algorithm, ways=3, sets=1, rows=20):
+    return CacheLayout(
+        num_rows=rows,
+        sets=sets,
+        ways=ways,
+        features=((0, 0, rows),),
+        table_offsets=(0,),
+        algorithm=algorithm,
+    )
+
+
+def _batch(state, layout, ids, locked=None):
+    ids = jnp.asarray(ids, jnp.int32)
+    offsets = jnp.array([0, ids.shape[0]], jnp.int32)
+    lock = jnp.full((1,), -1, jnp.int32) if locked is None else jnp.asarray(locked, jnp.int32)
+    return assign(layout, state, ids, offsets, lock, batch_size=1)
+
+
+def _run(layout, batches):
+    state = layout.init()
+    plans = []
+    for ids in batches:
+        state, plan = _batch(state, layout, ids)
+        plans.append(plan)
+    return state, plans
+
+
+def test_lru_evicts_the_least_recently_used_row():
+    layout = _layout("lru")
+    # 1, 2, 3 fill the ways; 1 is used again; 4 must evict 2 (the oldest), then 5 evicts 3.
+    state, plans = _run(layout, [[1, 2, 3], [1], [4], [5]])
+    assert plans[2].evict_rows[0] == 2 and plans[3].evict_rows[0] == 3
+    assert sorted(np.asarray(state.tags).ravel().tolist()) == [1, 4, 5]
+
+
+def test_lfu_evicts_the_least_frequently_used_row():
+    layout = _layout("lfu")
+    # Reads: 1 x3, 2 x1, 3 x2 (duplicates within a batch count); 4 evicts 2, then 5 evicts 4
+    # (read once, fewer than 3's two and 1's three).
+    state, plans = _run(layout, [[1, 1, 2, 3], [3, 1], [4], [5]])
+    assert plans[2].evict_rows[0] == 2 and plans[3].evict_rows[0] == 4
+    assert sorted(np.asarray(state.tags).ravel().tolist()) == [1, 3, 5]
+    assert np.asarray(state.counts)[[1, 2, 3, 4, 5]].tolist() == [3, 1, 2, 1, 1]
+
+
+def test_hits_keep_their_slot_and_rows_of_the_batch_are_never_victims():
+    layout = _layout("lru")
+    state, plans = _run(layout, [[7, 8, 9], [9, 10]])
+    first, second = plans
+    slot_of_9 = int(first.slots[2])
+    assert int(second.slots[0]) == slot_of_9  # a hit keeps its slot
+    assert int(second.evict_rows[0]) == 7  # the oldest; 9 is read by this batch
+    assert int(second.num_misses) == 1
+
+
+def test_locked_slots_are_not_evicted():
+    layout = _layout("lru")
+    state, (plan,) = _run(layout, [[1, 2, 3]])
+    slot_of_1 = int(plan.slots[0])
+    state, plan = _batch(state, layout, [4], locked=[slot_of_1])
+    assert int(plan.evict_rows[0]) == 2  # 1 is the oldest but locked
+
+
+def test_a_set_with_more_rows_than_free_ways_overflows():
+    layout = _layout("lru", ways=2)
+    state, (plan,) = _run(layout, [[1, 2, 3]])
+    assert int(plan.overflow) == 1
+    state, (plan,) = _run(layout, [[1, 2]])
+    assert int(plan.overflow) == 0
+
+
+def test_metrics_count_hits_misses_evictions_and_unique_rows_per_table():
+    layout = CacheLayout(
+        num_rows=20, sets=1, ways=3, features=((0, 0, 10), (1, 10, 10)), table_offsets=(0, 10)
+    )
+    state = layout.init()
+    offsets = jnp.array([0, 3, 4], jnp.int32)  # feature 0: ids 1, 1, 2; feature 1: id 5
+    state, plan = assign(
+        layout,
+        state,
+        jnp.array([1, 1, 2, 5], jnp.int32),
+        offsets,
+        jnp.full((1,), -1),
+        batch_size=1,
+    )
+    assert np.asarray(state.last).tolist() == [[0, 2, 0, 2], [0, 1, 0, 1]]
+    # The cache holds rows 1, 2 and 15. Feature 0 reads ids 1, 3; feature 1 reads id 7.
+    state, plan = assign(
+        layout,
+        state,
+        jnp.array([1, 3, 7], jnp.int32),
+        jnp.array([0, 2, 3], jnp.int32),
+        jnp.full((1,), -1),
+        batch_size=1,
+    )
+    # table 0: rows 1 (hit), 3 (miss, evicts row 2); table 1: row 17 (miss, evicts row 15)
+    assert np.asarray(state.last).tolist() == [[1, 1, 1, 2], [0, 1, 1, 1]]
+    assert np.asarray(state.totals).tolist() == [[1, 3, 1, 4], [0, 2, 1, 2]]
+
+
+def test_bad_ids_and_padding_take_no_slot():
+    layout = _layout("lru", rows=5)
+    ids = jnp.array([1, 9, -2, 1, 4], jnp.int32)
+    offsets = jnp.array([0, 4], jnp.int32)  # position 4 is padding
+    state, plan = assign(layout, layout.init(), ids, offsets, jnp.full((1,), -1), batch_size=1)
+    slots = np.asarray(plan.slots).tolist()
+    assert slots[1] == slots[2] == slots[4] == -1 and slots[0] == slots[3] >= 0
+    assert int(plan.num_misses) == 1
+
+
+def test_rows_spread_over_sets_and_stay_in_their_set():
+    layout = _layout("lru", ways=2, sets=4, rows=100)
+    ids = jnp.arange(6, dtype=jnp.int32)
+    sets = np.asarray(set_of(ids, 4))
+    chosen = ids[np.concatenate([np.flatnonzero(sets == s)[:2] for s in range(4)])]
+    state, plan = _batch(layout.init(), layout, chosen)
+    slots = np.asarray(plan.slots)
+    np.testing.assert_array_equal(slots // 2, np.asarray(set_of(chosen, 4)))
+
+
+def test_layout_refuses_an_unknown_algorithm():
+    with pytest.raises(ValueError, match="'lru' or 'lfu'"):
+        _layout("fifo")
