@@ -19,6 +19,7 @@ from jaxrec.modules.state_dict import (
 from jaxrec.ops.backend import as_bounds_check_mode, resolve_backend
 from jaxrec.ops.lookup import LookupSpec, check_parallel_axes, lookup
 from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.parallel.collection_sharding import sharded_collection_lookup
 from jaxrec.parallel.row_sharding import local_row_block
 from jaxrec.sparse import KeyedJaggedTensor
 
@@ -78,6 +79,9 @@ class CollectionMixin:
 
     def _lookup_groups(self, features: KeyedJaggedTensor, weights: jax.Array | None):
         """Declare the group params and look every group up (inside the compact ``__call__``)."""
+        sharded = sharded_collection_lookup(self, features, weights)
+        if sharded is not None:  # placed by a sharding plan (DistributedModelParallel)
+            return sharded
         plan = self.plan
         optimizers = self._group_optimizers()
 
