@@ -63,10 +63,10 @@ def parse_hex(column: np.ndarray) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad.any(axis=1))[0])
         raise ValueError(f"{column[i]!r} is not a hexadecimal value")
-    out = np.zeros(len(column), np.int64)
-    for j in range(width):
-        out = np.where(real[:, j], out * 16 + digits[:, j], out)
-    return out
+    # Read every string as `width` digits (the NUL padding as zeros), then drop the padding's
+    # digits: a string of n digits is the full-width value shifted right by 4 * (width - n).
+    full = np.where(real, digits, 0) @ (16 ** np.arange(width - 1, -1, -1, dtype=np.int64))
+    return full >> (4 * (width - real.sum(axis=1)))
 
 
 def _table_sizes(num_embeddings: int | Sequence[int]) -> np.ndarray:
