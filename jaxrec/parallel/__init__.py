@@ -10,6 +10,7 @@ the per-device shard layout, the sharded lookup and the params conversion.
 
 from jaxrec.parallel.convert import TableState, partition_specs, shard_params, unshard_params
 from jaxrec.parallel.layout import ShardedLayout
+from jaxrec.parallel.model_parallel import DistributedModelParallel
 from jaxrec.parallel.planner import (
     EmbeddingShardingPlanner,
     ParameterConstraints,
@@ -32,6 +33,7 @@ from jaxrec.parallel.types import (
 )
 
 __all__ = [
+    "DistributedModelParallel",
     "EmbeddingShardingPlanner",
     "ParameterConstraints",
     "PlanReport",
