@@ -107,6 +107,7 @@ def _gather_slots(param: FusedTableParams, slots: jax.Array, *, size: int):
 @functools.partial(jax.jit, static_argnames=("size",), donate_argnums=(0,))
 def _load_slots(param: FusedTableParams, slots, weight, state, *, size: int):
     target = slots[:size]
+    target = jnp.where(target < 0, param.weight.shape[0], target)  # -1 would wrap to the end
     return dataclasses.replace(
         param,
         weight=param.weight.at[target].set(weight, mode="drop"),

@@ -89,11 +89,11 @@ def test_cached_training_equals_device_tables_bitwise(optimizer, algorithm):
 
 
 def test_prefetch_pipeline_equals_the_sequential_run():
-    host_op, _ = _ops(OptimType.EXACT_ROWWISE_ADAGRAD, cache_load_factor=0.3)
+    host_op, _ = _ops(OptimType.EXACT_ROWWISE_ADAGRAD, cache_load_factor=0.6)
     batches, targets = _batches(5, seed=4), _targets(host_op, 5)
     results = []
     for pipelined in (False, True):
-        cached = tbe.CachedTBE(host_op, ways=6)
+        cached = tbe.CachedTBE(host_op, ways=10)
         state, caches = cached.init(seed=0)
         grad_step = _grad_step(cached)
         if pipelined:
@@ -112,8 +112,8 @@ def test_prefetch_pipeline_equals_the_sequential_run():
 
 
 def test_flush_and_write_back_lose_nothing():
-    host_op, _ = _ops(OptimType.EXACT_SGD, cache_load_factor=0.2)
-    cached = tbe.CachedTBE(host_op, ways=4)
+    host_op, _ = _ops(OptimType.EXACT_SGD, cache_load_factor=0.5)
+    cached = tbe.CachedTBE(host_op, ways=10)
     state, caches = cached.init(seed=0)
     before = [np.array(w) for w in cached.split_embedding_weights(state, caches)]
     ids, offsets = _batches(1, seed=7)[0]
@@ -168,16 +168,16 @@ def test_bad_ids_behave_as_in_device_tables():
     offsets = np.array([0, 2, 3, 4, 4, 5, 6, 6, 6] + [7] * 4 + [8] * 4, np.int32)
     with pytest.raises(ValueError, match="index 70 at position 1 is outside"):
         cached.prefetch(state, caches, ids, offsets)  # eagerly: the operator's message
-    pending = jax.jit(lambda i, o: (i, o))(ids, offsets)  # traced-free copies
-    ready = cached.prefetch(state, caches, np.where(ids == 70, 1, ids), offsets)
+    clean = np.array([1, 1, 2, 2, 3, 5, 4, 4], np.int32)
+    ready = cached.prefetch(state, caches, clean, offsets)
     # Inside jit (WARNING) a bad id is a zero row and is counted, as on the device.
-    bad_ids = jnp.asarray(ready.indices).at[6].set(-1)
-    got = jax.jit(cached.lookup)(ready.state, bad_ids, offsets)
-    dev_ids = jnp.asarray(np.where(ids == 70, 1, ids)).at[6].set(99)
-    want = jax.jit(device_op.lookup)(dstate, dev_ids, offsets)
+    bad_slots = jnp.asarray(ready.indices).at[1].set(-1).at[6].set(-1)
+    got = jax.jit(cached.lookup)(ready.state, bad_slots, offsets)
+    want = jax.jit(device_op.lookup)(
+        dstate, jnp.asarray(clean).at[1].set(70).at[6].set(99), offsets
+    )
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     assert int(got[1]) == int(want[1]) == 2
-    del pending
 
 
 def test_placements_are_checked():
