@@ -19,6 +19,7 @@ from jaxrec.tbe.enums import (
     SparseType,
     WeightDecayMode,
 )
+from jaxrec.tbe.int8 import dequantize_output, quantize_output
 from jaxrec.tbe.managed import CachedTBE, Prefetched
 from jaxrec.tbe.operator import SplitTableBatchedEmbeddingBagsCodegen
 from jaxrec.tbe.pipeline import prefetch_pipeline
@@ -37,5 +38,7 @@ __all__ = [
     "SplitTableBatchedEmbeddingBagsCodegen",
     "TBEState",
     "WeightDecayMode",
+    "dequantize_output",
     "prefetch_pipeline",
+    "quantize_output",
 ]

@@ -56,6 +56,16 @@ from jaxrec.tbe.enums import (
     as_member,
 )
 from jaxrec.tbe.inputs import TBEInputs
+from jaxrec.tbe.int8 import (
+    QPARAM_BYTES,
+    as_bytes,
+    as_container,
+    dequantize_table,
+    init_int8_group,
+    int8_lookup,
+    quantize_output,
+    quantize_table,
+)
 from jaxrec.tbe.optimizers import OptimizerArgs, make_optimizer
 from jaxrec.tbe.state import TBEState
 
@@ -134,12 +144,11 @@ def _parse_feature_map(feature_table_map: Any, num_tables: int) -> tuple[int, ..
     return tuple(int(t) for t in features)
 
 
-def _float_type(name: str, value: Any) -> SparseType:
+def _float_type(name: str, value: Any, *, int8: bool = False) -> SparseType:
     member = as_member(SparseType, value, name)
-    if not member.is_float():
-        raise ValueError(
-            f"{name}=SparseType.{member.name} is not built yet; FP32, FP16 and BF16 are"
-        )
+    if not (member.is_float() or (int8 and member is SparseType.INT8)):
+        built = "FP32, FP16, BF16 and INT8 are" if int8 else "FP32, FP16 and BF16 are"
+        raise ValueError(f"{name}=SparseType.{member.name} is not built yet; {built}")
     return member
 
 
@@ -161,9 +170,16 @@ class SplitTableBatchedEmbeddingBagsCodegen:
       cache_algorithm, cache_load_factor, cache_sets, cache_reserved_memory,
         cache_precision, enforce_hbm, prefetch_pipeline: the HBM cache of
         MANAGED_CACHING tables; checked and kept, without effect on DEVICE tables.
-      weights_precision: the tables' type, FP32, FP16 or BF16 (16-bit tables are updated
-        in float32 and stored back with ``stochastic_rounding``).
-      output_dtype: the output's type, FP32, FP16 or BF16 (pooling accumulates in float32).
+      weights_precision: the tables' type, FP32, FP16, BF16 or INT8 (16-bit tables are
+        updated in float32 and stored back with ``stochastic_rounding``). INT8 tables are
+        FBGEMM's row-wise quantized rows (``dim`` bytes, float32 scale and bias), looked up
+        through the dequantizing kernel; the fused update dequantizes the touched rows,
+        applies the optimizer in float32 (float32 state) and requantizes them, at most half
+        a row's scale from the float32 step (:mod:`jaxrec.tbe.int8`). INT8 needs a fused
+        optimizer and SUM or MEAN pooling.
+      output_dtype: the output's type, FP32, FP16, BF16 (pooling accumulates in float32) or
+        INT8: each float32 output row quantized to ``[total_D + 8]`` bytes with its scale and
+        bias (:func:`jaxrec.tbe.dequantize_output` reads it back; bytes carry no gradient).
       optimizer: the :class:`OptimType` fused into the backward (``NONE``: plain tables
         with a true dense gradient). ``stochastic_rounding``, ``gradient_clipping``,
         ``max_gradient``, ``max_norm``, ``learning_rate``, ``eps``, ``momentum``,
@@ -223,8 +239,8 @@ class SplitTableBatchedEmbeddingBagsCodegen:
         )
         self.enforce_hbm = bool(enforce_hbm)
         self.prefetch_pipeline = bool(prefetch_pipeline)
-        self.weights_precision = _float_type("weights_precision", weights_precision)
-        self.output_dtype = _float_type("output_dtype", output_dtype)
+        self.weights_precision = _float_type("weights_precision", weights_precision, int8=True)
+        self.output_dtype = _float_type("output_dtype", output_dtype, int8=True)
         self.pooling_mode = as_member(PoolingMode, pooling_mode, "pooling_mode")
         self.bounds_check_mode = as_member(BoundsCheckMode, bounds_check_mode, "bounds_check_mode")
         self.optimizer = as_member(OptimType, optimizer, "optimizer")
@@ -261,6 +277,12 @@ class SplitTableBatchedEmbeddingBagsCodegen:
                 raise ValueError(
                     f"PoolingMode.NONE needs all tables of one dim (as FBGEMM's), got dims {dims}"
                 )
+        if self._int8 and (self.optimizer is OptimType.NONE or not self.plan.pooled):
+            raise ValueError(
+                "weights_precision=SparseType.INT8 needs a fused optimizer (not OptimType.NONE) "
+                f"and pooling SUM or MEAN, got optimizer {self.optimizer.name} and pooling "
+                f"{self.pooling_mode.name}"
+            )
         self.plan  # noqa: B018 (builds the plan: raises on an invalid table set)
 
     # Layout -----------------------------------------------------------------------------
@@ -280,8 +302,13 @@ class SplitTableBatchedEmbeddingBagsCodegen:
         return sum(self.feature_dims)
 
     @property
+    def _int8(self) -> bool:
+        return self.weights_precision is SparseType.INT8
+
+    @property
     def _configs(self) -> tuple[EmbeddingBagConfig | EmbeddingConfig, ...]:
-        data_type = DataType[self.weights_precision.name]
+        # INT8 tables are stacked as float32 ones are; only their storage differs.
+        data_type = DataType.FP32 if self._int8 else DataType[self.weights_precision.name]
         configs = []
         for t, (rows, dim, _, _) in enumerate(self.embedding_specs):
             features = [f"f{i}" for i, table in enumerate(self.feature_table_map) if table == t]
@@ -317,7 +344,9 @@ class SplitTableBatchedEmbeddingBagsCodegen:
             batch_size=batch_size,
             bounds_check=self.bounds_check_mode.as_lookup_mode(),
             backend=self.backend,
-            out_dtype=self.output_dtype.as_dtype(),
+            out_dtype=jnp.float32
+            if self.output_dtype is SparseType.INT8
+            else self.output_dtype.as_dtype(),
             optimizer=optimizer,
         )
         if not plan.pooled:
@@ -357,7 +386,13 @@ class SplitTableBatchedEmbeddingBagsCodegen:
             )
         optimizer = make_optimizer(self._optimizer_args, self.learning_rate)
         plan = self.plan
-        if key is None:
+        if self._int8:
+            drawn = None if key is None else init_groups(plan, self._configs, None, key)
+            groups = {}
+            for g in plan.groups:
+                floats = jnp.zeros((g.num_rows, g.dim)) if drawn is None else drawn[g.name]
+                groups[g.name] = init_int8_group(quantize_table(floats), optimizer, g.dim)
+        elif key is None:
             groups = {}
             for g in plan.groups:
                 zeros = jnp.zeros((g.num_rows, g.dim), jnp.dtype(g.dtype))
@@ -396,23 +431,39 @@ class SplitTableBatchedEmbeddingBagsCodegen:
                     f"{self.optimizer.name} keeps {kind}"
                 )
             weight = entry.weight if isinstance(entry, FusedTableParams) else entry
-            if tuple(jnp.shape(weight)) != (group.num_rows, group.dim):
+            width = group.dim + (QPARAM_BYTES if self._int8 else 0)
+            if tuple(jnp.shape(weight)) != (group.num_rows, width):
                 raise ValueError(
                     f"state.groups[{group.name!r}] has shape {tuple(jnp.shape(weight))}; "
-                    f"tables {list(group.tables)} need {(group.num_rows, group.dim)}"
+                    f"tables {list(group.tables)} need {(group.num_rows, width)}"
                 )
         return dict(state.groups)
 
-    def split_embedding_weights(self, state: TBEState) -> list[jax.Array]:
-        """Each table's weights ``[rows, dim]``, in ``embedding_specs`` order."""
-        views = table_views(self.plan, _PREFIX, self._groups(state))
+    def split_embedding_weights(self, state: TBEState, dequantize: bool = False) -> list[jax.Array]:
+        """Each table's weights ``[rows, dim]``, in ``embedding_specs`` order.
+
+        INT8 tables, as FBGEMM's: ``[rows, dim + 8]`` uint8, each row its ``dim`` bytes then
+        its float32 scale and bias; with ``dequantize=True`` float32 ``[rows, dim]``.
+        """
+        groups = self._groups(state)
+        if self._int8:
+            out = []
+            for name in self.table_names:
+                table = self.plan.table(name)
+                entry = groups[self.plan.groups[table.group].name]
+                raw = as_bytes(entry.weight[table.row_offset : table.row_offset + table.num_rows])
+                out.append(dequantize_table(raw, table.dim) if dequantize else raw)
+            return out
+        views = table_views(self.plan, _PREFIX, groups)
         return [views[f"{_PREFIX}.{name}.weight"] for name in self.table_names]
 
     def set_split_embedding_weights(self, state: TBEState, arrays: Sequence[Any]) -> TBEState:
         """``state`` holding ``arrays`` (one ``[rows, dim]`` array per table) as its tables.
 
         Each is cast to ``weights_precision``; a wrong count or shape, non-real, non-finite
-        or overflowing values are refused naming the table. Optimizer state is kept.
+        or overflowing values are refused naming the table. Optimizer state is kept. INT8
+        tables take FBGEMM's bytes (``[rows, dim + 8]`` uint8, as
+        :meth:`split_embedding_weights` gives them) or floats ``[rows, dim]``, quantized.
         """
         groups = self._groups(state)
         arrays = list(arrays)
@@ -421,6 +472,8 @@ class SplitTableBatchedEmbeddingBagsCodegen:
                 f"set_split_embedding_weights takes one array per table "
                 f"({len(self.embedding_specs)}), got {len(arrays)}"
             )
+        if self._int8:
+            return dataclasses.replace(state, groups=self._set_int8(groups, arrays))
         named = {}
         for t, (array, (rows, dim, _, _)) in enumerate(
             zip(arrays, self.embedding_specs, strict=True)
@@ -434,6 +487,38 @@ class SplitTableBatchedEmbeddingBagsCodegen:
             named[f"{_PREFIX}.{self.table_names[t]}.weight"] = array
         groups, _ = load_tables(self.plan, _PREFIX, groups, named, strict=True)
         return dataclasses.replace(state, groups=groups)
+
+    def _set_int8(self, groups: dict[str, Any], arrays: list[Any]) -> dict[str, Any]:
+        """``groups`` with the INT8 tables of ``arrays`` (bytes, or floats quantized here)."""
+        named: dict[str, jax.Array] = {}
+        for t, (array, (rows, dim, _, _)) in enumerate(
+            zip(arrays, self.embedding_specs, strict=True)
+        ):
+            name = self.table_names[t]
+            shape, dtype = tuple(np.shape(array)), np.dtype(jnp.result_type(array))
+            if dtype == np.uint8 and shape == (rows, dim + QPARAM_BYTES):
+                scale_bias = np.asarray(array)[:, dim:].copy().view(np.float32)
+                if not np.isfinite(scale_bias).all():
+                    raise ValueError(
+                        f"arrays[{t}] (table {name!r}) has non-finite scales or biases"
+                    )
+                rows_q = jnp.asarray(array, jnp.uint8)
+            elif np.issubdtype(dtype, np.floating) and shape == (rows, dim):
+                if not np.isfinite(np.asarray(array, np.float32)).all():
+                    raise ValueError(f"arrays[{t}] (table {name!r}) has non-finite values")
+                rows_q = as_bytes(quantize_table(array))
+            else:
+                raise ValueError(
+                    f"arrays[{t}] (table {name!r}) is {shape} {dtype}; an INT8 table takes "
+                    f"{(rows, dim + QPARAM_BYTES)} uint8 bytes or {(rows, dim)} floats"
+                )
+            named[name] = rows_q
+        out = {}
+        for group in self.plan.groups:
+            raw = [named[name] for name in group.tables]
+            weight = as_container(raw[0] if len(raw) == 1 else jnp.concatenate(raw))
+            out[group.name] = dataclasses.replace(groups[group.name], weight=weight)
+        return out
 
     def init_embedding_weights_uniform(
         self, state: TBEState, low: float, high: float, key: jax.Array
@@ -459,6 +544,8 @@ class SplitTableBatchedEmbeddingBagsCodegen:
                 for name in group.tables
             ]
             weights[group.name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+            if self._int8:
+                weights[group.name] = quantize_table(weights[group.name])
         return dataclasses.replace(state, groups=self._with_weights(groups, weights))
 
     def split_optimizer_states(self, state: TBEState) -> list[dict[str, jax.Array]]:
@@ -529,14 +616,17 @@ class SplitTableBatchedEmbeddingBagsCodegen:
         weights = inputs.per_sample_weights
         if weights is not None and inputs.feature_requires_grad is not None:
             weights = _detach_features(weights, inputs)
-        out, bad = lookup(
+        out, bad = (int8_lookup if self._int8 else lookup)(
             spec,
             tuple(groups[g.name] for g in self.plan.groups),
             inputs.indices,
             inputs.offsets,
             weights,
         )
-        return (out if self.plan.pooled else out[0]), bad
+        out = out if self.plan.pooled else out[0]
+        if self.output_dtype is SparseType.INT8:
+            out = quantize_output(out)
+        return out, bad
 
     def __call__(
         self,
