@@ -3,9 +3,11 @@
 Each example has dense features [num_dense], one bag of ids per sparse
 feature (bag lengths uniform in [min_length, max_length], ids Zipf-skewed as
 real categorical data is), and a 0/1 label drawn from a hidden logistic
-model: every (feature, id) has a hidden score, a bag contributes the mean
-score of its ids, dense features contribute linearly. A model that learns
-the embeddings can therefore beat the base rate, and the loss falls.
+model (the *planted* model): every (feature, id) has a hidden score, a bag
+contributes the mean score of its ids, dense features contribute linearly.
+A model that learns the embeddings can therefore beat the base rate, and the
+loss falls. :meth:`SyntheticClickData.planted_logits` returns the planted
+model's logits of a batch: their AUC is the best any model can reach on it.
 
 Batches are :class:`~jaxrec.sparse.KeyedJaggedTensor`s padded to a capacity
 bucket (see :func:`jaxrec.sparse.capacity_bucket`), so a training run
@@ -17,6 +19,8 @@ compiles a handful of times, not once per batch.
 (['f0', 'f1'], (4, 3), (4,))
 >>> batch.sparse.capacity() >= int(batch.sparse.lengths().sum())
 True
+>>> data.planted_logits(batch_size=4, index=0).shape
+(4,)
 """
 
 from __future__ import annotations
@@ -78,7 +82,15 @@ class SyntheticClickData:
         return scores, dense_w, np.cumsum(popularity / popularity.sum())
 
     def batch(self, batch_size: int, index: int) -> Batch:
-        """Batch number `index` of size `batch_size`."""
+        """Batch number `index` of size `batch_size` (every example weighs 1)."""
+        return self._draw(batch_size, index)[0]
+
+    def planted_logits(self, batch_size: int, index: int) -> np.ndarray:
+        """float64 [batch_size]: the planted model's logits of batch `index` (its labels are
+        Bernoulli draws of their sigmoid)."""
+        return self._draw(batch_size, index)[1]
+
+    def _draw(self, batch_size: int, index: int) -> tuple[Batch, np.ndarray]:
         scores, dense_w, cdf = self._hidden
         rng = np.random.default_rng((self.seed, index))
         B, F = batch_size, self.num_features
@@ -101,4 +113,10 @@ class SyntheticClickData:
             lengths=lengths.reshape(-1).astype(np.int32),
         )
         kjt = pad_to_capacity(kjt, capacity_bucket(int(lengths.sum())))
-        return Batch(dense=jax.numpy.asarray(dense), sparse=kjt, labels=jax.numpy.asarray(labels))
+        batch = Batch(
+            dense=jax.numpy.asarray(dense),
+            sparse=kjt,
+            labels=jax.numpy.asarray(labels),
+            weights=jax.numpy.ones(B, jax.numpy.float32),
+        )
+        return batch, logit

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxrec.configs import EmbeddingBagConfig
 from jaxrec.modules.embedding_bag_collection import EmbeddingBagCollection
-from jaxrec.sparse import KeyedJaggedTensor
+from jaxrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 
 class MLP(nn.Module):
@@ -41,6 +41,11 @@ class MLP(nn.Module):
             if i + 1 < len(self.features):
                 x = nn.relu(x)
         return x
+
+
+def pooled_features(pooled: KeyedTensor) -> jax.Array:
+    """A pooled KeyedTensor of F equal-width features [B, F * D] as [B, F, D]."""
+    return pooled.values().reshape(pooled.values().shape[0], len(pooled.keys()), -1)
 
 
 def dot_interactions(dense: jax.Array, sparse: jax.Array) -> jax.Array:
@@ -80,8 +85,7 @@ class DLRM(nn.Module):
             tables=self.tables, optimizer=self.optimizer, backend=self.backend, name="sparse_arch"
         )
         pooled = ebc(sparse)
-        batch = dense.shape[0]
-        sparse_rows = pooled.values().reshape(batch, len(pooled.keys()), -1)
+        sparse_rows = pooled_features(pooled)
         bottom = MLP(self.bottom_mlp, name="dense_arch")(dense)
         logits = MLP(self.top_mlp, name="over_arch")(dot_interactions(bottom, sparse_rows))
         return logits[:, 0]
