@@ -40,7 +40,12 @@ from jaxrec.optim.fused import init_fused_table
 from jaxrec.parallel.layout import ShardedLayout
 from jaxrec.parallel.sharded_lookup import ShardedLookupSpec, sharded_lookup
 
-__all__ = ["CollectionSharding", "init_sharded_params", "sharded_collection_lookup", "use_shardings"]
+__all__ = [
+    "CollectionSharding",
+    "init_sharded_params",
+    "sharded_collection_lookup",
+    "use_shardings",
+]
 
 
 @dataclass(frozen=True)

@@ -294,9 +294,7 @@ class DistributedModelParallel:
             )
         sharding = NamedSharding(self.mesh, P(self.axis))
         stacked = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *batches)
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, x), stacked
-        )
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
 
     def init(self, rng: jax.Array, *batch: Any) -> dict[str, Any]:
         """The model's variables, created sharded: each device generates the tables it holds,
@@ -356,18 +354,33 @@ class DistributedModelParallel:
         return self._steps[key](variables, *batch)
 
     def optimizer_specs(self, tx: optax.GradientTransformation, params: Any) -> Any:
-        """The ``PartitionSpec`` of every leaf of ``tx``'s state: a leaf that mirrors a
-        parameter takes its spec, every other leaf is replicated."""
+        """The ``PartitionSpec`` of every leaf of ``tx``'s state: split over the axis where
+        the state of one device's parameters is smaller than the state of the whole ones
+        (state mirroring a sharded table), replicated elsewhere."""
         self._require()
-        state = jax.eval_shape(tx.init, params)
-        return optax.tree_map_params(
-            tx,
-            lambda _, spec: spec,
-            state,
-            self._specs["params"],
-            transform_non_params=lambda _: P(),
-            is_leaf=lambda x: _is_spec(x) or isinstance(x, optax.MaskedNode),
-        )
+        n = self.num_devices
+
+        def local(x, spec):
+            shape = tuple(np.shape(x))
+            if spec and spec[0] == self.axis:
+                shape = (shape[0] // n, *shape[1:])
+            return jax.ShapeDtypeStruct(shape, jax.numpy.result_type(x))
+
+        local_params = jax.tree.map(local, params, self._specs["params"])
+        whole = jax.eval_shape(tx.init, params)
+        part = jax.eval_shape(tx.init, local_params)
+
+        def spec(w, p):
+            if w.shape == p.shape:
+                return P()
+            if w.shape[1:] != p.shape[1:] or w.shape[0] != n * p.shape[0]:
+                raise ValueError(
+                    f"an optimizer state leaf of shape {w.shape} is {p.shape} for one device's "
+                    "parameters, which is no split of its first axis"
+                )
+            return P(self.axis, *([None] * (len(w.shape) - 1)))
+
+        return jax.tree.map(spec, whole, part)
 
     def init_optimizer(self, tx: optax.GradientTransformation, params: Any) -> Any:
         """``tx.init(params)`` on every device, sharded as the parameters it mirrors."""
