@@ -1,4 +1,4 @@
-"""FBGEMM's sparse optimizer rules in float64 NumPy, written from OPTIMIZERS.md.
+"""FBGEMM's sparse optimizer rules in float64 NumPy, written from docs/optimizers.md.
 
 The independent reference that the optimizer tests (rule by rule, and end to end through the
 collections) compare jaxrec against.

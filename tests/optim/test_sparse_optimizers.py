@@ -1,4 +1,4 @@
-"""The fused row optimizers against an independent float64 NumPy version of OPTIMIZERS.md."""
+"""The fused row optimizers against an independent float64 NumPy version of docs/optimizers.md."""
 
 from __future__ import annotations
 
