@@ -36,9 +36,10 @@ import jax.numpy as jnp
 
 from jaxrec.configs import EmbeddingConfig, embedding_names_by_table
 from jaxrec.modules.collection_base import CollectionMixin
-from jaxrec.modules.input_checks import check_features, is_concrete
+from jaxrec.modules.input_checks import check_features
 from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.sparse import JaggedTensor, KeyedJaggedTensor
+from jaxrec.sparse.arrays import is_traced
 
 
 def _feature_rows(rows: jax.Array, start, end, capacity: int, concrete: bool) -> jax.Array:
@@ -105,7 +106,7 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
         group_rows = self._lookup_groups(features, None)
         keys = tuple(features.keys())
 
-        concrete = is_concrete(features.values(), features.lengths())
+        concrete = not is_traced(features.values(), features.lengths())
         bounds = features.offset_per_key() if concrete else features.offset_per_key_array()
         capacity = features.capacity()
         batch = features.stride()

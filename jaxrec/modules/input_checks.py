@@ -29,11 +29,7 @@ import numpy as np
 from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.ops.plan import LookupPlan
 from jaxrec.sparse import KeyedJaggedTensor, validate_kjt
-
-
-def is_concrete(*arrays: jax.Array | None) -> bool:
-    """True when no array is a tracer (the values can be read on the host)."""
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays if a is not None)
+from jaxrec.sparse.arrays import is_traced
 
 
 def check_keys(plan: LookupPlan, kjt: KeyedJaggedTensor) -> None:
@@ -95,7 +91,7 @@ def check_features(plan: LookupPlan, kjt: KeyedJaggedTensor, *, weighted: bool) 
     check_weighting(kjt, weighted)
     if not jnp.issubdtype(kjt.values().dtype, jnp.integer):
         raise ValueError(f"KJT values must be integer ids, got dtype {kjt.values().dtype}")
-    if is_concrete(kjt.values(), kjt.lengths(), kjt.weights_or_none()):
+    if not is_traced(kjt.values(), kjt.lengths(), kjt.weights_or_none()):
         validate_kjt(kjt)
         check_ids(plan, kjt)
 
@@ -108,5 +104,5 @@ def report_invalid_ids(module: nn.Module, mode: BoundsCheckMode, count: jax.Arra
     if mode is not BoundsCheckMode.WARNING or module.is_initializing():
         return
     module.sow("bounds_check", "invalid_ids", count)
-    if is_concrete(count) and int(count):
+    if not is_traced(count) and int(count):
         warnings.warn(f"{int(count)} ids were outside their tables", stacklevel=3)

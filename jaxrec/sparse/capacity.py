@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-from jaxrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor, _is_traced
+from jaxrec.sparse.arrays import is_traced
+from jaxrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
 
 _ALIGN = 128
 
@@ -59,7 +60,7 @@ def pad_to_capacity(
     (128, [0, 1, 2, 3, 4, 0, 0, 0])
     """
     if capacity is None:
-        if _is_traced(kjt.lengths()):
+        if is_traced(kjt.lengths()):
             raise ValueError(
                 "pad_to_capacity(capacity=None) reads the number of ids on the host and cannot "
                 "run under tracing; pass an explicit capacity"

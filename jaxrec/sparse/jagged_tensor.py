@@ -8,13 +8,10 @@ Shapes are static and content is dynamic: only the first ``sum(lengths)`` rows o
 ``values`` are real; any rows after them are padding that no operation reads (a
 JaggedTensor produced under ``jax.jit`` keeps the static capacity of its source).
 ``values`` may be 1-D (ids, stored as int32) or N-D (e.g. ``[rows, dim]`` embeddings).
-
-This module also holds the small array helpers shared by the other ``jaxrec.sparse`` types.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,172 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import GetAttrKey
 
-_INT32 = np.iinfo(np.int32)
-
-
-def _is_traced(*arrays: Any) -> bool:
-    """True when any of ``arrays`` is a tracer, i.e. its content is unknown until run time."""
-    return any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
-def _host_array(x: Any, empty_dtype: Any = np.int32) -> Any:
-    """``x`` as an array with a dtype; plain Python sequences become NumPy (an empty one gets
-    ``empty_dtype``)."""
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return x
-    out = np.asarray(x)
-    return out.astype(empty_dtype) if out.size == 0 else out
-
-
-def _as_int32(x: Any, what: str) -> jax.Array:
-    """Integer array ``x`` as int32; eagerly, a value outside int32 is a ValueError naming it."""
-    x = _host_array(x)
-    dtype = np.dtype(x.dtype)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{what} must hold integers, got dtype {dtype}")
-    if np.can_cast(dtype, np.int32):
-        return jnp.asarray(x, dtype=jnp.int32)
-    if _is_traced(x):
-        # Under jit a value outside int32 cannot raise; it becomes -1 (never wrapped to
-        # another value): an id outside every table, a negative length, both bad input that
-        # the lookup's bounds_check_mode counts or raises.
-        outside = x > jnp.asarray(_INT32.max, dtype)
-        if jnp.issubdtype(dtype, jnp.signedinteger):
-            outside = outside | (x < jnp.asarray(_INT32.min, dtype))
-        return jnp.where(outside, -1, x).astype(jnp.int32)
-    host = np.asarray(x)
-    bad = np.flatnonzero((host < _INT32.min) | (host > _INT32.max))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"{what}[{i}] = {host.reshape(-1)[i]} does not fit int32 "
-            f"(range [{_INT32.min}, {_INT32.max}]); ids and lengths are stored as int32"
-        )
-    return jnp.asarray(host.astype(np.int32))
-
-
-def _as_weights(weights: Any, num_rows: int, *, floating: bool = True) -> jax.Array:
-    """Per-row weights of shape ``[num_rows]``; floating point unless ``floating=False``."""
-    weights = _host_array(weights, np.float32)
-    dtype = np.dtype(weights.dtype)
-    if floating and not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"weights must be floating point, got dtype {dtype}")
-    weights = jnp.asarray(weights)
-    if weights.shape != (num_rows,):
-        raise ValueError(
-            f"weights has shape {weights.shape} but values has {num_rows} rows; "
-            "weights need one entry per value"
-        )
-    return weights
-
-
-def _check_offsets(offsets: jax.Array) -> None:
-    """Eager check that offsets start at 0 and never decrease."""
-    host = np.asarray(offsets)
-    if host[0] != 0:
-        raise ValueError(f"offsets must start at 0, got offsets[0] = {host[0]}")
-    drops = np.flatnonzero(np.diff(host) < 0)
-    if drops.size:
-        i = int(drops[0])
-        raise ValueError(
-            f"offsets must be non-decreasing: offsets[{i + 1}] = {host[i + 1]} "
-            f"< offsets[{i}] = {host[i]}"
-        )
-
-
-def _lengths_from(lengths: Any, offsets: Any) -> jax.Array:
-    """int32 lengths from ``lengths`` or ``offsets`` (``diff(offsets)``); checks both agree."""
-    if lengths is None and offsets is None:
-        raise ValueError("either lengths or offsets must be given, got neither")
-    from_offsets = None
-    if offsets is not None:
-        offsets = _as_int32(offsets, "offsets")
-        if offsets.ndim != 1 or offsets.shape[0] < 1:
-            raise ValueError(
-                f"offsets must be 1-D with a leading 0, got shape {tuple(offsets.shape)}"
-            )
-        if _is_traced(offsets):
-            from_offsets = jnp.diff(offsets)
-        else:
-            _check_offsets(offsets)
-            from_offsets = jnp.asarray(np.diff(np.asarray(offsets)))
-    if lengths is None:
-        return from_offsets
-    lengths = _as_int32(lengths, "lengths")
-    if lengths.ndim != 1:
-        raise ValueError(f"lengths must be 1-D, got shape {tuple(lengths.shape)}")
-    if from_offsets is not None:
-        if from_offsets.shape != lengths.shape:
-            raise ValueError(
-                f"offsets has {from_offsets.shape[0] + 1} entries but lengths has "
-                f"{lengths.shape[0]}; offsets need one more entry than lengths"
-            )
-        if not _is_traced(lengths, from_offsets) and not np.array_equal(from_offsets, lengths):
-            raise ValueError("lengths and offsets were both given and disagree")
-    return lengths
-
-
-@jax.jit
-def _offsets_of(lengths: jax.Array) -> jax.Array:
-    """``concat([0], cumsum(lengths))`` as int32."""
-    zero = jnp.zeros((1,), jnp.int32)
-    return jnp.concatenate([zero, jnp.cumsum(lengths, dtype=jnp.int32)])
-
-
-def _gather_segments(
-    data: jax.Array, starts: jax.Array, sizes: jax.Array, out_size: int, fill: Any = 0
-) -> jax.Array:
-    """Rows ``data[starts[s] : starts[s] + sizes[s]]`` for each segment ``s`` in order, then
-    ``fill`` up to ``out_size`` rows. Vectorised (one searchsorted + one gather); ``starts`` and
-    ``sizes`` may be traced, ``out_size`` is static. Rows past ``out_size`` are dropped.
-    """
-    shape = (out_size, *data.shape[1:])
-    num_segments = sizes.shape[0]
-    if out_size == 0 or num_segments == 0 or data.shape[0] == 0:
-        return jnp.full(shape, fill, data.dtype)
-    ends = jnp.cumsum(sizes, dtype=jnp.int32)
-    pos = jnp.arange(out_size, dtype=jnp.int32)
-    seg = jnp.searchsorted(ends, pos, side="right")
-    real = seg < num_segments
-    seg = jnp.minimum(seg, num_segments - 1)
-    src = starts[seg] + pos - (ends[seg] - sizes[seg])
-    rows = jnp.take(data, src, axis=0, mode="clip")
-    mask = real.reshape((out_size,) + (1,) * (data.ndim - 1))
-    return jnp.where(mask, rows, jnp.asarray(fill, data.dtype))
-
-
-@functools.partial(jax.jit, static_argnames="width")
-def _pad_bags(data: jax.Array, lengths: jax.Array, fill: Any, *, width: int) -> jax.Array:
-    """[B, width, ...]: row ``b`` holds bag ``b``'s first ``width`` rows, then ``fill``."""
-    num_bags = lengths.shape[0]
-    shape = (num_bags, width, *data.shape[1:])
-    if data.shape[0] == 0 or num_bags == 0 or width == 0:
-        return jnp.full(shape, fill, data.dtype)
-    col = jnp.arange(width, dtype=jnp.int32)
-    src = _offsets_of(lengths)[:-1, None] + col[None, :]
-    rows = jnp.take(data, src, axis=0, mode="clip")
-    mask = (col[None, :] < lengths[:, None]).reshape(shape[:2] + (1,) * (data.ndim - 1))
-    return jnp.where(mask, rows, jnp.asarray(fill, data.dtype))
-
-
-def _require_concrete(method: str, alternative: str, *arrays: Any) -> None:
-    """ValueError when ``method`` (which needs host values) is called under tracing."""
-    if _is_traced(*arrays):
-        raise ValueError(
-            f"{method}() reads lengths on the host and cannot run under jax.jit or other "
-            f"tracing; use {alternative} instead"
-        )
-
-
-def _as_values(values: Any) -> jax.Array:
-    """Values of a JaggedTensor: integer ids become int32 (checked), other dtypes pass through."""
-    values = _host_array(values)
-    if jnp.issubdtype(np.dtype(values.dtype), jnp.integer):
-        values = _as_int32(values, "values")
-    values = jnp.asarray(values)
-    if values.ndim < 1:
-        raise ValueError(f"values must have at least one dimension, got shape {values.shape}")
-    return values
+from jaxrec.sparse.arrays import (
+    as_int32,
+    as_values,
+    as_weights,
+    gather_segments,
+    host_array,
+    is_traced,
+    lengths_from,
+    offsets_of,
+    pad_bags,
+    require_concrete,
+)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -217,12 +60,12 @@ class JaggedTensor:
         offsets: Any = None,
         weights: Any = None,
     ) -> None:
-        values = _as_values(values)
-        lengths = _lengths_from(lengths, offsets)
+        values = as_values(values)
+        lengths = lengths_from(lengths, offsets)
         if weights is not None:
-            weights = _as_weights(weights, values.shape[0], floating=False)
+            weights = as_weights(weights, values.shape[0], floating=False)
         self._set(values, lengths, weights)
-        if not _is_traced(values, lengths):
+        if not is_traced(values, lengths):
             self._check_lengths()
 
     def _set(self, values: Any, lengths: Any, weights: Any) -> None:
@@ -273,7 +116,7 @@ class JaggedTensor:
 
     def offsets(self) -> jax.Array:
         """int32 [B + 1]: ``concat([0], cumsum(lengths))``."""
-        return _offsets_of(self._lengths)
+        return offsets_of(self._lengths)
 
     def lengths_or_none(self) -> jax.Array:
         """The lengths (always held, so never None; TorchRec's name for ported code)."""
@@ -338,7 +181,7 @@ class JaggedTensor:
 
     # dense conversions ------------------------------------------------------------------
     def _bags(self, data: jax.Array) -> list[jax.Array]:
-        _require_concrete("to_dense", "to_padded_dense(desired_length=...)", self._lengths)
+        require_concrete("to_dense", "to_padded_dense(desired_length=...)", self._lengths)
         offsets = np.asarray(self.offsets()).tolist()
         return [data[offsets[b] : offsets[b + 1]] for b in range(len(offsets) - 1)]
 
@@ -352,7 +195,7 @@ class JaggedTensor:
 
     def _padded(self, data: jax.Array, desired_length: int | None, padding_value: Any) -> jax.Array:
         if desired_length is None:
-            _require_concrete(
+            require_concrete(
                 "to_padded_dense without desired_length",
                 "to_padded_dense(desired_length=...)",
                 self._lengths,
@@ -360,7 +203,7 @@ class JaggedTensor:
             desired_length = int(np.max(np.asarray(self._lengths), initial=0))
         if desired_length < 0:
             raise ValueError(f"desired_length must be >= 0, got {desired_length}")
-        return _pad_bags(data, self._lengths, padding_value, width=desired_length)
+        return pad_bags(data, self._lengths, padding_value, width=desired_length)
 
     def to_padded_dense(
         self, desired_length: int | None = None, padding_value: float = 0.0
@@ -391,14 +234,14 @@ class JaggedTensor:
         >>> jt.lengths().tolist(), jt.values().tolist()
         ([2, 0, 1], [1, 2, 3])
         """
-        bags = [_host_array(v) for v in values]
+        bags = [host_array(v) for v in values]
         lengths = np.asarray([b.shape[0] for b in bags], np.int32)
         if not bags:
             return cls(values=np.zeros((0,), np.float32), lengths=lengths)
         concat = jnp.concatenate if any(isinstance(b, jax.Array) for b in bags) else np.concatenate
         flat_weights = None
         if weights is not None:
-            wbags = [_host_array(w) for w in weights]
+            wbags = [host_array(w) for w in weights]
             if [w.shape[0] for w in wbags] != lengths.tolist():
                 raise ValueError(
                     f"weights bag sizes {[w.shape[0] for w in wbags]} differ from values bag "
@@ -422,8 +265,8 @@ class JaggedTensor:
         >>> jt.values().tolist()
         [1, 3, 4, 5]
         """
-        values = _as_values(values)
-        lengths = _as_int32(lengths, "lengths")
+        values = as_values(values)
+        lengths = as_int32(lengths, "lengths")
         if values.ndim < 2 or lengths.shape != values.shape[:1]:
             raise ValueError(
                 f"values must be [B, N, ...] and lengths [B], got shapes {tuple(values.shape)} "
@@ -431,22 +274,22 @@ class JaggedTensor:
             )
         num_bags, width = values.shape[:2]
         if weights is not None:
-            weights = _host_array(weights)
+            weights = host_array(weights)
             if tuple(weights.shape) != (num_bags, width):
                 raise ValueError(
                     f"weights has shape {tuple(weights.shape)}, expected {(num_bags, width)} "
                     "like the first two dimensions of values"
                 )
-        if _is_traced(values, lengths, weights):
+        if is_traced(values, lengths, weights):
             lengths = jnp.clip(lengths, 0, width)
             starts = jnp.arange(num_bags, dtype=jnp.int32) * width
             flat = values.reshape((num_bags * width, *values.shape[2:]))
             out_size = num_bags * width
-            out_values = _gather_segments(flat, starts, lengths, out_size)
+            out_values = gather_segments(flat, starts, lengths, out_size)
             out_weights = None
             if weights is not None:
                 flat_weights = jnp.reshape(weights, (-1,))
-                out_weights = _gather_segments(flat_weights, starts, lengths, out_size)
+                out_weights = gather_segments(flat_weights, starts, lengths, out_size)
             return cls._make(out_values, lengths, out_weights)
         host = np.asarray(lengths)
         bad = np.flatnonzero((host < 0) | (host > width))

@@ -17,26 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import GetAttrKey
 
-from jaxrec.sparse.jagged_tensor import (
-    JaggedTensor,
-    _as_int32,
-    _as_weights,
-    _gather_segments,
-    _is_traced,
-    _lengths_from,
-    _offsets_of,
-    _require_concrete,
+from jaxrec.sparse.arrays import (
+    as_int32,
+    as_keys,
+    as_weights,
+    gather_segments,
+    is_traced,
+    lengths_from,
+    offsets_of,
+    require_concrete,
 )
-
-
-def _as_keys(keys: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(keys, str):
-        raise ValueError(f"keys must be a sequence of str, got the str {keys!r}")
-    keys = tuple(keys)
-    for k in keys:
-        if not isinstance(k, str):
-            raise ValueError(f"keys must be str, got {k!r} of type {type(k).__name__}")
-    return keys
+from jaxrec.sparse.jagged_tensor import JaggedTensor
 
 
 def _infer_stride(num_keys: int, num_lengths: int, stride: int | None) -> int:
@@ -101,7 +92,7 @@ def validate_kjt(kjt: KeyedJaggedTensor) -> None:
                 f"weights has shape {tuple(weights.shape)} but values has "
                 f"{tuple(values.shape)}; weights need one entry per value"
             )
-    if _is_traced(lengths):
+    if is_traced(lengths):
         return
     host = np.asarray(lengths)
     negative = np.flatnonzero(host < 0)
@@ -156,15 +147,15 @@ class KeyedJaggedTensor:
         offsets: Any = None,
         stride: int | None = None,
     ) -> None:
-        keys = _as_keys(keys)
+        keys = as_keys(keys)
         _refuse_repeated(keys)
-        values = _as_int32(values, "values")
+        values = as_int32(values, "values")
         if values.ndim != 1:
             raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
-        lengths = _lengths_from(lengths, offsets)
+        lengths = lengths_from(lengths, offsets)
         stride = _infer_stride(len(keys), lengths.shape[0], stride)
         if weights is not None:
-            weights = _as_weights(weights, values.shape[0])
+            weights = as_weights(weights, values.shape[0])
         self._set(keys, stride, values, lengths, weights)
         validate_kjt(self)
         if not self._traced():
@@ -245,7 +236,7 @@ class KeyedJaggedTensor:
         >>> KeyedJaggedTensor.empty(keys=["a", "b"], stride=2, capacity=4).lengths().tolist()
         [0, 0, 0, 0]
         """
-        keys = _as_keys(keys)
+        keys = as_keys(keys)
         _refuse_repeated(keys)
         if stride < 0 or capacity < 0:
             raise ValueError(f"stride and capacity must be >= 0, got {stride} and {capacity}")
@@ -289,7 +280,7 @@ class KeyedJaggedTensor:
         """
         if not jt_dict:
             raise ValueError("from_jt_dict needs at least one JaggedTensor, got an empty dict")
-        keys = _as_keys(list(jt_dict))
+        keys = as_keys(list(jt_dict))
         jts = list(jt_dict.values())
         stride = jts[0].lengths().shape[0]
         for k, jt in jt_dict.items():
@@ -362,7 +353,7 @@ class KeyedJaggedTensor:
 
     def offsets(self) -> jax.Array:
         """int32 [F * B + 1]: ``concat([0], cumsum(lengths))``."""
-        return _offsets_of(self._lengths)
+        return offsets_of(self._lengths)
 
     def lengths_or_none(self) -> jax.Array:
         """The lengths (always held, so never None; TorchRec's name for ported code)."""
@@ -375,11 +366,11 @@ class KeyedJaggedTensor:
     def length_per_key_or_none(self) -> list[int] | None:
         """:meth:`length_per_key` where the lengths are on the host; None under tracing
         (never a host sync inside ``jit``)."""
-        return None if _is_traced(self._lengths) else self.length_per_key()
+        return None if is_traced(self._lengths) else self.length_per_key()
 
     def offset_per_key_or_none(self) -> list[int] | None:
         """:meth:`offset_per_key` where the lengths are on the host; None under tracing."""
-        return None if _is_traced(self._lengths) else self.offset_per_key()
+        return None if is_traced(self._lengths) else self.offset_per_key()
 
     def index_per_key(self) -> dict[str, int]:
         """``{key: position in keys()}``; a repeated key maps to its last position, as in
@@ -422,21 +413,21 @@ class KeyedJaggedTensor:
 
     def offset_per_key_array(self) -> jax.Array:
         """int32 [F + 1]: start of each key's ids in ``values``, then the total. Works under jit."""
-        return _offsets_of(self.length_per_key_array())
+        return offsets_of(self.length_per_key_array())
 
     def length_per_key(self) -> list[int]:
         """Number of ids of each key, on the host (eager only; see length_per_key_array)."""
-        _require_concrete("length_per_key", "length_per_key_array()", self._lengths)
+        require_concrete("length_per_key", "length_per_key_array()", self._lengths)
         return self._host_per_bag().sum(axis=1).tolist()
 
     def offset_per_key(self) -> list[int]:
         """Start of each key's ids, then the total, on the host (eager only; see
         offset_per_key_array)."""
-        _require_concrete("offset_per_key", "offset_per_key_array()", self._lengths)
+        require_concrete("offset_per_key", "offset_per_key_array()", self._lengths)
         return np.cumsum([0, *self.length_per_key()]).tolist()
 
     def _traced(self) -> bool:
-        return _is_traced(self._values, self._lengths, self._weights)
+        return is_traced(self._values, self._lengths, self._weights)
 
     def _host_per_bag(self) -> np.ndarray:
         """Concrete lengths on the host as [F, B]."""
@@ -512,7 +503,7 @@ class KeyedJaggedTensor:
         [2, 3, 1]
         """
         indices = [int(i) for i in indices]
-        if indices_tensor is not None and not _is_traced(indices_tensor):
+        if indices_tensor is not None and not is_traced(indices_tensor):
             given = np.asarray(indices_tensor).reshape(-1).tolist()
             if given != indices:
                 raise ValueError(f"indices_tensor {given} differs from indices {indices}")
@@ -535,7 +526,7 @@ class KeyedJaggedTensor:
         [5, 6, -1, -1]
         """
         capacity = int(capacity)
-        _as_int32(np.asarray([fill_value]), "fill_value")
+        as_int32(np.asarray([fill_value]), "fill_value")
         current = self.capacity()
         if self._traced():
             if capacity < current:
@@ -602,10 +593,10 @@ def _select_keys(
     per_key = lengths.reshape(num_keys, stride)
     idx = np.asarray(indices, np.int32)
     sizes = jnp.sum(per_key, axis=1, dtype=jnp.int32)
-    starts = _offsets_of(sizes)[idx]
+    starts = offsets_of(sizes)[idx]
     sizes = sizes[idx]
-    out_values = _gather_segments(values, starts, sizes, out_size)
-    out_weights = None if weights is None else _gather_segments(weights, starts, sizes, out_size)
+    out_values = gather_segments(values, starts, sizes, out_size)
+    out_weights = None if weights is None else gather_segments(weights, starts, sizes, out_size)
     out_lengths = per_key[idx].reshape(-1)
     return out_values, out_lengths, out_weights
 
@@ -627,7 +618,7 @@ def _concat_parts(
         raise ValueError(f"cannot mix weighted and unweighted inputs (weighted: {weighted})")
     values, lengths, weights = (list(col) for col in zip(*parts, strict=True))
     weights = weights if all(weighted) else None
-    if _is_traced(*values, *lengths, *(weights or ())):
+    if is_traced(*values, *lengths, *(weights or ())):
         out = _concat_blocks(values, lengths, weights, out_size=sum(v.shape[0] for v in values))
         return KeyedJaggedTensor._make(keys, stride, *out)
     counts = [int(np.asarray(n).sum()) for n in lengths]
@@ -652,9 +643,9 @@ def _concat_blocks(
     capacities = [v.shape[0] for v in values]
     starts = jnp.asarray(np.cumsum([0, *capacities[:-1]]), jnp.int32)
     sizes = jnp.stack([jnp.sum(n, dtype=jnp.int32) for n in lengths])
-    out_values = _gather_segments(jnp.concatenate(values), starts, sizes, out_size)
+    out_values = gather_segments(jnp.concatenate(values), starts, sizes, out_size)
     out_weights = None
     if weights is not None:
-        out_weights = _gather_segments(jnp.concatenate(weights), starts, sizes, out_size)
+        out_weights = gather_segments(jnp.concatenate(weights), starts, sizes, out_size)
     out_lengths = jnp.concatenate([n.astype(jnp.int32) for n in lengths])
     return out_values, out_lengths, out_weights

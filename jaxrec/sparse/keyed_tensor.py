@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import GetAttrKey
 
-from jaxrec.sparse.keyed_jagged_tensor import _as_keys
+from jaxrec.sparse.arrays import as_keys
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -37,7 +37,7 @@ class KeyedTensor:
     def __init__(
         self, keys: Sequence[str], length_per_key: Sequence[int], values: Any, key_dim: int = 1
     ) -> None:
-        keys = _as_keys(keys)
+        keys = as_keys(keys)
         length_per_key = tuple(int(n) for n in length_per_key)
         if len(keys) != len(length_per_key):
             raise ValueError(
