@@ -25,8 +25,48 @@ def test_train_command_prints_progress_and_metrics(capsys):
     )
     out = capsys.readouterr()
     assert code == 0
-    assert "train loss: first" in out.out and "held-out: loss" in out.out and "AUC" in out.out
-    assert "20/20" in out.err  # the progress bar reached the end
+    assert "held-out metric" in out.out and "planted AUC" in out.out and "\nauc " in out.out
+    assert "20/20" in out.err and "ex_per_s=" in out.err  # the progress bar reached the end
+
+
+def test_train_command_writes_the_curves_png(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--steps", "4", "--batch-size", "32", "--num-tables", "2", "--num-rows",
+            "50", "--dim", "4", "--eval-batches", "1", "--eval-every", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"curves: {out / 'curves.png'}" in capsys.readouterr().out
+
+
+def test_help_explains_every_option(capsys):
+    from jaxrec.train import HELP
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, explanation in HELP.items():
+        assert "--" + name.replace("_", "-") in text
+        assert " ".join(explanation.replace("%%", "%").split()) in text, name
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--data", "movielens"], ("movielens", None)),
+        (["--data", "criteo", "__FILE__"], ("criteo", "__FILE__")),
+        (["--data", "criteo", "--data-path", "__FILE__"], ("criteo", "__FILE__")),
+    ],
+)
+def test_data_takes_a_kind_and_an_optional_path(argv, expected):
+    from jaxrec.cli import _train_config, _train_parser
+    from jaxrec.cli_options import OneLineParser
+
+    parser = _train_parser(OneLineParser(prog="jaxrec").add_subparsers())
+    argv = [a.replace("__FILE__", __file__) for a in argv]
+    config = _train_config(parser, parser.parse_args(argv))
+    assert (config.data, config.data_path) == tuple(
+        None if e is None else e.replace("__FILE__", __file__) for e in expected
+    )
 
 
 def test_every_train_config_field_has_a_flag_with_its_default():
@@ -113,6 +153,13 @@ POSITIVE = "expected a finite number > 0, got"
         (["--embedding-optimizer", "sgdx"], "argument --embedding-optimizer: invalid choice"),
         (["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
         (["--stepz", "3"], "unrecognized arguments: --stepz 3"),
+        (["--model", "bert"], "argument --model: invalid choice: 'bert'"),
+        (["--data", "imagenet"], "argument --data: expected one of synthetic, movielens, criteo"),
+        (["--data", "criteo"], "data 'criteo' needs data_path (the Criteo TSV file)"),
+        (["--data", "criteo", "/no/such.tsv"], "argument --data: /no/such.tsv does not exist"),
+        (["--resume"], "resume needs checkpoint_dir"),
+        (["--eval-every", "0"], f"argument --eval-every: {WHOLE} '0'"),
+        (["--checkpoint-every", "-1"], "argument --checkpoint-every: expected a whole number >= 0"),
         (
             ["--num-tables", "8", "--num-rows", "1000000000000"],
             "--num-tables 8 --num-rows 1000000000000 --dim 16 --batch-size 512 need about",

@@ -39,7 +39,7 @@ class TrainResult:
     eval_steps: list[int] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     planted_auc: float | None = None  # the planted model's AUC on the eval data (synthetic)
-    examples_per_second: float = float("nan")
+    examples_per_second: float = float("nan")  # training steps after the first log window
     start_step: int = 0  # > 0 when resumed from a checkpoint
     state: Any = field(default=None, repr=False)  # the trained params and optimizer state
 
@@ -154,7 +154,8 @@ def run_training(
 
     params, opt_state = state["params"], state["opt_state"]
     window_loss, window = jnp.zeros(()), 0
-    began = window_began = time.perf_counter()
+    window_began = time.perf_counter()
+    timed_steps, timed_seconds = 0, 0.0  # after the first window (which compiles)
     with prefetch(source.train_batches(start), size=2) as batches:
         for step in range(start + 1, end + 1):
             params, opt_state, loss = train_step(params, opt_state, next(batches))
@@ -162,11 +163,13 @@ def run_training(
             if step % config.log_every == 0 or step == end:
                 result.loss_steps.append(step)
                 result.losses.append(float(window_loss) / window)
-                now = time.perf_counter()
+                seconds = time.perf_counter() - window_began
+                if len(result.loss_steps) > 1:
+                    timed_steps, timed_seconds = timed_steps + window, timed_seconds + seconds
                 if progress is not None:
-                    rate = window * config.batch_size / (now - window_began)
+                    rate = window * config.batch_size / seconds
                     progress(step, {"loss": result.losses[-1], "examples_per_s": rate})
-                window_loss, window, window_began = jnp.zeros(()), 0, now
+                window_loss, window = jnp.zeros(()), 0
             state = {"params": params, "opt_state": opt_state}
             if step % config.eval_every == 0 or step == end:
                 evaluate(step)
@@ -174,9 +177,11 @@ def run_training(
                 step == end or (config.checkpoint_every and step % config.checkpoint_every == 0)
             ):
                 save(step)
+            if window == 0:  # evaluation and saving are not training time
+                window_began = time.perf_counter()
     jax.block_until_ready(params)
-    done = end - start
-    result.examples_per_second = done * config.batch_size / (time.perf_counter() - began)
+    if timed_steps:
+        result.examples_per_second = timed_steps * config.batch_size / timed_seconds
     if manager is not None:
         manager.close()
     result.state = state
