@@ -4,7 +4,7 @@ lookup of the dequantized table, and FBGEMM's CPU int-nbit TBE, on fresh random 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxrec_kernels.pooled_lookup import PooledConfig, pooled_lookup_reference
+from jaxrec_kernels.pooled_lookup import PooledConfig
 from jaxrec_kernels.quantized_lookup import (
     quantized_pooled_lookup,
     quantized_pooled_lookup_reference,
@@ -19,20 +19,38 @@ def quantized_table(seed, rows, dim, weight_type):
     return quantize_rows(jnp.asarray(w, jnp.float32), weight_type)
 
 
+# Interpret mode runs one program per bag: tiny batches keep these cases fast. Each weight
+# type, both poolings, weights, odd dims (a partly filled last byte) and a dim past one
+# 16-value block are covered.
+def numpy_pooled(table, ids, offsets, psw, feats, batch, num_columns, pooling):
+    """The float lookup of ``table`` in NumPy (no compile): bad ids give a zero row, and
+    their count."""
+    table, out, bad = np.asarray(table, np.float64), np.zeros((batch, num_columns)), 0
+    for kjt, row0, rows, col in feats:
+        for b in range(batch):
+            lo, hi = offsets[kjt * batch + b], offsets[kjt * batch + b + 1]
+            for i in range(lo, hi):
+                ok = 0 <= ids[i] < rows
+                bad += not ok
+                w = 1.0 if psw is None else float(psw[i])
+                out[b, col : col + table.shape[1]] += table[row0 + ids[i]] * w if ok else 0.0
+            if pooling == "mean" and hi > lo:
+                out[b, col : col + table.shape[1]] /= hi - lo
+    return out, bad
+
+
 @pytest.mark.parametrize(
     "weight_type,dim,pooling,weighted",
     [
-        ("int8", 24, "sum", False),
         ("int8", 5, "mean", True),
-        ("int4", 16, "sum", True),
-        ("int4", 7, "mean", False),
-        ("int2", 12, "sum", False),
+        ("int4", 7, "sum", True),
+        ("int2", 18, "mean", False),
     ],
 )
 def test_kernel_reference_and_dequantized_lookup_agree(weight_type, dim, pooling, weighted):
     rng = np.random.default_rng(dim)
-    batch, rows = 5, 9
-    ids, offsets = random_kjt(rng, 3, batch, 10, rows)
+    batch, rows = 2, 9
+    ids, offsets = random_kjt(rng, 3, batch, 6, rows)
     psw = jnp.asarray(rng.normal(size=ids.shape), jnp.float32) if weighted else None
     q = quantized_table(dim, 3 * rows, dim, weight_type)
     feats = ((0, 0, rows, 2 * dim), (1, rows, rows, 0), (2, 2 * rows, rows, dim))
@@ -45,21 +63,22 @@ def test_kernel_reference_and_dequantized_lookup_agree(weight_type, dim, pooling
         q, *args, dim=dim, weight_type=weight_type, **kw
     )
     table = dequantize_rows(q, weight_type, dim)
-    dense, _ = pooled_lookup_reference(table, *args, **kw)
+    dense, _ = numpy_pooled(table, ids, offsets, psw, feats, batch, 3 * dim, pooling)
     assert got.shape == (batch, 3 * dim) and got.dtype == jnp.float32
-    scale = float(jnp.max(jnp.abs(table))) * 12  # the largest bag sum's magnitude
+    scale = float(jnp.max(jnp.abs(table))) * 8  # the largest bag sum's magnitude
     np.testing.assert_allclose(got, ref, rtol=0, atol=4e-7 * scale)
     np.testing.assert_allclose(got, dense, rtol=0, atol=4e-7 * scale)
     assert int(bad) == int(ref_bad) == 0
     assert float(jnp.max(jnp.abs(got))) > 0
 
 
-@pytest.mark.parametrize("mode", ["warning", "ignore", "none"])
-@pytest.mark.parametrize("weight_type", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "mode,weight_type", [("warning", "int4"), ("ignore", "int8"), ("none", "int8")]
+)
 def test_bad_ids_as_the_float_kernels(mode, weight_type):
     rng = np.random.default_rng(3)
-    batch, rows, dim = 6, 5, 8
-    ids, offsets = random_kjt(rng, 2, batch, 8, rows, bad_frac=0.3)
+    batch, rows, dim = 3, 5, 8
+    ids, offsets = random_kjt(rng, 2, batch, 6, rows, bad_frac=0.3)
     q = quantized_table(4, 2 * rows, dim, weight_type)
     feats = ((0, 0, rows, 0), (1, rows, rows, dim))
     kw = dict(batch_size=batch, num_columns=2 * dim, bounds_check=mode, pooling="mean")
@@ -70,11 +89,15 @@ def test_bad_ids_as_the_float_kernels(mode, weight_type):
     ref, ref_bad = quantized_pooled_lookup_reference(
         q, *args, dim=dim, weight_type=weight_type, **kw
     )
-    dense, dense_bad = pooled_lookup_reference(dequantize_rows(q, weight_type, dim), *args, **kw)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got, dense, rtol=0, atol=1e-5)
-    assert int(bad) == int(ref_bad) == int(dense_bad)
-    assert (int(bad) > 0) == (mode == "warning")
+    if mode != "none":  # NONE reads a clamped row (undefined, as documented)
+        table = dequantize_rows(q, weight_type, dim)
+        dense, dense_bad = numpy_pooled(table, ids, offsets, None, feats, batch, 2 * dim, "mean")
+        np.testing.assert_allclose(got, dense, rtol=0, atol=1e-5)
+        assert int(bad) == (dense_bad if mode == "warning" else 0) == int(ref_bad)
+        assert dense_bad > 0
+    else:
+        assert int(bad) == int(ref_bad) == 0
 
 
 def test_writes_only_its_columns_of_a_given_output_and_handles_no_ids():
@@ -134,8 +157,11 @@ def test_bad_arguments_are_refused_by_name(change, match):
         )
 
 
-@pytest.mark.parametrize("weight_type,sparse_type", [("int4", "INT4"), ("int2", "INT2")])
-@pytest.mark.parametrize("pooling", ["SUM", "MEAN"])
+# The kernel equals the reference above; FBGEMM is compared with the reference (no
+# interpret-mode launches), each n-bit type with one pooling.
+@pytest.mark.parametrize(
+    "weight_type,sparse_type,pooling", [("int4", "INT4", "SUM"), ("int2", "INT2", "MEAN")]
+)
 def test_matches_fbgemm_int_nbit_tbe_on_the_cpu(weight_type, sparse_type, pooling):
     torch = pytest.importorskip("torch")
     inference = pytest.importorskip("fbgemm_gpu.split_table_batched_embeddings_ops_inference")
@@ -167,7 +193,7 @@ def test_matches_fbgemm_int_nbit_tbe_on_the_cpu(weight_type, sparse_type, poolin
         values.copy_(torch.from_numpy(np.asarray(q[:, :-4])))
         scale_shift.copy_(torch.from_numpy(np.asarray(q[:, -4:])))
         ids, offsets = random_kjt(rng, 1, batch, 6, rows[t], pad=0)
-        out, _ = quantized_pooled_lookup(
+        out, _ = quantized_pooled_lookup_reference(
             q,
             jnp.asarray(ids),
             jnp.asarray(offsets),
@@ -178,7 +204,6 @@ def test_matches_fbgemm_int_nbit_tbe_on_the_cpu(weight_type, sparse_type, poolin
             batch_size=batch,
             num_columns=dims[t],
             pooling=pooling.lower(),
-            interpret=True,
         )
         got.append(np.asarray(out))
         ids_t.append(ids)
