@@ -1,0 +1,424 @@
+"""Weak scaling and capacity of model parallelism: ``python -m jaxrec_kernels.gpu_check_scaling``.
+
+Launch (one process drives every local GPU through ``jax.shard_map``; NVLink multicast stays
+off)::
+
+    NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \\
+        python -m jaxrec_kernels.gpu_check_scaling --out "$OUT"
+    NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \\
+        python -m jaxrec_kernels.gpu_check_scaling --mode capacity --capacity-gb 160 --out "$OUT"
+
+``--mode scaling`` (weak scaling): a DLRM over 26 tables with Criteo's cardinalities capped
+at ``--max-rows`` (4M), dim 128, fp32, fused row-wise Adagrad, ``--batch`` (16,384) examples
+per GPU; the multi-hot features draw bag lengths uniform in [0, 40] (mean 20), the tables of
+fewer than 1,000 rows are one-hot, as Criteo's small features. The planner chooses the
+plan from the measured link bandwidth. Times the train step of the plain model on one GPU
+and of :class:`jaxrec.parallel.DistributedModelParallel` on every visible GPU, with the
+breakdown: input all-to-all (lengths and ids), lookup, output distribution (all-to-all and
+reduce-scatter, forward and backward), backward with the fused update, dense (MLPs,
+interactions, optimizer); and the per-GPU throughput against one GPU and the
+redistribution share of the step.
+
+``--mode capacity``: 26 equal tables totalling ``--capacity-gb`` of fp32 weights, planned
+over every GPU (refused on one: the message is recorded), created sharded, trained three
+fused steps (each step's loss recorded).
+
+Both modes first measure the all-to-all and reduce-scatter bandwidth of the devices (bytes
+each device sends per second). ``--small`` runs the same code on a few CPU devices (the
+test suite does). Writes ``gpu_check_scaling.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jaxrec  # noqa: E402
+from jaxrec import EmbeddingBagConfig, KeyedJaggedTensor, bench, pad_to_capacity  # noqa: E402
+from jaxrec.models.dlrm import DLRM, MLP, dot_interactions  # noqa: E402
+from jaxrec.parallel import (  # noqa: E402
+    DistributedModelParallel,
+    EmbeddingShardingPlanner,
+    ParameterConstraints,
+    ShardedLookupSpec,
+    ShardingType,
+    Topology,
+    sharded_lookup,
+)
+from jaxrec.parallel.input_dist import compact, route  # noqa: E402
+
+# Criteo 1TB's 26 categorical cardinalities.
+CRITEO = (39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346,
+          10, 2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108,
+          36)  # fmt: skip
+ONE_HOT_BELOW, MAX_LEN = 1000, 40
+DENSE = 13
+
+
+def _tables(rows: list[int], dim: int) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(
+            name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"f{i}"]
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
+def _one_hot(tables) -> list[bool]:
+    return [t.num_embeddings < ONE_HOT_BELOW for t in tables]
+
+
+def _model(tables, dim, backend):
+    return DLRM(
+        tables=tables,
+        bottom_mlp=(512, 256, dim),
+        top_mlp=(1024, 1024, 512, 256, 1),
+        optimizer=jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.01),
+        backend=backend,
+    )
+
+
+def _device_batch(tables, batch, capacity, rng):
+    lengths = np.concatenate(
+        [
+            np.ones(batch, np.int64) if one else rng.integers(0, MAX_LEN + 1, batch)
+            for one in _one_hot(tables)
+        ]
+    )
+    highs = np.repeat(np.repeat([t.num_embeddings for t in tables], batch), lengths)
+    ids = (rng.random(int(lengths.sum())) * highs).astype(np.int32)
+    kjt = KeyedJaggedTensor([f"f{i}" for i in range(len(tables))], ids, lengths=lengths)
+    dense = rng.normal(size=(batch, DENSE)).astype(np.float32)
+    labels = rng.integers(0, 2, batch).astype(np.float32)
+    return dense, pad_to_capacity(kjt, capacity), labels
+
+
+def _capacity(tables, batch) -> int:
+    """Ids per device: the expected count plus 5%, rounded up to 1024."""
+    expected = sum(1 if one else MAX_LEN / 2 for one in _one_hot(tables)) * batch
+    return int(np.ceil(expected * 1.05 / 1024) * 1024)
+
+
+def _loss(model):
+    def loss_fn(params, dense, kjt, labels):
+        logits = model.apply({"params": params}, dense, kjt)
+        return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+
+    return loss_fn
+
+
+def _tx():
+    return jaxrec.optim.fused(optax.adagrad(0.01), check_uses=False)
+
+
+def _planner(args, topology: Topology, **kwargs) -> EmbeddingShardingPlanner:
+    """The planner over ``topology``: 2 GiB per device kept for everything else (a tenth of
+    a small device)."""
+    reserve = min(2 * 2**30, topology.hbm_cap // 10)
+    return EmbeddingShardingPlanner(
+        topology, batch_size=args.batch, reserve_bytes=reserve, **kwargs
+    )
+
+
+def _time_stateful(step, state, arg_sets, iters) -> float:
+    """Median ms of ``state = step(*state, *args)`` (donated state carried between calls)."""
+    holder = [state]
+
+    def run(*args):
+        holder[0] = step(*holder[0], *args)[: len(holder[0])]
+        return holder[0]
+
+    ms = bench.time_op(run, arg_sets, iters=iters)
+    holder.clear()
+    return ms
+
+
+# ---- bandwidths ---------------------------------------------------------------------------
+def link_bandwidth(mesh, axis, mbytes: float, iters: int) -> dict:
+    """All-to-all and reduce-scatter: bytes each device sends per second."""
+    n = mesh.shape[axis]
+    if n < 2:
+        return {}
+    per_device = max(n, int(mbytes * 2**20 / 4) // n * n)  # float32 elements
+    x = jax.device_put(
+        jnp.ones((n * per_device,), jnp.float32), jax.sharding.NamedSharding(mesh, P(axis))
+    )
+    smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=P(axis), check_vma=False)
+    a2a = jax.jit(
+        smap(lambda v: jax.lax.all_to_all(v.reshape(n, -1), axis, 0, 0), out_specs=P(axis))
+    )
+    rs = jax.jit(smap(lambda v: jax.lax.psum_scatter(v, axis, tiled=True), out_specs=P(axis)))
+    sent = per_device * 4 * (n - 1) / n
+    out = {"collective_mbytes_per_device": per_device * 4 / 2**20}
+    for name, fn in (("all_to_all", a2a), ("reduce_scatter", rs)):
+        ms = bench.time_op(fn, [(x,)], iters=iters)
+        out[f"{name}_ms"] = ms
+        out[f"{name}_gbytes_per_s"] = sent / (ms * 1e-3) / 1e9
+    return out
+
+
+# ---- scaling ------------------------------------------------------------------------------
+def _breakdown(dmp, model, tables, params, batches, dim, iters) -> dict:
+    """Times of the sharded collection's parts on the batches (ms)."""
+    layout = dmp.layouts["sparse_arch"]
+    axis, mesh, n = dmp.axis, dmp.mesh, dmp.num_devices
+    keys = tuple(f"f{i}" for i in range(len(tables)))
+    batch = batches[0][1].stride()
+    spec = ShardedLookupSpec.create(layout, keys, batch_size=batch, axis=axis, backend="auto")
+    emb_specs = dmp.variable_specs["params"]["sparse_arch"]["embedding_bags"]
+    emb = params["sparse_arch"]["embedding_bags"]
+    kjts = [(b[1],) for b in batches]
+    g = jnp.ones((n * batch, len(tables) * dim), jnp.float32)
+    smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+
+    def offsets(kjt):
+        return kjt.offsets()
+
+    def forward(p, kjt):
+        return sharded_lookup(spec, p, kjt.values(), offsets(kjt), None)[0]
+
+    def fwd_bwd(p, kjt, g):
+        out, vjp = jax.vjp(lambda q: forward(q, kjt), p)
+        return vjp(g)[0]
+
+    def input_dist(kjt):
+        lengths, ids, _, _, _ = route(layout, keys, batch, kjt.values(), offsets(kjt), None)
+        lengths = jax.lax.all_to_all(lengths, axis, 0, 0)
+        ids = jax.lax.all_to_all(ids, axis, 0, 0)
+        values, local_offsets, _ = compact(lengths, ids, None)
+        return values, local_offsets
+
+    width = sum(layout.groups[s.group].dim for s in layout.slots)
+    width_a = sum(layout.groups[s.group].dim for s in layout.slots if not s.reduce)
+
+    def output_dist(x):
+        parts = []
+        if width_a:
+            parts.append(jax.lax.all_to_all(x[:, :, :width_a], axis, 0, 0).reshape(-1))
+        if width > width_a:
+            parts.append(jax.lax.psum_scatter(x[:, :, width_a:], axis).reshape(-1))
+        return jnp.concatenate(parts) if parts else x.reshape(-1)
+
+    def output_dist_bwd(x):
+        out, vjp = jax.vjp(output_dist, x)
+        return vjp(out)[0]
+
+    fwd = jax.jit(smap(forward, in_specs=(emb_specs, P(axis)), out_specs=P(axis)))
+    fb = jax.jit(smap(fwd_bwd, in_specs=(emb_specs, P(axis), P(axis)), out_specs=emb_specs))
+    ind = jax.jit(smap(input_dist, in_specs=(P(axis),), out_specs=P(axis)))
+    x = jnp.ones((n * n, batch, max(width, 1)), jnp.float32)
+    outd = jax.jit(smap(output_dist, in_specs=(P(axis),), out_specs=P(axis)))
+    outdb = jax.jit(smap(output_dist_bwd, in_specs=(P(axis),), out_specs=P(axis)))
+    t = {
+        "embedding_forward_ms": bench.time_op(fwd, [(emb, k) for (k,) in kjts], iters=iters),
+        "embedding_forward_backward_ms": bench.time_op(
+            fb, [(emb, k, g) for (k,) in kjts], iters=iters
+        ),
+        "input_all_to_all_ms": bench.time_op(ind, kjts, iters=iters),
+        "output_dist_forward_ms": bench.time_op(outd, [(x,)], iters=iters),
+        "output_dist_forward_backward_ms": bench.time_op(outdb, [(x,)], iters=iters),
+    }
+    return t
+
+
+def _dense_ms(model, tables, dim, batch, iters) -> float:
+    """The dense part of one device's step: MLPs and interactions, forward and backward."""
+    bottom, top = MLP(model.bottom_mlp), MLP(model.top_mlp)
+    dense = jnp.ones((batch, DENSE), jnp.float32)
+    sparse = jnp.ones((batch, len(tables), dim), jnp.float32)
+    pb = bottom.init(jax.random.key(0), dense)
+    pt = top.init(jax.random.key(1), dot_interactions(bottom.apply(pb, dense), sparse))
+
+    def loss(pb, pt, sparse):
+        z = dot_interactions(bottom.apply(pb, dense), sparse)
+        return jnp.mean(top.apply(pt, z))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return bench.time_op(fn, [(pb, pt, sparse)], iters=iters)
+
+
+def scaling(args, devices, record) -> None:
+    dim, batch = args.dim, args.batch
+    tables = _tables([min(c, args.max_rows) for c in CRITEO], dim)
+    rng = np.random.default_rng(0)
+    capacity = _capacity(tables, batch)
+    per_device = [[_device_batch(tables, batch, capacity, rng) for _ in devices] for _ in range(3)]
+    model = _model(tables, dim, args.backend)
+    loss_fn, n = _loss(model), len(devices)
+    record.update(
+        tables=len(tables), rows=[t.num_embeddings for t in tables], dim=dim,
+        batch_per_device=batch, ids_capacity_per_device=capacity,
+        table_gbytes=sum(t.num_embeddings for t in tables) * dim * 4 / 1e9,
+    )  # fmt: skip
+
+    # one device: the plain model
+    one = devices[0]
+    whole = [jax.device_put(b[0], one) for b in per_device]
+    params = jax.jit(model.init, device=one)(jax.random.key(0), *whole[0][:2])["params"]
+    tx = _tx()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def single_step(p, o, *b):
+        loss, grads = jax.value_and_grad(loss_fn)(p, *b)
+        updates, o = tx.update(grads, o, p)
+        return jaxrec.optim.apply_updates(p, updates), o, loss
+
+    record["one_gpu_step_ms"] = _time_stateful(
+        single_step, (params, tx.init(params)), whole, args.iters
+    )
+    one_mesh = Mesh(np.array([one]), ("x",))
+    planner1 = _planner(args, Topology(num_devices=1, hbm_cap=args.hbm_cap))
+    dmp1 = DistributedModelParallel(model, one_mesh, plan=planner1)
+    b1 = [dmp1.shard_batch([b[0]]) for b in per_device]
+    del params  # donated to the timed steps
+    v1 = dmp1.init(jax.random.key(0), *b1[0][:2])
+    record["one_gpu_dense_ms"] = _dense_ms(model, tables, dim, batch, args.iters)
+    record["one_gpu"] = _breakdown(dmp1, model, tables, v1["params"], b1, dim, args.iters)
+    del v1, whole
+
+    # every device
+    mesh = Mesh(np.array(devices), ("x",))
+    topology = Topology(num_devices=n, hbm_cap=args.hbm_cap)
+    if record.get("all_to_all_gbytes_per_s"):
+        topology = Topology(
+            num_devices=n, hbm_cap=args.hbm_cap,
+            link_bandwidth=record["all_to_all_gbytes_per_s"] * 1e9,
+        )  # fmt: skip
+    pools = {
+        t.name: ParameterConstraints(pooling_factors=1.0 if one else MAX_LEN / 2)
+        for t, one in zip(tables, _one_hot(tables), strict=True)
+    }
+    planner = _planner(args, topology, constraints=pools)
+    dmp = DistributedModelParallel(model, mesh, plan=planner)
+    batches = [dmp.shard_batch(b) for b in per_device]
+    variables = dmp.init(jax.random.key(0), *batches[0][:2])
+    plan = dmp.plans["sparse_arch"]
+    record["plan"] = {name: [s.sharding_type.value, list(s.ranks)] for name, s in plan.items()}
+    record["plan_report"] = str(planner.explain(tables, plan, optimizer=model.optimizer))
+    step = dmp.make_train_step(loss_fn, tx)
+    state = (variables["params"], dmp.init_optimizer(tx, variables["params"]))
+    record["sharded"] = _breakdown(dmp, model, tables, state[0], batches, dim, args.iters)
+    record["sharded_step_ms"] = _time_stateful(step, state, batches, args.iters)
+    s = record["sharded"]
+    comms = (
+        s["input_all_to_all_ms"] + s["output_dist_forward_backward_ms"]
+    )  # forward and backward output distribution (the vjp runs both)
+    s["lookup_ms"] = (
+        s["embedding_forward_ms"] - s["input_all_to_all_ms"] - s["output_dist_forward_ms"]
+    )
+    s["backward_ms"] = (
+        s["embedding_forward_backward_ms"] - s["embedding_forward_ms"]
+        - (s["output_dist_forward_backward_ms"] - s["output_dist_forward_ms"])
+    )  # fmt: skip
+    s["dense_and_optimizer_ms"] = record["sharded_step_ms"] - s["embedding_forward_backward_ms"]
+    s["redistribution_ms"] = comms
+    record["redistribution_share"] = comms / record["sharded_step_ms"]
+    record["per_gpu_throughput_vs_one_gpu"] = record["one_gpu_step_ms"] / record["sharded_step_ms"]
+    record["examples_per_s"] = n * batch / (record["sharded_step_ms"] * 1e-3)
+    record["one_gpu_examples_per_s"] = batch / (record["one_gpu_step_ms"] * 1e-3)
+
+
+# ---- capacity -----------------------------------------------------------------------------
+def capacity(args, devices, record) -> None:
+    dim, batch, n = args.dim, args.batch, len(devices)
+    count = 26
+    rows = int(args.capacity_gb * 1e9 / (count * dim * 4))
+    tables = _tables([rows] * count, dim)
+    model = _model(tables, dim, args.backend)
+    record.update(tables=count, rows_per_table=rows, dim=dim, batch_per_device=batch,
+                  table_gbytes=rows * count * dim * 4 / 1e9)  # fmt: skip
+    try:
+        _planner(args, Topology(num_devices=1, hbm_cap=args.hbm_cap)).plan(
+            tables, optimizer=model.optimizer
+        )
+        record["one_gpu_planner"] = "placed (the tables fit one device: raise --capacity-gb)"
+    except ValueError as refused:
+        record["one_gpu_planner"] = f"refused: {refused}"
+    # equal tables filling the devices: row-wise balances them exactly (a greedy table-wise
+    # packing strands a table's worth of free memory on each device)
+    rows_only = ParameterConstraints(sharding_types=(ShardingType.ROW_WISE,))
+    planner = _planner(
+        args,
+        Topology(num_devices=n, hbm_cap=args.hbm_cap),
+        constraints={t.name: rows_only for t in tables},
+    )
+    mesh = Mesh(np.array(devices), ("x",))
+    dmp = DistributedModelParallel(model, mesh, plan=planner)
+    rng = np.random.default_rng(0)
+    cap = _capacity(tables, batch)
+    batches = [
+        dmp.shard_batch([_device_batch(tables, batch, cap, rng) for _ in devices]) for _ in range(3)
+    ]
+    variables = dmp.init(jax.random.key(0), *batches[0][:2])
+    plan = dmp.plans["sparse_arch"]
+    record["plan"] = {name: [s.sharding_type.value, list(s.ranks)] for name, s in plan.items()}
+    record["plan_report"] = str(planner.explain(tables, plan, optimizer=model.optimizer))
+    tx = _tx()
+    step = dmp.make_train_step(_loss(model), tx)
+    params, opt = variables["params"], dmp.init_optimizer(tx, variables["params"])
+    losses = []
+    for b in batches:
+        params, opt, loss = step(params, opt, *b)
+        losses.append(float(loss))
+    record["losses"] = losses
+    record["ok"] = bool(np.all(np.isfinite(losses))) and record["one_gpu_planner"].startswith(
+        "refused"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--mode", choices=("scaling", "capacity"), default="scaling")
+    parser.add_argument("--max-rows", type=int, default=4_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16_384)
+    parser.add_argument("--capacity-gb", type=float, default=160.0)
+    parser.add_argument(
+        "--hbm-cap", type=int, default=None, help="bytes per device (default: measured)"
+    )
+    parser.add_argument("--devices", type=int, default=None, help="devices to use (default: all)")
+    parser.add_argument("--link-mbytes", type=float, default=256.0)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--small", action="store_true", help="CPU-sized shapes (the test suite)")
+    args = parser.parse_args(argv)
+    if args.small:
+        args.max_rows, args.dim, args.batch, args.link_mbytes = 2000, 8, 16, 1.0
+        args.capacity_gb, args.iters, args.backend = 0.014, 2, "xla"
+        args.hbm_cap = args.hbm_cap or 16 * 2**20
+        args.devices = args.devices or 2
+    devices = jax.devices()[: args.devices]
+    if args.hbm_cap is None:
+        stats = devices[0].memory_stats() or {}
+        args.hbm_cap = int(stats.get("bytes_limit", 141 * 10**9))
+    record: dict = {**bench.environment(), "mode": args.mode, "devices": len(devices),
+                    "hbm_cap": args.hbm_cap}  # fmt: skip
+    mesh = Mesh(np.array(devices), ("x",))
+    record.update(link_bandwidth(mesh, "x", args.link_mbytes, args.iters))
+    if args.mode == "scaling":
+        scaling(args, devices, record)
+        record["ok"] = True
+    else:
+        capacity(args, devices, record)
+    print(json.dumps({k: v for k, v in record.items() if k != "plan_report"}, indent=1))
+    print(record["plan_report"])
+    with open(os.path.join(args.out, "gpu_check_scaling.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return 0 if record["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

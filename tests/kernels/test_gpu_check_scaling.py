@@ -1,0 +1,21 @@
+"""The scaling GPU check's CPU mode runs on two host devices: weak-scaling breakdown and the
+capacity run (planner refusal on one device, three fused steps on two)."""
+
+import json
+
+from jaxrec_kernels.gpu_check_scaling import main
+
+
+def test_cpu_mode_measures_scaling_and_capacity(tmp_path):
+    assert main(["--small", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gpu_check_scaling.json").read_text())
+    assert record["devices"] == 2 and len(record["plan"]) == 26
+    for key in ("lookup_ms", "backward_ms", "redistribution_ms", "dense_and_optimizer_ms"):
+        assert key in record["sharded"]
+    assert record["all_to_all_gbytes_per_s"] > 0 and record["reduce_scatter_gbytes_per_s"] > 0
+    assert record["redistribution_share"] > 0 and record["per_gpu_throughput_vs_one_gpu"] > 0
+
+    assert main(["--small", "--mode", "capacity", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gpu_check_scaling.json").read_text())
+    assert record["one_gpu_planner"].startswith("refused: the tables need")
+    assert len(record["losses"]) == 3
