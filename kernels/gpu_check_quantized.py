@@ -5,8 +5,12 @@ INT4 kernels against the fp32 Pallas forward and torch's ``embedding_bag`` on fp
 (when torch with CUDA is present), each with the bytes it reads and the % of the copy
 bandwidth (``--copy-tbps``). ``--interpret --small`` runs it on the CPU (the tests do).
 
-    python -m jaxrec_kernels.gpu_check_quantized            # on the GPU
-    python -m jaxrec_kernels.gpu_check_quantized --interpret --small
+``--tbe`` adds the TBE operator against the EmbeddingBagCollection on the same lookups
+(the same float32 tables and ids, "large"): the forward and an EXACT_ROWWISE_ADAGRAD train
+step of each, timed in the same run, with their ratio (the target is within 3%).
+
+    python -m jaxrec_kernels.gpu_check_quantized --tbe      # on the GPU
+    python -m jaxrec_kernels.gpu_check_quantized --interpret --small --tbe
 """
 
 from __future__ import annotations
@@ -42,12 +46,86 @@ def timed(fn, reps):
     return (time.perf_counter() - start) / reps
 
 
+def time_tbe_vs_ebc(shape, reps: int) -> dict:
+    """Seconds per forward and per train step of the TBE and of the collection, and their
+    ratios, on the same tables and ids (outputs checked equal first)."""
+    import functools
+
+    import jaxrec
+    from jaxrec import tbe
+
+    tables, rows, dim, batch, max_len = shape
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, max_len + 1, tables * batch)
+    ids = rng.integers(0, rows, int(lengths.sum())).astype(np.int32)
+    offsets = jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    keys = [f"f{t}" for t in range(tables)]
+    kjt = jaxrec.KeyedJaggedTensor(keys=keys, values=jnp.asarray(ids), lengths=lengths)
+    backend = "auto"  # Pallas on the GPU; XLA on the CPU (the smoke test need not interpret)
+    ebc = jaxrec.EmbeddingBagCollection(
+        [
+            jaxrec.EmbeddingBagConfig(
+                name=f"t{t}", embedding_dim=dim, num_embeddings=rows, feature_names=[keys[t]]
+            )
+            for t in range(tables)
+        ],
+        optimizer=jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.01),
+        backend=backend,
+    )
+    op = tbe.SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, tbe.EmbeddingLocation.DEVICE, tbe.ComputeDevice.CUDA)] * tables,
+        optimizer=tbe.OptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+        backend=backend,
+    )
+    params = ebc.init(jax.random.key(0), kjt)["params"]
+    views = ebc.state_dict({"params": params})
+    state = op.set_split_embedding_weights(
+        op.init(), [views[f"embedding_bags.t{t}.weight"] for t in range(tables)]
+    )
+    del views
+    ids_j = jnp.asarray(ids)
+    ebc_fwd = jax.jit(lambda p: ebc.apply({"params": p}, kjt).values())
+    tbe_fwd = jax.jit(lambda s: op(s, ids_j, offsets))
+    diff = float(jnp.max(jnp.abs(ebc_fwd(params) - tbe_fwd(state))))
+    assert diff <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(tbe_fwd(state))))), diff
+    g = jax.random.normal(jax.random.key(2), (batch, tables * dim), jnp.float32)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def ebc_step(p):
+        grads = jax.grad(lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g))(p)
+        return jaxrec.optim.apply_updates(p, grads)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def tbe_step(s):
+        return jaxrec.optim.apply_updates(
+            s, jax.grad(lambda s: jnp.sum(op(s, ids_j, offsets) * g))(s)
+        )
+
+    held = {"ebc": params, "tbe": state}
+
+    def run(name, step):
+        held[name] = step(held[name])
+        return held[name]
+
+    out = {
+        "forward_ebc_s": timed(lambda: ebc_fwd(held["ebc"]), reps),
+        "forward_tbe_s": timed(lambda: tbe_fwd(held["tbe"]), reps),
+        "step_ebc_s": timed(lambda: run("ebc", ebc_step), reps),
+        "step_tbe_s": timed(lambda: run("tbe", tbe_step), reps),
+    }
+    out["forward_ratio"] = out["forward_tbe_s"] / out["forward_ebc_s"]
+    out["step_ratio"] = out["step_tbe_s"] / out["step_ebc_s"]
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--interpret", action="store_true")
     p.add_argument("--small", action="store_true")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--copy-tbps", type=float, default=3.69)
+    p.add_argument("--tbe", action="store_true", help="also time the TBE against the collection")
     args = p.parse_args(argv)
     shape = (2, 50, 16, 4, 6) if args.small else (32, 1 << 20, 128, 8192, 40)
     tables, rows, dim, batch, max_len = shape
@@ -117,6 +195,15 @@ def main(argv=None) -> None:
             f"{name:26s} {sec * 1e3:9.3f} ms  {n / sec / 1e9:7.2f} G lookups/s  "
             f"{nbytes / 1e9:7.3f} GB read  {pct:5.1f}% of copy bandwidth"
         )
+    if args.tbe:
+        del w, results
+        t = time_tbe_vs_ebc(shape, args.reps)
+        for what in ("forward", "step"):
+            print(
+                f"TBE vs EBC {what:8s}: TBE {t[f'{what}_tbe_s'] * 1e3:9.3f} ms  "
+                f"EBC {t[f'{what}_ebc_s'] * 1e3:9.3f} ms  ratio {t[f'{what}_ratio']:.3f} "
+                "(target <= 1.03)"
+            )
 
 
 if __name__ == "__main__":
