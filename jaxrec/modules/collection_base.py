@@ -1,12 +1,24 @@
-"""What the embedding collections share: field checks, the lookup call, state dicts."""
+"""The base of the Flax embedding collections: fields, checks, the lookup over stacked groups.
+
+:class:`EmbeddingCollectionBase` declares what :class:`~jaxrec.EmbeddingBagCollection`
+and :class:`~jaxrec.EmbeddingCollection` share: the tables (positional), the fused
+optimizer and its per-table overrides, and the lookup options (keyword-only fields, read
+together as a frozen :class:`~jaxrec.ops.options.LookupOptions`). A subclass names its
+table config type, its params entry (TorchRec's prefix) and its TorchRec flag, a boolean
+field that also reads back when called (``ebc.is_weighted()``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, overload
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from jaxrec.configs import BaseEmbeddingConfig
 from jaxrec.modules.callable_flag import CallableFlag
 from jaxrec.modules.input_checks import report_invalid_ids
 from jaxrec.modules.stacked_tables import init_groups, optimizer_state_views, table_views
@@ -16,66 +28,91 @@ from jaxrec.modules.state_dict import (
     load_optimizer_state,
     load_tables,
 )
-from jaxrec.ops.backend import as_bounds_check_mode, resolve_backend
-from jaxrec.ops.lookup import LookupSpec, check_parallel_axes, lookup
-from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.ops.backend import BoundsCheckMode
+from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.options import LookupOptions
+from jaxrec.ops.plan import LookupPlan, build_plan, optimizer_tags
+from jaxrec.optim.sparse_optimizers import SparseOptimizer
 from jaxrec.parallel.collection_sharding import sharded_collection_lookup
 from jaxrec.parallel.row_sharding import local_row_block
 from jaxrec.sparse import KeyedJaggedTensor
 
+__all__ = ["EmbeddingCollectionBase"]
 
-class CollectionMixin:
-    """Shared behaviour of the Flax embedding collections over stacked groups.
 
-    A class using it is a Flax module with the fields ``tables``, ``optimizer``,
-    ``table_optimizers``, ``backend``, ``bounds_check_mode``, ``output_dtype``,
-    ``data_parallel_axis`` and ``row_shard_axis``, and names its params entry in
-    ``PARAMS_NAME`` (TorchRec's prefix: ``"embedding_bags"`` or ``"embeddings"``).
+def _keyword(default: Any) -> Any:
+    return dataclasses.field(default=default, kw_only=True)
+
+
+class EmbeddingCollectionBase(nn.Module):
+    """A Flax module over stacked table groups (subclassed by the collections).
+
+    Attributes:
+      tables: the table configs (of the subclass's ``CONFIG_TYPE``).
+      optimizer: the fused sparse optimizer of every table, or ``None`` (plain arrays).
+      table_optimizers: per-table overrides of ``optimizer``, ``{table name: optimizer
+        or None}``.
+      backend, bounds_check_mode, output_dtype, data_parallel_axis, row_shard_axis: the
+        lookup options (see :class:`~jaxrec.ops.options.LookupOptions`), also readable
+        as one value, :attr:`lookup_options`.
+
+    Class attributes a subclass sets: ``CONFIG_TYPE`` (its table config class),
+    ``PARAMS_NAME`` (its params entry: ``"embedding_bags"`` or ``"embeddings"``) and
+    ``FLAG`` (the name of its TorchRec boolean field).
     """
 
+    CONFIG_TYPE: ClassVar[type[BaseEmbeddingConfig]]
     PARAMS_NAME: ClassVar[str]
+    FLAG: ClassVar[str]
 
-    def _optimizer_of_tables(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
-        """(a tag per table, the optimizer of each tag); tag 0 is ``optimizer``'s."""
-        distinct: list[Any] = [self.optimizer]
-        tags = []
-        overrides = self.table_optimizers or {}
+    tables: Sequence[BaseEmbeddingConfig]
+    optimizer: SparseOptimizer | None = _keyword(None)
+    table_optimizers: Mapping[str, SparseOptimizer | None] | None = _keyword(None)
+    backend: str = _keyword("auto")
+    bounds_check_mode: BoundsCheckMode | str = _keyword(BoundsCheckMode.WARNING)
+    output_dtype: Any = _keyword(jnp.float32)
+    data_parallel_axis: str | None = _keyword(None)
+    row_shard_axis: str | None = _keyword(None)
+
+    def __post_init__(self) -> None:
+        """Normalise and check the fields at construction."""
+        self.tables = tuple(self.tables)
+        flag = getattr(self, self.FLAG)
+        if not isinstance(flag, CallableFlag):
+            setattr(self, self.FLAG, CallableFlag(flag, self.FLAG))
         for table in self.tables:
-            chosen = overrides.get(table.name, self.optimizer)
-            index = next((i for i, o in enumerate(distinct) if o is chosen), None)
-            if index is None:
-                distinct.append(chosen)
-                index = len(distinct) - 1
-            tags.append(index)
-        return tuple(tags), tuple(distinct)
+            if not isinstance(table, self.CONFIG_TYPE):
+                raise ValueError(
+                    f"{type(self).__name__} takes {self.CONFIG_TYPE.__name__}s, "
+                    f"got {type(table).__name__}"
+                )
+        self.plan  # noqa: B018 (builds the plan: raises on an invalid table set)
+        self.lookup_options  # noqa: B018 (checks the options)
+        super().__post_init__()
+
+    @property
+    def lookup_options(self) -> LookupOptions:
+        """The lookup options of the collection, as one frozen value."""
+        return LookupOptions(
+            backend=self.backend,
+            bounds_check_mode=self.bounds_check_mode,
+            output_dtype=self.output_dtype,
+            data_parallel_axis=self.data_parallel_axis,
+            row_shard_axis=self.row_shard_axis,
+        )
+
+    def _optimizer_tags(self) -> tuple[tuple[int, ...], tuple[SparseOptimizer | None, ...]]:
+        return optimizer_tags(self.tables, self.optimizer, self.table_optimizers)
 
     @property
     def plan(self) -> LookupPlan:
         """The static group layout of the tables (computed once per table set)."""
-        return build_plan(self.tables, self._optimizer_of_tables()[0])
+        return build_plan(self.tables, self._optimizer_tags()[0])
 
-    def _group_optimizers(self) -> tuple[Any, ...]:
-        """The fused optimizer (or None) of each group of the plan."""
-        optimizers = self._optimizer_of_tables()[1]
+    def group_optimizers(self) -> tuple[SparseOptimizer | None, ...]:
+        """The fused optimizer (or None) of each group of :attr:`plan`."""
+        optimizers = self._optimizer_tags()[1]
         return tuple(optimizers[g.optimizer_tag] for g in self.plan.groups)
-
-    def _check_fields(self, config_type: type, flag: str) -> None:
-        """Normalise and check the fields at construction (called from ``__post_init__``)."""
-        object.__setattr__(self, "tables", tuple(self.tables))
-        if not isinstance(getattr(self, flag), CallableFlag):
-            object.__setattr__(self, flag, CallableFlag(getattr(self, flag), flag))
-        for table in self.tables:
-            if not isinstance(table, config_type):
-                raise ValueError(
-                    f"{type(self).__name__} takes {config_type.__name__}s, got {type(table).__name__}"
-                )
-        unknown = sorted(set(self.table_optimizers or {}) - {t.name for t in self.tables})
-        if unknown:
-            raise ValueError(f"table_optimizers names unknown tables {unknown}")
-        check_parallel_axes(self.data_parallel_axis, self.row_shard_axis)
-        self.plan  # noqa: B018 (builds the plan: raises on an invalid table set)
-        resolve_backend(self.backend)
-        as_bounds_check_mode(self.bounds_check_mode)
 
     def _lookup_groups(self, features: KeyedJaggedTensor, weights: jax.Array | None):
         """Declare the group params and look every group up (inside the compact ``__call__``)."""
@@ -83,26 +120,22 @@ class CollectionMixin:
         if sharded is not None:  # placed by a sharding plan (DistributedModelParallel)
             return sharded
         plan = self.plan
-        optimizers = self._group_optimizers()
+        optimizers = self.group_optimizers()
+        options = self.lookup_options
 
         def init(key):
             groups = init_groups(plan, self.tables, optimizers, key)
-            if self.row_shard_axis is None:
+            if options.row_shard_axis is None:
                 return groups
-            return local_row_block(groups, self.row_shard_axis)
+            return local_row_block(groups, options.row_shard_axis)
 
         groups = self.param(self.PARAMS_NAME, init)
-        mode = as_bounds_check_mode(self.bounds_check_mode)
         spec = LookupSpec.create(
             plan,
             tuple(features.keys()),
             batch_size=features.stride(),
-            bounds_check=mode,
-            backend=self.backend,
-            out_dtype=self.output_dtype,
             optimizer=optimizers,
-            data_parallel_axis=self.data_parallel_axis,
-            row_shard_axis=self.row_shard_axis,
+            **options.spec_arguments(),
         )
         out, bad = lookup(
             spec,
@@ -111,7 +144,7 @@ class CollectionMixin:
             features.offsets(),
             weights,
         )
-        report_invalid_ids(self, mode, bad)
+        report_invalid_ids(self, options.bounds_check_mode, bad)
         return out
 
     def _groups(self, variables: Any, what: str = "variables") -> Mapping[str, Any]:

@@ -29,22 +29,19 @@ TorchRec's example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxrec.configs import EmbeddingBagConfig, embedding_names_by_table
-from jaxrec.modules.collection_base import CollectionMixin
+from jaxrec.modules.collection_base import EmbeddingCollectionBase
 from jaxrec.modules.input_checks import check_features
-from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.ops.lookup import LookupSpec, sparse_gradients
 from jaxrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 
-class EmbeddingBagCollection(CollectionMixin, nn.Module):
+class EmbeddingBagCollection(EmbeddingCollectionBase):
     """Pooled embedding lookups over several tables (TorchRec's EBC).
 
     Attributes:
@@ -75,21 +72,11 @@ class EmbeddingBagCollection(CollectionMixin, nn.Module):
         summed over the axis. Outside ``shard_map`` (e.g. at ``init``) it has no effect.
     """
 
+    CONFIG_TYPE: ClassVar[type[EmbeddingBagConfig]] = EmbeddingBagConfig
     PARAMS_NAME: ClassVar[str] = "embedding_bags"
+    FLAG: ClassVar[str] = "is_weighted"
 
-    tables: Sequence[EmbeddingBagConfig]
     is_weighted: bool = False
-    optimizer: Any = None
-    table_optimizers: Mapping[str, Any] | None = None
-    backend: str = "auto"
-    bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
-    output_dtype: Any = jnp.float32
-    data_parallel_axis: str | None = None
-    row_shard_axis: str | None = None
-
-    def __post_init__(self) -> None:
-        self._check_fields(EmbeddingBagConfig, "is_weighted")
-        super().__post_init__()
 
     # TorchRec's accessors -------------------------------------------------
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:

@@ -27,17 +27,15 @@ TorchRec's example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxrec.configs import EmbeddingConfig, embedding_names_by_table
-from jaxrec.modules.collection_base import CollectionMixin
+from jaxrec.modules.collection_base import EmbeddingCollectionBase
 from jaxrec.modules.input_checks import check_features
-from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.sparse import JaggedTensor, KeyedJaggedTensor
 from jaxrec.sparse.arrays import is_traced
 
@@ -54,7 +52,7 @@ def _feature_rows(rows: jax.Array, start, end, capacity: int, concrete: bool) ->
     return jnp.where(valid[:, None], picked, jnp.zeros((), rows.dtype))
 
 
-class EmbeddingCollection(CollectionMixin, nn.Module):
+class EmbeddingCollection(EmbeddingCollectionBase):
     """Unpooled embedding lookups over several tables (TorchRec's EC).
 
     Attributes:
@@ -68,21 +66,11 @@ class EmbeddingCollection(CollectionMixin, nn.Module):
         :class:`~jaxrec.EmbeddingBagCollection`.
     """
 
+    CONFIG_TYPE: ClassVar[type[EmbeddingConfig]] = EmbeddingConfig
     PARAMS_NAME: ClassVar[str] = "embeddings"
+    FLAG: ClassVar[str] = "need_indices"
 
-    tables: Sequence[EmbeddingConfig]
     need_indices: bool = False
-    optimizer: Any = None
-    table_optimizers: Mapping[str, Any] | None = None
-    backend: str = "auto"
-    bounds_check_mode: BoundsCheckMode | str = BoundsCheckMode.WARNING
-    output_dtype: Any = jnp.float32
-    data_parallel_axis: str | None = None
-    row_shard_axis: str | None = None
-
-    def __post_init__(self) -> None:
-        self._check_fields(EmbeddingConfig, "need_indices")
-        super().__post_init__()
 
     def embedding_configs(self) -> list[EmbeddingConfig]:
         return list(self.tables)

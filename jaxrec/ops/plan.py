@@ -23,8 +23,9 @@ never enter it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -157,6 +158,36 @@ def _pooling_name(table: BaseEmbeddingConfig) -> str:
 def _shares_feature(group: Sequence[BaseEmbeddingConfig], table: BaseEmbeddingConfig) -> bool:
     """Whether ``table`` reads a feature that a table of ``group`` reads too."""
     return any(set(t.feature_names) & set(table.feature_names) for t in group)
+
+
+def optimizer_tags(
+    tables: Sequence[BaseEmbeddingConfig],
+    optimizer: Any,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+    """A tag per table and the optimizer of each tag: tag 0 is ``optimizer``'s, then one
+    per distinct override of ``overrides`` (``{table name: optimizer or None}``) in table order.
+
+    Optimizers are compared by value (NamedTuples compare field by field), so copies of one
+    optimizer, as Flax makes of module fields, share a tag.
+
+    >>> from jaxrec.configs import EmbeddingBagConfig
+    >>> tables = [EmbeddingBagConfig(name=n, embedding_dim=2, num_embeddings=4) for n in "abc"]
+    >>> optimizer_tags(tables, "sgd", {"b": "adam", "c": "adam"})
+    ((0, 1, 1), ('sgd', 'adam'))
+    """
+    chosen_by_name = dict(overrides or {})
+    unknown = sorted(set(chosen_by_name) - {t.name for t in tables})
+    if unknown:
+        raise ValueError(f"table_optimizers names unknown tables {unknown}")
+    distinct: list[Any] = [optimizer]
+    tags = []
+    for table in tables:
+        chosen = chosen_by_name.get(table.name, optimizer)
+        if chosen not in distinct:
+            distinct.append(chosen)
+        tags.append(distinct.index(chosen))
+    return tuple(tags), tuple(distinct)
 
 
 def build_plan(

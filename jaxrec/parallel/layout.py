@@ -51,7 +51,7 @@ from jaxrec.configs import (
     EmbeddingConfig,
     PoolingType,
 )
-from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.ops.plan import LookupPlan, build_plan, optimizer_tags
 from jaxrec.parallel.types import ShardingPlan, ShardingType
 
 __all__ = ["LocalGroup", "ShardPlacement", "ShardedLayout", "Slot"]
@@ -222,20 +222,7 @@ _DATA_TYPES = {
 def _optimizer_tags(tables, optimizer, overrides) -> tuple[tuple[int, ...], tuple[Any, ...]]:
     """A tag per table and the optimizer of each tag (tag 0: ``optimizer``), as the
     collections number them."""
-    chosen_by_name = dict(overrides)
-    unknown = sorted(set(chosen_by_name) - {t.name for t in tables})
-    if unknown:
-        raise ValueError(f"table_optimizers names unknown tables {unknown}")
-    distinct: list[Any] = [optimizer]
-    tags = []
-    for table in tables:
-        chosen = chosen_by_name.get(table.name, optimizer)
-        index = next((i for i, o in enumerate(distinct) if o is chosen), None)
-        if index is None:
-            distinct.append(chosen)
-            index = len(distinct) - 1
-        tags.append(index)
-    return tuple(tags), tuple(distinct)
+    return optimizer_tags(tables, optimizer, dict(overrides))
 
 
 @functools.lru_cache(maxsize=64)

@@ -378,6 +378,39 @@ def test_16_bit_tables_pool_to_float32_by_default_and_output_dtype_overrides():
     np.testing.assert_allclose(np.asarray(out), [w[1] + w[2], w[3]], rtol=1e-6)
 
 
+def test_tables_sharing_one_override_optimizer_stack_in_one_group_matching_the_plan():
+    import jaxrec
+
+    tables = [bag(f"t{i}", 4, 10, [f"f{i}"]) for i in range(4)]
+    shared = jaxrec.optim.exact_rowwise_adagrad(0.1)
+    ebc = EmbeddingBagCollection(
+        tables=tables,
+        optimizer=jaxrec.optim.exact_sgd(0.1),
+        table_optimizers={t.name: shared for t in tables},
+    )
+    kjt = KeyedJaggedTensor(
+        keys=[f"f{i}" for i in range(4)], values=jnp.arange(4), lengths=jnp.ones(4, jnp.int32)
+    )
+    variables = ebc.init(jax.random.key(0), kjt)
+    assert list(variables["params"]["embedding_bags"]) == [g.name for g in ebc.plan.groups]
+    assert [g.tables for g in ebc.plan.groups] == [("t0", "t1", "t2", "t3")]
+    assert ebc.group_optimizers() == (shared,)
+
+
+def test_lookup_options_group_the_keyword_fields():
+    from jaxrec.ops import BoundsCheckMode
+    from jaxrec.ops.options import LookupOptions
+
+    ebc = EmbeddingBagCollection(
+        tables=[bag("t", 2, 3, ["f"])], backend="xla", bounds_check_mode="ignore", output_dtype=None
+    )
+    assert ebc.lookup_options == LookupOptions(
+        backend="xla", bounds_check_mode=BoundsCheckMode.IGNORE, output_dtype=None
+    )
+    with pytest.raises(ValueError, match="backend"):
+        EmbeddingBagCollection(tables=[bag("t", 2, 3, ["f"])], backend="cuda")
+
+
 class TestInputTorchRecAccepts:
     """Inputs a TorchRec model feeds its EBC, taken the same way."""
 
