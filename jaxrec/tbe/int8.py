@@ -31,7 +31,7 @@ train with a float output.
 >>> dequantize_table(q, 4).tolist()
 [[0.0, 1.0, 2.0, 3.0]]
 >>> out = quantize_output(jnp.array([[0.5, -1.0, 2.0]]))
->>> out.dtype, out.shape, dequantize_output(out).round(2).tolist()
+>>> out.dtype, out.shape, dequantize_output(out).round(1).tolist()   # steps of 3 / 255
 (dtype('uint8'), (1, 11), [[0.5, -1.0, 2.0]])
 """
 

@@ -237,8 +237,8 @@ def test_state_round_trips_through_flax_serialization():
         ({"feature_table_map": [0, 0]}, r"tables \[1\] are read by no feature"),
         ({"pooling_mode": PoolingMode.NONE}, "all tables of one dim"),
         ({"pooling_mode": "sum"}, "pooling_mode must be a PoolingMode"),
-        ({"weights_precision": SparseType.INT8}, "weights_precision=SparseType.INT8 is not built"),
-        ({"output_dtype": SparseType.INT8}, "output_dtype=SparseType.INT8 is not built"),
+        ({"weights_precision": SparseType.INT4}, "weights_precision=SparseType.INT4 is not built"),
+        ({"output_dtype": SparseType.INT4}, "output_dtype=SparseType.INT4 is not built"),
         ({"weight_decay": 0.1}, "EXACT_SGD has no weight decay"),
         (
             {"optimizer": OptimType.ADAM, "weight_decay_mode": tbe.WeightDecayMode.L2},
