@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from jaxrec.cli_options import (
     OneLineParser,
     check_memory,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -99,6 +100,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             metavar="LR",
             help=_help(name, getattr(defaults, name)),
         )
+    parser.add_argument(
+        "--embedding-weight-decay",
+        type=non_negative_float,
+        default=defaults.embedding_weight_decay,
+        metavar="WD",
+        help=_help("embedding_weight_decay", defaults.embedding_weight_decay),
+    )
     parser.add_argument("--seed", type=seed, default=defaults.seed, help=_help("seed", 0))
     for name in ("bottom_mlp", "top_mlp", "tower_mlp"):
         value = getattr(defaults, name)

@@ -33,6 +33,7 @@ __all__ = [
     "check_memory",
     "comma_list",
     "human_bytes",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -89,6 +90,25 @@ def positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay).
+
+    >>> non_negative_float("0")
+    0.0
+    >>> non_negative_float("-1e-4")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a finite number >= 0, got '-1e-4'
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
 
 

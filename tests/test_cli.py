@@ -159,6 +159,10 @@ POSITIVE = "expected a finite number > 0, got"
         (["--data", "criteo", "/no/such.tsv"], "argument --data: /no/such.tsv does not exist"),
         (["--resume"], "resume needs checkpoint_dir"),
         (["--eval-every", "0"], f"argument --eval-every: {WHOLE} '0'"),
+        (
+            ["--embedding-weight-decay", "-1"],
+            "argument --embedding-weight-decay: expected a finite number >= 0, got '-1'",
+        ),
         (["--checkpoint-every", "-1"], "argument --checkpoint-every: expected a whole number >= 0"),
         (
             ["--num-tables", "8", "--num-rows", "1000000000000"],

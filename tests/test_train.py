@@ -110,6 +110,16 @@ def test_criteo_source_holds_out_the_first_batches_and_cycles_the_rest(tmp_path)
     assert labels[0] == [0.0, 1.0, 0.0, 1.0] and labels[2] == labels[0]  # rows 4..7, again
 
 
+def test_embedding_weight_decay_is_fbgemms_l2_mode():
+    from jaxrec.optim.rules import WeightDecayMode
+    from jaxrec.train.models import sparse_optimizer
+
+    optimizer = sparse_optimizer(TrainConfig(embedding_weight_decay=1e-3))
+    assert optimizer.hyperparams["weight_decay"] == 1e-3
+    assert optimizer.hyperparams["weight_decay_mode"] is WeightDecayMode.L2
+    assert sparse_optimizer(TrainConfig()).hyperparams["weight_decay"] == 0.0
+
+
 def test_bad_train_config_is_refused():
     with pytest.raises(ValueError, match="unknown embedding_optimizer 'sgdx'"):
         TrainConfig(embedding_optimizer="sgdx")
@@ -136,6 +146,7 @@ def test_bad_train_config_is_refused():
         ("data", "criteo", "data 'criteo' needs data_path"),
         ("resume", True, "resume needs checkpoint_dir"),
         ("checkpoint_every", -1, "checkpoint_every must be >= 0, got -1"),
+        ("embedding_weight_decay", -0.1, "embedding_weight_decay must be a finite number >= 0"),
     ],
 )
 def test_every_bad_train_config_field_is_refused(field, value, message):

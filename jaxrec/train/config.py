@@ -49,6 +49,8 @@ HELP: dict[str, str] = {
     "data_type": "storage type of the embedding tables",
     "embedding_optimizer": "sparse optimizer fused into the lookup's backward pass",
     "embedding_lr": "learning rate of the embedding optimizer",
+    "embedding_weight_decay": "L2 weight decay of the embedding optimizer (FBGEMM's L2 mode; "
+    "0: none)",
     "dense_lr": "learning rate of Adam on the dense layers",
     "backend": "lookup backend: auto (Pallas on GPU, XLA elsewhere), pallas or xla",
     "eval_batches": "held-out batches per evaluation (synthetic, criteo); movielens "
@@ -84,6 +86,7 @@ class TrainConfig:
     data_type: str = "FP32"
     embedding_optimizer: str = "exact_rowwise_adagrad"
     embedding_lr: float = 0.05
+    embedding_weight_decay: float = 0.0
     dense_lr: float = 3e-3
     backend: str = "auto"
     eval_batches: int = 16
@@ -132,6 +135,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.embedding_weight_decay) and self.embedding_weight_decay >= 0):
+            raise ValueError(
+                f"embedding_weight_decay must be a finite number >= 0, got "
+                f"{self.embedding_weight_decay}"
+            )
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("bottom_mlp", "top_mlp", "tower_mlp"):

@@ -22,7 +22,15 @@ from jaxrec.train.sources import Source
 
 
 def sparse_optimizer(config: TrainConfig) -> optim.SparseOptimizer:
-    return EMBEDDING_OPTIMIZERS[config.embedding_optimizer](learning_rate=config.embedding_lr)
+    """The fused embedding optimizer of ``config`` (L2 weight decay when it is > 0)."""
+    make = EMBEDDING_OPTIMIZERS[config.embedding_optimizer]
+    if config.embedding_weight_decay > 0:
+        return make(
+            learning_rate=config.embedding_lr,
+            weight_decay=config.embedding_weight_decay,
+            weight_decay_mode="L2",
+        )
+    return make(learning_rate=config.embedding_lr)
 
 
 def build_model(config: TrainConfig, source: Source) -> Any:
