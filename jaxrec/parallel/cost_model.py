@@ -13,16 +13,21 @@ dim`` with ``s`` bytes per weight and ``p_f`` ids per bag on feature ``f``:
   row range (ids taken as uniform over the rows: hot rows are not modelled); a
   data-parallel replica its own ``B x p`` ids forward, and every replica applies the
   update to the ``N x B x p`` gathered rows.
-- **Communication** (per device, sent and received counted separately; the link is full
-  duplex, so the time is the larger over the link bandwidth). Table-wise and column
-  shards: each source sends its ids and lengths to the owner (int32), the owner returns
-  ``B x cols`` float32 pooled outputs per feature to each source, and the backward sends
-  their gradients back. Row-split tables: ids go to the row range's owner, and the
-  ``[N, B, dim]`` partial sums of each feature are reduce-scattered over *all* devices
-  (``(N - 1) B dim`` float32 each way), their gradients all-gathered back. Data parallel:
-  nothing forward; fused replicas all-gather each other's sparse row gradients
-  (``(N - 1) B p`` rows of ids and float32 gradients), plain ones all-reduce the dense
-  gradient.
+- **Communication**, in three phases that run one after the other: the *input* all-to-all
+  (ids and lengths), the *output* distribution (forward) and the *gradient* distribution
+  (backward). Within a phase a link is full duplex, so a device's time is the larger of
+  the bytes it sends and receives over the link bandwidth; the phases add up. Table-wise
+  and column shards: each source sends its ids and lengths to the owner (int32, input),
+  the owner returns ``B x cols`` float32 pooled outputs per feature to each other source
+  (output), and the sources send their gradients back (gradient). Row-split tables: ids go
+  to the row range's owner (input), and each feature's ``[N, B, dim]`` float32 partial
+  sums are reduce-scattered over *all* devices: every device sends and receives
+  ``(N - 1) B dim`` floats (output), and the backward all-gathers the output gradients,
+  the same bytes again (gradient). At 2 devices a table-wise table moves ``B dim`` floats
+  per step and direction from one device, a row-wise one from both: twice the wire bytes.
+  Data parallel: nothing forward; fused replicas all-gather each other's sparse row
+  gradients (``(N - 1) B p`` rows of ids and float32 gradients), plain ones all-reduce the
+  dense gradient (gradient phase).
 - **Memory**: weights and optimizer state of the rows a device holds (plain tables: plus a
   float32 gradient of the same shape). ``shard_map`` needs equal-shaped buffers on every
   device, so each local group (:mod:`jaxrec.parallel.layout`) *allocates* on every device
@@ -35,8 +40,10 @@ dim`` with ``s`` bytes per weight and ``p_f`` ids per bag on feature ``f``:
 >>> cost = sharding_cost(profile, table_wise(1), num_devices=2, batch_size=8)
 >>> cost.lookup.tolist()  # forward 32 ids x 16 B, backward 32 x 16 + the 100 x 16 gradient
 [0.0, 2624.0]
->>> cost.sent.tolist(), cost.received.tolist()  # ids+lengths in, outputs out, grads back
-([224.0, 128.0], [128.0, 224.0])
+>>> cost.sent.tolist()  # per phase (input, output, gradient) and device
+[[96.0, 0.0], [0.0, 128.0], [128.0, 0.0]]
+>>> cost.received.tolist()  # ids+lengths in, outputs out, grads back
+[[0.0, 96.0], [128.0, 0.0], [0.0, 128.0]]
 >>> cost.held.tolist()  # weights and the float32 gradient of a plain table
 [0.0, 3200.0]
 """
@@ -56,9 +63,10 @@ from jaxrec.parallel.layout import _pooling_run
 from jaxrec.parallel.types import ParameterSharding, ShardingType
 
 __all__ = [
-    "ASSUMED_LINK_BANDWIDTH",
     "H200_HBM_BYTES",
+    "H200_LINK_BANDWIDTH",
     "H200_LOOKUP_BANDWIDTH",
+    "PHASES",
     "DeviceLoad",
     "ShardingCost",
     "TableProfile",
@@ -72,9 +80,13 @@ H200_HBM_BYTES = 143_771 * 2**20
 #: Pooled lookups on an H200, bytes of rows per second: a copy through JAX moves 3.69 TB/s
 #: (read + write) and the lookup kernels run at 87-90% of it (measured).
 H200_LOOKUP_BANDWIDTH = 0.88 * 3.69e12
-#: All-to-all bandwidth per direction per GPU. An ASSUMPTION until measured: a conservative
-#: third of NVLink 4's 450 GB/s per direction on an H200.
-ASSUMED_LINK_BANDWIDTH = 150e9
+#: Collective bandwidth per direction per GPU, bytes each device sends per second: measured
+#: on 2 x H200 (NVLink, jax 0.11.2, 256 MB per device; the scaling run recorded in
+#: BENCHMARKS.md): all-to-all 233 GB/s, reduce-scatter 197 GB/s; 210 GB/s lies between.
+H200_LINK_BANDWIDTH = 210e9
+#: The communication phases of a training step, in the order they run.
+PHASES = ("input", "output", "gradient")
+_INPUT, _OUTPUT, _GRADIENT = range(3)
 
 _ID_BYTES = 4  # int32 ids and lengths
 _OUT_BYTES = 4  # float32 pooled outputs and their gradients
@@ -90,13 +102,13 @@ class Topology:
       lookup_bandwidth: bytes of rows per second the lookup kernels move on one device
         (TorchRec: ``hbm_mem_bw``; default: measured on an H200).
       link_bandwidth: bytes per second one device sends (and, at once, receives) in an
-        all-to-all (TorchRec: ``intra_host_bw``; default: an assumed 150 GB/s).
+        all-to-all (TorchRec: ``intra_host_bw``; default: 210 GB/s, measured on H200s).
     """
 
     num_devices: int
     hbm_cap: int = H200_HBM_BYTES
     lookup_bandwidth: float = H200_LOOKUP_BANDWIDTH
-    link_bandwidth: float = ASSUMED_LINK_BANDWIDTH
+    link_bandwidth: float = H200_LINK_BANDWIDTH
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_devices, int) or self.num_devices < 1:
@@ -194,7 +206,8 @@ class TableProfile:
 class ShardingCost:
     """Per-device costs of one table under one sharding (arrays over the ``N`` devices).
 
-    ``lookup``: kernel bytes; ``sent`` / ``received``: bytes on the wire; ``held``: bytes
+    ``lookup``: kernel bytes; ``sent`` / ``received``: bytes on the wire, ``[3, N]`` (one
+    row per phase of :data:`PHASES`); ``held``: bytes
     of the table's shards; ``rows``: rows added to each local group (``group_key`` →
     rows per device; allocated at the busiest device's count on every device);
     ``replicated``: bytes on every device (data parallel).
@@ -219,8 +232,9 @@ def sharding_cost(
     rows, dim, s = table.num_embeddings, table.embedding_dim, profile.itemsize
     ids = sum(profile.pooling_factors)  # ids per sample over the table's features
     feats = len(profile.pooling_factors)
-    zeros = functools.partial(np.zeros, n, np.float64)
-    cost = ShardingCost(zeros(), zeros(), zeros(), zeros())
+    cost = ShardingCost(
+        np.zeros(n), np.zeros((len(PHASES), n)), np.zeros((len(PHASES), n)), np.zeros(n)
+    )
     kind = sharding.sharding_type
     if kind is ShardingType.DATA_PARALLEL:
         cost.lookup += b * ids * dim * s
@@ -230,8 +244,8 @@ def sharding_cost(
         else:
             cost.lookup += profile.backward_bytes(b * ids, rows, dim)
             wire = 2 * (n - 1) / n * rows * dim * _OUT_BYTES
-        cost.sent += wire
-        cost.received += wire
+        cost.sent[_GRADIENT] += wire
+        cost.received[_GRADIENT] += wire
         cost.replicated = float(profile.nbytes)
         cost.held += profile.nbytes
         return cost
@@ -246,22 +260,23 @@ def sharding_cost(
         others[:] = True
         others[r] = False
         into = b * (ids * share * _ID_BYTES + feats * _ID_BYTES)  # ids and lengths per source
-        cost.sent[others] += into
-        cost.received[r] += (n - 1) * into
+        cost.sent[_INPUT, others] += into
+        cost.received[_INPUT, r] += (n - 1) * into
         if not split:  # outputs back to each source, their gradients to the owner
             out = b * feats * cols * _OUT_BYTES
-            cost.sent[r] += (n - 1) * out
-            cost.received[others] += out
-            cost.sent[others] += out
-            cost.received[r] += (n - 1) * out
+            cost.sent[_OUTPUT, r] += (n - 1) * out
+            cost.received[_OUTPUT, others] += out
+            cost.sent[_GRADIENT, others] += out
+            cost.received[_GRADIENT, r] += (n - 1) * out
         key = profile.group_key(cols, split)
         cost.rows.setdefault(key, np.zeros(n, np.int64))[r] += num_rows
         cost.row_bytes[key] = profile.row_bytes(cols)
         cost.held[r] += num_rows * profile.row_bytes(cols)
-    if split:  # reduce-scatter of partial sums forward, all-gather of gradients backward
-        wire = 2 * (n - 1) * b * feats * dim * _OUT_BYTES
-        cost.sent += wire
-        cost.received += wire
+    if split:  # reduce-scatter of [N, B, dim] partial sums, all-gather of their gradients
+        wire = (n - 1) * b * feats * dim * _OUT_BYTES
+        for phase in (_OUTPUT, _GRADIENT):
+            cost.sent[phase] += wire
+            cost.received[phase] += wire
     return cost
 
 
@@ -271,7 +286,8 @@ class DeviceLoad:
     def __init__(self, topology: Topology, batch_size: int) -> None:
         n = topology.num_devices
         self.topology, self.batch_size = topology, batch_size
-        self.lookup, self.sent, self.received, self.held = (np.zeros(n) for _ in range(4))
+        self.lookup, self.held = np.zeros(n), np.zeros(n)
+        self.sent, self.received = np.zeros((len(PHASES), n)), np.zeros((len(PHASES), n))
         self.rows: dict[tuple, np.ndarray] = {}
         self.row_bytes: dict[tuple, int] = {}
         self.replicated = 0.0
@@ -294,12 +310,23 @@ class DeviceLoad:
 
     @property
     def comm_seconds(self) -> np.ndarray:
-        return np.maximum(self.sent, self.received) / self.topology.link_bandwidth
+        """Per device: each phase's larger of bytes sent and received, phases added."""
+        return np.maximum(self.sent, self.received).sum(axis=0) / self.topology.link_bandwidth
 
     @property
     def seconds(self) -> np.ndarray:
         """Estimated time per device: lookup plus communication."""
         return self.lookup_seconds + self.comm_seconds
+
+    @property
+    def work(self) -> float:
+        """Device-seconds of the whole step: every device's lookups plus every byte sent
+        (each byte once) over the link bandwidth. Balancing moves work between devices;
+        choosing a sharding type changes it."""
+        topo = self.topology
+        return float(
+            self.lookup.sum() / topo.lookup_bandwidth + self.sent.sum() / topo.link_bandwidth
+        )
 
     @property
     def allocated(self) -> float:

@@ -9,33 +9,38 @@ bandwidths). Users control, per table, the allowed sharding types, a pinned
 (:class:`ParameterConstraints`), and per device the memory budget (a fraction of the
 device or bytes) less a reserve for everything else (dense model, activations, buffers).
 
-The plan is greedy over the cost model of :mod:`jaxrec.parallel.cost_model`:
+The plan is a greedy bin-packing over the cost model of :mod:`jaxrec.parallel.cost_model`
+(per-device time: lookup bytes at the kernel bandwidth plus, per communication phase, the
+larger of the bytes sent and received at the link bandwidth):
 
 1. Refuse at once what cannot fit: the tables' total memory over every device's budget.
 2. Place the pinned tables as given; refuse one that overflows a device.
-3. Take the other tables largest first (memory, then lookup bytes). For each, try every
-   allowed candidate: table-wise on each device; row-wise over all devices; table-row-wise
-   over the 2, 4, ... least loaded devices; column-wise (if allowed) in 2, 3, ... equal
-   column shards of at least ``min_partition`` columns on the least loaded devices;
-   data-parallel. Keep the candidates whose memory fits every device; choose the one with
-   the smallest maximum plus mean per-device time (lookup + communication): the maximum
-   is the step's time, the mean the work that later tables must balance against (a greedy
-   on the maximum alone replicates table after table, each a little cheaper than the next
-   table-wise owner); then the smallest maximum, then the least memory. Refuse a table
-   that fits nowhere.
+3. Estimate each other table's time alone, table-wise (its *solo* time), and the ideal
+   per-device time: the solo times and the pinned load summed, over the device count. A
+   table whose solo time exceeds that share is *hot*: table-wise, it alone would set the
+   step's time.
+4. Take the tables by solo time, largest first (then memory). A table that is not hot and
+   fits one device goes **table-wise** on the device whose time stays lowest (the smallest
+   maximum, then sum of squares of the per-device times, then memory): longest-first
+   bin-packing by estimated time. Data parallel competes only on total work (a replica
+   moves nothing forward but costs every device): it wins for tiny *plain* tables, whose
+   dense gradient all-reduce is smaller than a table-wise owner's outputs; a tiny *fused*
+   table stays table-wise (a fused replica all-gathers ``(N - 1) B p`` gradient rows on
+   every device). A hot table, one that fits no device whole, or one whose constraints
+   exclude table-wise, takes the allowed candidate (row-wise over all devices;
+   table-row-wise over the 2, 4, ... least loaded devices; column-wise, if allowed, in 2,
+   3, ... equal shards of at least ``min_partition`` columns; table-wise on a device;
+   data-parallel) of the smallest maximum plus mean per-device time, then the smallest
+   maximum, then the least memory. Refuse a table that fits nowhere.
 
-What comes out: a table-wise placement while it fits and balances (its all-to-all moves
-only ``B x dim`` outputs per source, a row-wise table reduce-scatters ``(N - 1) B dim``
-partial sums on every device); row-wise for a table bigger than a device's free memory or
-so hot that one device's lookups would dominate; data-parallel for tiny *plain* tables
-(their dense gradient all-reduce is smaller than any all-to-all) where the replica costs
-every device less than a table-wise owner's share. Tiny *fused* tables go table-wise,
-spread over the owners: a fused replica all-gathers ``(N - 1) B p`` gradient rows on every
-device, as much as one table-wise owner receives. Data parallel is proposed only for
-tables of at most ``data_parallel_max_bytes`` unless a table's constraints list it.
-Column-wise types are proposed only where a table's
-constraints allow them: a column shard keeps its own row-wise optimizer state, so such a
-table trains differently from one device.
+Why table-wise first: at ``N`` devices a table-wise table sends ``(N - 1) B dim`` floats
+from its owner per step and direction, a row-wise one reduce-scatters ``(N - 1) B dim``
+partial sums from *every* device (at 2 devices, twice the wire bytes) and spreads its
+lookups; a per-table greedy on the maximum sees only the second. Data parallel is proposed
+only for tables of at most ``data_parallel_max_bytes`` unless a table's constraints list
+it. Column-wise types are proposed only where a table's constraints allow them: a column
+shard keeps its own row-wise optimizer state, so such a table trains differently from one
+device.
 
 >>> from jaxrec.configs import EmbeddingBagConfig
 >>> import jaxrec
@@ -62,8 +67,8 @@ t2     table_wise  [1]     260.00 MB
 t3     table_wise  [0]     260.00 MB
 t4     table_wise  [1]     1.30 MB
 device  held     allocated  budget   lookup  comm     total
-0       1.56 GB  1.56 GB    1.80 GB  4.9 us  42.5 us  47.4 us
-1       1.30 GB  1.56 GB    1.80 GB  4.9 us  42.5 us  47.4 us
+0       1.56 GB  1.56 GB    1.80 GB  4.9 us  30.4 us  35.3 us
+1       1.30 GB  1.56 GB    1.80 GB  4.9 us  30.4 us  35.3 us
 imbalance (max/mean of estimated time): 1.00
 >>> EmbeddingShardingPlanner(Topology(num_devices=1, hbm_cap=2 * 10**9), batch_size=4096,
 ...                          memory_budget=0.9, reserve_bytes=0).plan(tables, optimizer=opt)
@@ -324,11 +329,11 @@ class EmbeddingShardingPlanner:
                     f"(row_wise), or raise memory_budget"
                 )
         rest = [p for p in profiles if p.name not in chosen]
-        rest.sort(
-            key=lambda p: (-p.nbytes, -sum(p.pooling_factors) * p.table.embedding_dim, p.name)
-        )
+        solo = {p.name: self._solo_seconds(p) for p in rest}
+        share = (sum(solo.values()) + float(load.seconds.sum())) / n
+        rest.sort(key=lambda p: (-solo[p.name], -p.nbytes, p.name))
         for p in rest:
-            load, chosen[p.name] = self._place(p, load)
+            load, chosen[p.name] = self._place(p, load, hot=solo[p.name] > share * (1 + 1e-9))
         plan = ShardingPlan(chosen)
         plan.validate(list(tables), n)
         return plan
@@ -436,8 +441,15 @@ class EmbeddingShardingPlanner:
                         out.append(make(least[:k]))
         return out
 
-    def _place(self, p: TableProfile, load: DeviceLoad) -> tuple[DeviceLoad, ParameterSharding]:
-        n, best, misses = self.topology.num_devices, None, {}
+    def _solo_seconds(self, p: TableProfile) -> float:
+        """The table's estimated time alone, table-wise: its owner's lookup and traffic."""
+        cost = sharding_cost(p, table_wise(0), self.topology.num_devices, self.batch_size)
+        return float(DeviceLoad(self.topology, self.batch_size).add(cost).seconds.max())
+
+    def _place(
+        self, p: TableProfile, load: DeviceLoad, hot: bool
+    ) -> tuple[DeviceLoad, ParameterSharding]:
+        n, options, misses = self.topology.num_devices, [], {}
         for sharding in self._candidates(p, load):
             new = load.add(sharding_cost(p, sharding, n, self.batch_size))
             kind = sharding.sharding_type
@@ -445,8 +457,19 @@ class EmbeddingShardingPlanner:
                 over = new.allocated - self.budget
                 misses[kind] = min(over, misses.get(kind, over))
                 continue
+            options.append((sharding, new))
+        whole = [o for o in options if o[0].sharding_type is ShardingType.TABLE_WISE]
+        if whole and not hot:  # bin-packing: the device whose time stays lowest
+            best = min(whole, key=lambda o: _balance(o[1], o[0]))
+            replicas = [o for o in options if o[0].sharding_type is ShardingType.DATA_PARALLEL]
+            if replicas and replicas[0][1].work < best[1].work * (1 - 1e-9):
+                best = replicas[0]
+            return best[1], best[0]
+        best = None
+        for sharding, new in options:
             seconds = new.seconds
             worst, total = float(seconds.max()), float(seconds.sum())
+            kind = sharding.sharding_type
             score = (worst + total / n, worst, new.allocated, _PREFERENCE.index(kind))
             if best is None or _before(score, best[0]):
                 best = (score, new, sharding)
@@ -460,6 +483,18 @@ class EmbeddingShardingPlanner:
             f"allocates {_bytes(load.allocated)} of its {_bytes(self.budget)} budget "
             f"({tried or 'no candidate'}); allow row_wise, add devices or raise memory_budget"
         )
+
+
+def _balance(load: DeviceLoad, sharding: ParameterSharding) -> tuple:
+    """Order of table-wise candidates: the smallest maximum time, then the most even times
+    (sum of squares), then memory, then the lower rank (times compared to the picosecond)."""
+    seconds = load.seconds
+    return (
+        round(float(seconds.max()) * 1e12),
+        round(float(np.sqrt((seconds**2).sum())) * 1e12),
+        load.allocated,
+        sharding.ranks[0],
+    )
 
 
 def _before(a: tuple, b: tuple, rel: float = 1e-9) -> bool:

@@ -79,6 +79,48 @@ def test_very_hot_table_goes_row_wise():
     assert kinds(cold)["hot"] is TW
 
 
+# Criteo's cardinalities capped at 4M rows (the GPU scaling check's model): the multi-hot
+# features (>= 1000 rows) draw ~20 ids per bag, the others one.
+CRITEO_CAPPED = [min(r, 4_000_000) for r in (
+    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
+    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
+)]  # fmt: skip
+
+
+def test_criteo_capped_tables_all_go_table_wise_balanced_on_two_devices():
+    # Every table fits one device and none is hot: table-wise, packed by estimated time.
+    # (A greedy on each table's maximum time put 18 of them row-wise, which reduce-scatter
+    # twice the bytes of table-wise outputs at 2 devices.)
+    tables = [table(f"t{i}", rows) for i, rows in enumerate(CRITEO_CAPPED)]
+    pools = {
+        t.name: ParameterConstraints(pooling_factors=1.0 if t.num_embeddings < 1000 else 20.0)
+        for t in tables
+    }
+    p = planner(2, constraints=pools)
+    plan = p.plan(tables, optimizer=ADAGRAD)
+    assert set(kinds(plan).values()) == {TW}
+    assert sorted(np.bincount([s.ranks[0] for s in plan.values()])) == [13, 13]
+    report = p.explain(tables, plan, optimizer=ADAGRAD)
+    assert report.imbalance < 1.05
+    all_rw = p.explain(
+        tables, ShardingPlan({t.name: row_wise() for t in tables}), optimizer=ADAGRAD
+    )
+    np.testing.assert_allclose(all_rw.comm_seconds / report.comm_seconds, 2.0, rtol=0.06)
+
+
+def test_tables_are_packed_by_estimated_time_not_by_count():
+    pools = {"heavy": ParameterConstraints(pooling_factors=200.0)}
+    pools |= {f"t{i}": ParameterConstraints(pooling_factors=20.0) for i in range(10)}
+    tables = [table("heavy", 1000)] + [table(f"t{i}", 1000) for i in range(10)]
+    p = planner(2, constraints=pools)
+    plan = p.plan(tables, optimizer=ADAGRAD)
+    assert set(kinds(plan).values()) == {TW}
+    heavy = plan["heavy"].ranks[0]
+    beside = [n for n, s in plan.items() if n != "heavy" and s.ranks[0] == heavy]
+    assert len(beside) <= 2
+    assert p.explain(tables, plan, optimizer=ADAGRAD).imbalance < 1.1
+
+
 def test_equal_tables_balance_across_devices():
     tables = [table(f"t{i}", 500_000, features=2) for i in range(32)]
     p = planner(8)
