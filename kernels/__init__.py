@@ -1,5 +1,7 @@
 """Pallas kernels of jaxrec (installed as ``jaxrec_kernels``), each beside its XLA reference.
 
+- :mod:`~jaxrec_kernels.layout`: what every group kernel shares: the per-feature
+  :class:`~jaxrec_kernels.layout.FeatureLayout`, bag positions, bounds-check modes.
 - :mod:`~jaxrec_kernels.pooled_lookup`: pooled (SUM/MEAN, weighted) lookups of a stacked group.
 - :mod:`~jaxrec_kernels.quantized_lookup`: pooled lookups of row-wise quantized (int8/int4/int2)
   groups, dequantized in the kernel; :mod:`~jaxrec_kernels.rowwise_quantization`: FBGEMM's
@@ -11,6 +13,7 @@
   per-sample weights.
 """
 
+from jaxrec_kernels.layout import FeatureLayout
 from jaxrec_kernels.pooled_lookup import (
     PooledConfig,
     default_pooled_config,
@@ -47,6 +50,7 @@ from jaxrec_kernels.weight_gradient import (
 
 __all__ = [
     "POOLINGS",
+    "FeatureLayout",
     "PooledConfig",
     "SequenceConfig",
     "SparseUpdateConfig",

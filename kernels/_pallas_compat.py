@@ -48,9 +48,14 @@ def masked_load(
     )
 
 
-def masked_store(ref_view, value: jax.Array, mask: jax.Array) -> None:
-    """Store ``value`` into ``ref_view`` (scatters allowed) where ``mask`` holds."""
-    plgpu.store(ref_view, value, mask=mask)
+def masked_store(
+    ref_view, value: jax.Array, mask: jax.Array, *, eviction_policy: str | None = None
+) -> None:
+    """Store ``value`` into ``ref_view`` (scatters allowed) where ``mask`` holds.
+
+    ``eviction_policy`` is Triton's L2 hint, as in :func:`masked_load`.
+    """
+    plgpu.store(ref_view, value, mask=mask, eviction_policy=eviction_policy)
 
 
 def float_dtype(dtype) -> jnp.dtype:

@@ -58,9 +58,42 @@ from ._pallas_compat import (
     masked_store,
     next_power_of_2,
 )
+from .layout import (
+    BOUNDS_CHECK_MODES,
+    BoundsCheck,
+    FeatureLayout,
+    check_columns,
+    checks_ids,
+    counts_bad_ids,
+    covered_columns,
+    covers_all_columns,
+    feature_layouts,
+    feature_rounds,
+    lookup_rows,
+    position_bags,
+    validate_group,
+)
 
-Feature = tuple[int, int, int, int]
-BOUNDS_CHECK_MODES = ("fatal", "warning", "ignore", "none")
+__all__ = [
+    # this kernel
+    "POOLING_MODES",
+    "PooledConfig",
+    "default_pooled_config",
+    "mean_of_sums",
+    "pooled_lookup",
+    "pooled_lookup_reference",
+    # the group layout (jaxrec_kernels.layout), importable from here as before
+    "BOUNDS_CHECK_MODES",
+    "Feature",
+    "covered_columns",
+    "covers_all_columns",
+    "feature_rounds",
+    "lookup_rows",
+    "position_bags",
+    "validate_group",
+]
+
+Feature = FeatureLayout
 POOLING_MODES = ("sum", "mean")
 
 
@@ -160,74 +193,12 @@ def default_pooled_config(
     return PooledConfig()
 
 
-def validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check):
-    """Check the static layout of one group lookup; returns the number of KJT features.
-
-    Raises ValueError naming the offending argument and value.
-    """
-    if weights.ndim != 2:
-        raise ValueError(f"weights must be 2-D [rows, dim], got shape {weights.shape}")
-    float_dtype(weights.dtype)
-    if ids.ndim != 1 or jnp.dtype(ids.dtype) != jnp.int32:
-        raise ValueError(f"ids must be 1-D int32, got shape {ids.shape} dtype {ids.dtype}")
-    if offsets.ndim != 1 or jnp.dtype(offsets.dtype) != jnp.int32:
-        raise ValueError(
-            f"offsets must be 1-D int32, got shape {offsets.shape} dtype {offsets.dtype}"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if (offsets.shape[0] - 1) % batch_size or offsets.shape[0] < 1:
-        raise ValueError(
-            f"offsets must have F*batch_size+1 entries; got {offsets.shape[0]} "
-            f"with batch_size={batch_size}"
-        )
-    if per_sample_weights is not None and (
-        per_sample_weights.shape != ids.shape
-        or not jnp.issubdtype(per_sample_weights.dtype, jnp.floating)
-    ):
-        raise ValueError(
-            f"per_sample_weights must be floating with shape {ids.shape}, got shape "
-            f"{per_sample_weights.shape} dtype {per_sample_weights.dtype}"
-        )
-    if bounds_check not in BOUNDS_CHECK_MODES:
-        raise ValueError(f"bounds_check must be one of {BOUNDS_CHECK_MODES}, got {bounds_check!r}")
-    num_kjt = (offsets.shape[0] - 1) // batch_size
-    if not isinstance(features, tuple) or not features:
-        raise ValueError(f"features must be a non-empty tuple, got {features!r}")
-    rows = weights.shape[0]
-    for feat in features:
-        if not (
-            isinstance(feat, tuple) and len(feat) == 4 and all(isinstance(v, int) for v in feat)
-        ):
-            raise ValueError(
-                f"each feature must be (kjt_feature_index, row_offset, num_rows, col_offset) "
-                f"ints, got {feat!r}"
-            )
-        kjt, row_offset, num_rows, col_offset = feat
-        if not 0 <= kjt < num_kjt:
-            raise ValueError(f"feature {feat}: kjt_feature_index {kjt} not in [0, {num_kjt})")
-        if row_offset < 0 or num_rows < 1 or row_offset + num_rows > rows:
-            raise ValueError(
-                f"feature {feat}: rows [{row_offset}, {row_offset + num_rows}) not inside the "
-                f"{rows} rows of weights"
-            )
-        if col_offset < 0:
-            raise ValueError(f"feature {feat}: col_offset {col_offset} is negative")
-    return num_kjt
-
-
 def _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size):
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
     if not isinstance(num_columns, int) or num_columns < 1:
         raise ValueError(f"num_columns must be a positive int, got {num_columns!r}")
-    dim = weights.shape[1]
-    for feat in features:
-        if feat[3] + dim > num_columns:
-            raise ValueError(
-                f"feature {feat}: columns [{feat[3]}, {feat[3] + dim}) exceed "
-                f"num_columns={num_columns}"
-            )
+    check_columns(features, weights.shape[1], num_columns, f"num_columns={num_columns}")
     if out is not None:
         if out.shape != (batch_size, num_columns):
             raise ValueError(
@@ -239,17 +210,19 @@ def _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, 
     return float_dtype(weights.dtype if out_dtype is None else out_dtype)
 
 
-def covered_columns(features, dim: int, num_columns: int) -> np.ndarray:
-    """``[num_columns]`` bool: which output columns the features' ranges cover."""
-    covered = np.zeros(num_columns, bool)
-    for feat in features:
-        covered[feat[3] : feat[3] + dim] = True
-    return covered
-
-
-def covers_all_columns(features, dim: int, num_columns: int) -> bool:
-    """Whether the features' column ranges together cover every output column."""
-    return bool(covered_columns(features, dim, num_columns).all())
+def _static_arguments(
+    weights, ids, offsets, per_sample_weights, features, out, *, out_dtype, **static
+) -> dict:
+    """Check the arguments every entry point shares; returns the static arguments of the
+    jitted implementations (``features`` as :class:`FeatureLayout` values, the output dtype)."""
+    batch_size, num_columns = static["batch_size"], static["num_columns"]
+    validate_group(
+        weights, ids, offsets, per_sample_weights, features, batch_size, static["bounds_check"]
+    )
+    out_dt = _check_pooled_args(
+        weights, features, num_columns, static["pooling"], out, out_dtype, batch_size
+    )
+    return {**static, "features": feature_layouts(features), "out_dtype": out_dt}
 
 
 # --------------------------------------------------------------------------- Pallas kernel
@@ -445,8 +418,8 @@ def _pooled_pallas(
         num_ids=ids.shape[0],
         dim=dim,
         pooling=pooling,
-        checked=bounds_check != "none",
-        counted=bounds_check in ("fatal", "warning"),
+        checked=checks_ids(bounds_check),
+        counted=counts_bad_ids(bounds_check),
         weighted=weighted,
         aliased=aliased,
         config=config,
@@ -471,12 +444,12 @@ def pooled_lookup(
     ids: jax.Array,
     offsets: jax.Array,
     per_sample_weights: jax.Array | None,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     num_columns: int,
     pooling: str = "sum",
-    bounds_check: str = "warning",
+    bounds_check: BoundsCheck = "warning",
     out: jax.Array | None = None,
     out_dtype=None,
     interpret: bool = False,
@@ -501,15 +474,26 @@ def pooled_lookup(
     >>> out.tolist(), int(bad)
     ([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]], 1)
     """
-    validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check)
-    out_dt = _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size)
+    static = _static_arguments(
+        weights,
+        ids,
+        offsets,
+        per_sample_weights,
+        features,
+        out,
+        out_dtype=out_dtype,
+        batch_size=batch_size,
+        num_columns=num_columns,
+        pooling=pooling,
+        bounds_check=bounds_check,
+    )
     if config is None:
         config = default_pooled_config(
             weights.shape[1],
             weights.dtype,
             num_bags=len(features) * batch_size,
             weighted=per_sample_weights is not None,
-            out_bytes=batch_size * num_columns * out_dt.itemsize,
+            out_bytes=batch_size * num_columns * static["out_dtype"].itemsize,
         )
     if config.strategy == "segmented" and next_power_of_2(weights.shape[1]) < 16:
         raise ValueError(f"segmented strategy needs dim > 8, got dim={weights.shape[1]}")
@@ -526,35 +510,14 @@ def pooled_lookup(
         offsets,
         per_sample_weights,
         out,
-        features=features,
-        batch_size=batch_size,
-        num_columns=num_columns,
-        pooling=pooling,
-        bounds_check=bounds_check,
-        out_dtype=out_dt,
         interpret=interpret,
         config=config,
         fill_uncovered=bool(fill_uncovered),
+        **static,
     )
 
 
 # --------------------------------------------------------------------------- XLA reference
-
-
-def position_bags(offsets: jax.Array, num_ids: int) -> tuple[jax.Array, jax.Array]:
-    """For every id position: its global bag index ``f*B+b`` and whether it is real.
-
-    A position is real when ``offsets[0] <= i < offsets[-1]``; padding is not.
-
-    >>> bags, live = position_bags(jnp.array([0, 2, 2, 3], jnp.int32), 5)
-    >>> bags.tolist(), live.tolist()
-    ([0, 0, 2, 2, 2], [True, True, True, False, False])
-    """
-    marks = jnp.zeros((num_ids,), jnp.int32).at[offsets[1:-1]].add(1, mode="drop")
-    bags = jnp.minimum(jnp.cumsum(marks), offsets.shape[0] - 2)
-    pos = jnp.arange(num_ids, dtype=jnp.int32)
-    live = (pos >= offsets[0]) & (pos < offsets[-1])
-    return bags, live
 
 
 def mean_of_sums(sums: jax.Array, lengths: jax.Array, out_dtype) -> jax.Array:
@@ -568,48 +531,16 @@ def mean_of_sums(sums: jax.Array, lengths: jax.Array, out_dtype) -> jax.Array:
     return sums / lengths.astype(jnp.float32)
 
 
-def feature_rounds(features: tuple[Feature, ...]) -> list[list[int]]:
-    """Split group-feature indices into rounds in which no KJT feature repeats.
-
-    >>> feature_rounds(((0, 0, 5, 0), (1, 0, 5, 4), (0, 5, 5, 8)))
-    [[0, 1], [2]]
-    """
-    rounds: list[list[int]] = []
-    for g, feat in enumerate(features):
-        for r in rounds:
-            if all(features[h][0] != feat[0] for h in r):
-                r.append(g)
-                break
-        else:
-            rounds.append([g])
-    return rounds
-
-
-def lookup_rows(ids, bags, live, features, group_idx, batch_size, num_kjt, checked):
-    """Per position: the stacked row it reads, whether it reads one, and whether it is bad.
-
-    Only positions of the features ``group_idx`` (distinct KJT features) take part.
-    Returns ``(rows, valid, bad, slot, batch_index)`` where ``slot`` is the position's index
-    into ``group_idx`` (or ``len(group_idx)`` outside the group).
-    """
-    table = np.full((num_kjt, 3), -1, np.int32)  # kjt feature -> (slot, row_offset, num_rows)
-    for slot, g in enumerate(group_idx):
-        table[features[g][0]] = (slot, features[g][1], features[g][2])
-    table = jnp.asarray(table)
-    kjt = bags // batch_size
-    entry = table[kjt]
-    in_group = live & (entry[:, 0] >= 0)
-    ok = (ids >= 0) & (ids < entry[:, 2]) if checked else jnp.ones_like(in_group)
-    valid = in_group & ok
-    bad = in_group & ~ok
-    rows = jnp.where(valid, entry[:, 1] + ids, 0)
-    slot = jnp.where(in_group, entry[:, 0], len(group_idx))
-    return rows, valid, bad, slot, bags % batch_size
-
-
 @functools.partial(
     jax.jit,
-    static_argnames=("features", "batch_size", "num_columns", "pooling", "bounds_check", "out_dt"),
+    static_argnames=(
+        "features",
+        "batch_size",
+        "num_columns",
+        "pooling",
+        "bounds_check",
+        "out_dtype",
+    ),
 )
 def _pooled_xla(
     weights,
@@ -623,13 +554,14 @@ def _pooled_xla(
     num_columns,
     pooling,
     bounds_check,
-    out_dt,
+    out_dtype,
 ):
+    features = feature_layouts(features)
     dim = weights.shape[1]
     num_kjt = (offsets.shape[0] - 1) // batch_size
     bags, live = position_bags(offsets, ids.shape[0])
     if out is None:
-        out = jnp.zeros((batch_size, num_columns), out_dt)
+        out = jnp.zeros((batch_size, num_columns), out_dtype)
     lengths = (offsets[1:] - offsets[:-1]).reshape(num_kjt, batch_size)
     bad_total = jnp.int32(0)
     for group_idx in feature_rounds(features):
@@ -641,7 +573,7 @@ def _pooled_xla(
             group_idx,
             batch_size,
             num_kjt,
-            checked=bounds_check != "none",
+            checked=checks_ids(bounds_check),
         )
         # "none" reads clip(row, 0, R - 1), as the kernel does.
         vals = jnp.take(weights, rows, axis=0, mode="clip").astype(jnp.float32)
@@ -653,17 +585,17 @@ def _pooled_xla(
         pooled = jax.ops.segment_sum(vals, slot * batch_size + b, num_segments=(n + 1) * batch_size)
         pooled = pooled[: n * batch_size].reshape(n, batch_size, dim)
         if pooling == "mean":
-            kjts = np.array([features[g][0] for g in group_idx])
-            pooled = mean_of_sums(pooled, jnp.maximum(lengths[kjts], 1)[:, :, None], out_dt)
-        pooled = pooled.astype(out_dt)
-        cols = [features[g][3] for g in group_idx]
+            kjts = np.array([features[g].kjt_index for g in group_idx])
+            pooled = mean_of_sums(pooled, jnp.maximum(lengths[kjts], 1)[:, :, None], out_dtype)
+        pooled = pooled.astype(out_dtype)
+        cols = [features[g].col_offset for g in group_idx]
         if cols == [cols[0] + k * dim for k in range(n)]:  # contiguous: one transposed write
             block = pooled.transpose(1, 0, 2).reshape(batch_size, n * dim)
             out = jax.lax.dynamic_update_slice(out, block, (0, cols[0]))
         else:
             for k, c in enumerate(cols):
                 out = jax.lax.dynamic_update_slice(out, pooled[k], (0, c))
-        if bounds_check in ("fatal", "warning"):
+        if counts_bad_ids(bounds_check):
             bad_total = bad_total + jnp.sum(bad.astype(jnp.int32))
     return out, bad_total
 
@@ -673,12 +605,12 @@ def pooled_lookup_reference(
     ids: jax.Array,
     offsets: jax.Array,
     per_sample_weights: jax.Array | None,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     num_columns: int,
     pooling: str = "sum",
-    bounds_check: str = "warning",
+    bounds_check: BoundsCheck = "warning",
     out: jax.Array | None = None,
     out_dtype=None,
     fill_uncovered: bool = True,
@@ -689,18 +621,17 @@ def pooled_lookup_reference(
     clamped stacked row of a bad id, as the kernel does. Uncovered columns of a fresh output are always zeros here (XLA has no
     unwritten buffers), so ``fill_uncovered`` only keeps the signatures alike.
     """
-    validate_group(weights, ids, offsets, per_sample_weights, features, batch_size, bounds_check)
-    out_dt = _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size)
-    return _pooled_xla(
+    static = _static_arguments(
         weights,
         ids,
         offsets,
         per_sample_weights,
+        features,
         out,
-        features=features,
+        out_dtype=out_dtype,
         batch_size=batch_size,
         num_columns=num_columns,
         pooling=pooling,
         bounds_check=bounds_check,
-        out_dt=out_dt,
     )
+    return _pooled_xla(weights, ids, offsets, per_sample_weights, out, **static)

@@ -58,15 +58,23 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ._pallas_compat import (
     compiler_params,
     float_dtype,
     masked_load,
+    masked_store,
     next_power_of_2,
 )
-from .pooled_lookup import feature_rounds, position_bags, validate_group
+from .layout import (
+    FeatureLayout,
+    Pooling,
+    check_columns,
+    feature_layouts,
+    feature_rounds,
+    position_bags,
+    validate_group,
+)
 from .stochastic_rounding import seed_for_step, stochastic_round
 
 __all__ = [
@@ -79,8 +87,7 @@ __all__ = [
     "sparse_row_gradients",
 ]
 
-Feature = tuple[int, int, int, int]
-POOLINGS = ("sum", "mean", "none")
+POOLINGS: tuple[Pooling, ...] = ("sum", "mean", "none")
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ def default_update_config(dim: int) -> SparseUpdateConfig:
 def _check_args(
     grad_out, ids, offsets, per_sample_weights, features, batch_size, dim, num_rows, pooling
 ):
-    """Static checks shared by every entry point (ValueError naming the bad argument)."""
+    """Static checks shared by every entry point (ValueError naming the bad argument);
+    returns ``features`` as :class:`FeatureLayout` values."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if not isinstance(dim, int) or dim < 1:
@@ -149,7 +157,7 @@ def _check_args(
             raise ValueError(
                 f"sequence grad_out must have shape {(ids.shape[0], dim)}, got {grad_out.shape}"
             )
-        kjts = [feat[0] for feat in features]
+        kjts = [feat.kjt_index for feat in feature_layouts(features)]
         if len(set(kjts)) != len(kjts):
             raise ValueError(
                 f"sequence pooling: a KJT feature is listed twice in features={features}"
@@ -159,12 +167,9 @@ def _check_args(
             raise ValueError(
                 f"pooled grad_out must have {batch_size} rows (batch_size), got {grad_out.shape}"
             )
-        for feat in features:
-            if feat[3] + dim > grad_out.shape[1]:
-                raise ValueError(
-                    f"feature {feat}: columns [{feat[3]}, {feat[3] + dim}) exceed the "
-                    f"{grad_out.shape[1]} columns of grad_out"
-                )
+        num_columns = grad_out.shape[1]
+        check_columns(features, dim, num_columns, f"the {num_columns} columns of grad_out")
+    return feature_layouts(features)
 
 
 def _check_table(weights, state, dim, optimizer):
@@ -218,6 +223,7 @@ class _Segments(NamedTuple):
 
 
 def _occurrences(ids, offsets, per_sample_weights, features, batch_size, num_rows, pooling):
+    features = feature_layouts(features)
     n = ids.shape[0]
     num_kjt = (offsets.shape[0] - 1) // batch_size
     bags, live = position_bags(offsets, n)
@@ -237,8 +243,8 @@ def _occurrences(ids, offsets, per_sample_weights, features, batch_size, num_row
     for group_idx in feature_rounds(features):
         table = np.zeros((num_kjt, 3), np.int32)  # (row_offset, num_rows, col_offset); 0 rows
         for g in group_idx:
-            kjt_index, row_offset, rows_in_table, col_offset = features[g]
-            table[kjt_index] = (row_offset, rows_in_table, col_offset)
+            feat = features[g]
+            table[feat.kjt_index] = (feat.row_offset, feat.num_rows, feat.col_offset)
         entry = jnp.asarray(table)[kjt]
         valid = live & (ids >= 0) & (ids < entry[:, 1])
         parts.append(
@@ -313,7 +319,7 @@ def sparse_row_gradients(
     ids: jax.Array,
     offsets: jax.Array,
     per_sample_weights: jax.Array | None,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     dim: int,
@@ -336,7 +342,7 @@ def sparse_row_gradients(
     >>> rows.tolist(), grads.tolist()
     ([1, 4], [[2.5, 2.5], [0.0, 0.0]])
     """
-    _check_args(
+    features = _check_args(
         grad_out, ids, offsets, per_sample_weights, features, batch_size, dim, num_rows, pooling
     )
     return _row_gradients(
@@ -459,6 +465,59 @@ def fused_update_from_row_gradients(
     return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)
 
 
+def _checked_update(
+    implementation,
+    weights,
+    state,
+    step,
+    grad_out,
+    ids,
+    offsets,
+    per_sample_weights,
+    features,
+    *,
+    batch_size,
+    dim,
+    pooling,
+    optimizer,
+    return_nonfinite,
+    **options,
+):
+    """Check the arguments both entry points share, then run ``implementation``
+    (:func:`_update_xla` or :func:`_update_pallas`, with its ``options``)."""
+    features = _check_args(
+        grad_out,
+        ids,
+        offsets,
+        per_sample_weights,
+        features,
+        batch_size,
+        dim,
+        weights.shape[0],
+        pooling,
+    )
+    _check_table(weights, state, dim, optimizer)
+    if ids.shape[0] == 0:  # no ids touch no rows (the kernel needs one addressable id)
+        new_w, new_s, nonfinite = weights, dict(state), jnp.zeros((), jnp.int32)
+    else:
+        new_w, new_s, nonfinite = implementation(
+            weights,
+            dict(state),
+            step,
+            grad_out,
+            ids,
+            offsets,
+            per_sample_weights,
+            features=features,
+            batch_size=batch_size,
+            dim=dim,
+            pooling=pooling,
+            optimizer=optimizer,
+            **options,
+        )
+    return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)
+
+
 def fused_sparse_update_reference(
     weights: jax.Array,
     state: dict[str, jax.Array],
@@ -467,7 +526,7 @@ def fused_sparse_update_reference(
     ids: jax.Array,
     offsets: jax.Array,
     per_sample_weights: jax.Array | None,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     dim: int,
@@ -497,33 +556,22 @@ def fused_sparse_update_reference(
     >>> new_w.tolist()
     [[0.0, 0.0], [-1.0, -1.0], [-0.5, -0.5]]
     """
-    _check_args(
-        grad_out,
-        ids,
-        offsets,
-        per_sample_weights,
-        features,
-        batch_size,
-        dim,
-        weights.shape[0],
-        pooling,
-    )
-    _check_table(weights, state, dim, optimizer)
-    new_w, new_s, nonfinite = _update_xla(
+    return _checked_update(
+        _update_xla,
         weights,
-        dict(state),
+        state,
         step,
         grad_out,
         ids,
         offsets,
         per_sample_weights,
-        features=features,
+        features,
         batch_size=batch_size,
         dim=dim,
         pooling=pooling,
         optimizer=optimizer,
+        return_nonfinite=return_nonfinite,
     )
-    return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)
 
 
 # --------------------------------------------------------------------------- Pallas kernel
@@ -558,13 +606,11 @@ def _trace_update(optimizer, names, rowwise, block_rows, dim_pad, dim, step):
 
 
 def _table_load(view, mask, evict_first):
-    return plgpu.load(
-        view, mask=mask, other=0, eviction_policy="evict_first" if evict_first else None
-    )
+    return masked_load(view, mask, 0, eviction_policy="evict_first" if evict_first else None)
 
 
 def _table_store(view, value, mask, evict_first):
-    plgpu.store(view, value, mask=mask, eviction_policy="evict_first" if evict_first else None)
+    masked_store(view, value, mask, eviction_policy="evict_first" if evict_first else None)
 
 
 def _update_kernel(
@@ -758,7 +804,7 @@ def fused_sparse_update(
     ids: jax.Array,
     offsets: jax.Array,
     per_sample_weights: jax.Array | None,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     dim: int,
@@ -786,37 +832,23 @@ def fused_sparse_update(
     >>> new_w.tolist()
     [[0.0, 0.0], [-1.0, -1.0], [-0.5, -0.5]]
     """
-    _check_args(
-        grad_out,
-        ids,
-        offsets,
-        per_sample_weights,
-        features,
-        batch_size,
-        dim,
-        weights.shape[0],
-        pooling,
-    )
-    _check_table(weights, state, dim, optimizer)
     if config is None:
         config = default_update_config(dim)
-    if ids.shape[0] == 0:
-        nothing = jnp.zeros((), jnp.int32)
-        return (weights, dict(state), nothing) if return_nonfinite else (weights, dict(state))
-    new_w, new_s, nonfinite = _update_pallas(
+    return _checked_update(
+        _update_pallas,
         weights,
-        dict(state),
+        state,
         step,
         grad_out,
         ids,
         offsets,
         per_sample_weights,
-        features=features,
+        features,
         batch_size=batch_size,
         dim=dim,
         pooling=pooling,
         optimizer=optimizer,
+        return_nonfinite=return_nonfinite,
         interpret=interpret,
         config=config,
     )
-    return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)

@@ -44,14 +44,16 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from ._pallas_compat import compiler_params, float_dtype, masked_load, masked_store, next_power_of_2
-from .pooled_lookup import (
-    POOLING_MODES,
-    Feature,
+from .layout import (
+    FeatureLayout,
+    check_columns,
+    feature_layouts,
     feature_rounds,
     lookup_rows,
     position_bags,
     validate_group,
 )
+from .pooled_lookup import POOLING_MODES
 
 __all__ = [
     "WeightGradientConfig",
@@ -94,7 +96,9 @@ def default_weight_gradient_config(dim: int) -> WeightGradientConfig:
     return WeightGradientConfig(block_ids=max(1, min(256, 4096 // next_power_of_2(dim))))
 
 
-def _check_args(weights, ids, offsets, grad_out, features, batch_size, pooling, out):
+def _static_arguments(weights, ids, offsets, grad_out, features, batch_size, pooling, out):
+    """Check the arguments both entry points share; returns the static arguments of the
+    jitted implementations (``features`` as :class:`FeatureLayout` values)."""
     validate_group(weights, ids, offsets, None, features, batch_size, "warning")
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
@@ -103,28 +107,25 @@ def _check_args(weights, ids, offsets, grad_out, features, batch_size, pooling, 
             f"grad_out must be [batch_size={batch_size}, num_columns], got {grad_out.shape}"
         )
     float_dtype(grad_out.dtype)
-    dim = weights.shape[1]
-    for feat in features:
-        if feat[3] + dim > grad_out.shape[1]:
-            raise ValueError(
-                f"feature {feat}: columns [{feat[3]}, {feat[3] + dim}) exceed the "
-                f"{grad_out.shape[1]} columns of grad_out"
-            )
+    num_columns = grad_out.shape[1]
+    check_columns(features, weights.shape[1], num_columns, f"the {num_columns} columns of grad_out")
     if out is not None and (out.shape != ids.shape or out.dtype != jnp.float32):
         raise ValueError(
             f"out must be float32 with shape {ids.shape}, got {out.dtype} {tuple(out.shape)}"
         )
+    return {"features": feature_layouts(features), "batch_size": batch_size, "pooling": pooling}
 
 
-def _round_tables(features: tuple[Feature, ...], num_kjt: int) -> np.ndarray:
+def _round_tables(features: tuple[FeatureLayout, ...], num_kjt: int) -> np.ndarray:
     """``[rounds, num_kjt, 4]`` int32: per round, per KJT feature, (listed, row_offset,
     num_rows, col_offset); a round lists every KJT feature at most once."""
+    features = feature_layouts(features)
     rounds = feature_rounds(features)
     table = np.zeros((len(rounds), num_kjt, 4), np.int32)
     for r, group_idx in enumerate(rounds):
         for g in group_idx:
-            kjt, row_offset, num_rows, col = features[g]
-            table[r, kjt] = (1, row_offset, num_rows, col)
+            feat = features[g]
+            table[r, feat.kjt_index] = (1, feat.row_offset, feat.num_rows, feat.col_offset)
     return table
 
 
@@ -229,7 +230,7 @@ def weight_gradient(
     ids: jax.Array,
     offsets: jax.Array,
     grad_out: jax.Array,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     pooling: str = "sum",
@@ -250,20 +251,11 @@ def weight_gradient(
     ...                 interpret=True).tolist()
     [1.5, 1.5, 0.0, 0.0]
     """
-    _check_args(weights, ids, offsets, grad_out, features, batch_size, pooling, out)
+    static = _static_arguments(weights, ids, offsets, grad_out, features, batch_size, pooling, out)
     if config is None:
         config = default_weight_gradient_config(weights.shape[1])
     return _weight_gradient_pallas(
-        weights,
-        ids,
-        offsets,
-        grad_out,
-        out,
-        features=features,
-        batch_size=batch_size,
-        pooling=pooling,
-        interpret=interpret,
-        config=config,
+        weights, ids, offsets, grad_out, out, interpret=interpret, config=config, **static
     )
 
 
@@ -272,6 +264,7 @@ def weight_gradient(
 
 @functools.partial(jax.jit, static_argnames=("features", "batch_size", "pooling"))
 def _weight_gradient_xla(weights, ids, offsets, grad_out, out, *, features, batch_size, pooling):
+    features = feature_layouts(features)
     dim = weights.shape[1]
     num_kjt = (offsets.shape[0] - 1) // batch_size
     bags, live = position_bags(offsets, ids.shape[0])
@@ -281,7 +274,7 @@ def _weight_gradient_xla(weights, ids, offsets, grad_out, out, *, features, batc
         rows, valid, _, slot, b = lookup_rows(
             ids, bags, live, features, group_idx, batch_size, num_kjt, checked=True
         )
-        col = jnp.asarray([features[g][3] for g in group_idx] + [0], jnp.int32)[slot]
+        col = jnp.asarray([features[g].col_offset for g in group_idx] + [0], jnp.int32)[slot]
         vals = jnp.take(weights, rows, axis=0).astype(jnp.float32)
         grads = grad_out[b[:, None], col[:, None] + jnp.arange(dim)].astype(jnp.float32)
         dots = jnp.where(valid, jnp.sum(vals * grads, axis=1), 0.0)
@@ -296,7 +289,7 @@ def weight_gradient_reference(
     ids: jax.Array,
     offsets: jax.Array,
     grad_out: jax.Array,
-    features: tuple[Feature, ...],
+    features: tuple[FeatureLayout, ...],
     *,
     batch_size: int,
     pooling: str = "sum",
@@ -304,14 +297,5 @@ def weight_gradient_reference(
 ) -> jax.Array:
     """Pure-XLA weight gradient (gathers and a row-wise dot), same contract as
     :func:`weight_gradient`: the backend for CPU/TPU and the kernel's oracle."""
-    _check_args(weights, ids, offsets, grad_out, features, batch_size, pooling, out)
-    return _weight_gradient_xla(
-        weights,
-        ids,
-        offsets,
-        grad_out,
-        out,
-        features=features,
-        batch_size=batch_size,
-        pooling=pooling,
-    )
+    static = _static_arguments(weights, ids, offsets, grad_out, features, batch_size, pooling, out)
+    return _weight_gradient_xla(weights, ids, offsets, grad_out, out, **static)
