@@ -10,6 +10,13 @@ and bias). Every row read is dequantized in the kernel, ``scale * q + bias`` in 
 and pooled in float32: a table of ``dim`` values reads ``row_bytes(dim, weight_type)``
 bytes a row instead of ``4 * dim``.
 
+The kernel reads the table in bytes, or in 2- or 4-byte words where byte offsets would
+overflow the 32-bit offsets of JAX's Triton lowering (:func:`kernel_word_bytes`); the
+float16 scale and bias are decoded with integer operations
+(:func:`~jaxrec_kernels.rowwise_quantization.float16_bits_to_float32`). A position that
+reads no row (a bad id, padding, a lane past a bag's end) adds an exact zero (a select,
+not a product with a zero mask), so no byte it was pointed at can turn the sum into NaN.
+
 The product and the bias may be rounded once (an FMA, as the GPU contracts it and as
 FBGEMM's dequantization does) or twice (XLA on the CPU, interpret mode): the results of
 the kernel, the reference and a lookup of the dequantized table agree to float32 rounding.
@@ -48,10 +55,19 @@ from .pooled_lookup import (
     position_bags,
     validate_group,
 )
-from .rowwise_quantization import BITS, packed_dim, row_bytes, row_scale_bias, unpack_values
+from .rowwise_quantization import (
+    BITS,
+    float16_bits_to_float32,
+    packed_dim,
+    row_bytes,
+    row_scale_bias,
+    unpack_values,
+)
 
 __all__ = [
     "default_quantized_config",
+    "kernel_table",
+    "kernel_word_bytes",
     "quantized_pooled_lookup",
     "quantized_pooled_lookup_reference",
 ]
@@ -97,15 +113,77 @@ def _check_quantized_args(qweights, dim, weight_type, config=None) -> jax.ShapeD
 # --------------------------------------------------------------------------- Pallas kernel
 
 
-def _load_bytes_as(qweights_ref, rows, first: int, nbytes: int, valid, dtype):
-    """The little-endian ``dtype`` stored at bytes ``[first, first + nbytes)`` of each row."""
-    word = jnp.zeros(rows.shape, jnp.uint32)
-    for k in range(nbytes):
-        byte = masked_load(qweights_ref.at[rows, first + k], valid, 0).astype(jnp.uint32)
-        word = word | (byte << np.uint32(8 * k))
-    if nbytes == 2:
-        word = word.astype(jnp.uint16)
-    return jax.lax.bitcast_convert_type(word, dtype).astype(jnp.float32)
+#: JAX's Triton lowering addresses an operand with 32-bit signed element offsets unless it
+#: holds more than 2**32 bytes, so a byte-element table of 2**31 to 2**32 bytes would wrap
+#: past 2**31 and read before the buffer (the cause of NaN from the INT4 "large" table).
+_OFFSETS_32_BIT = (2**31, 2**32)
+_WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def kernel_word_bytes(num_rows: int, width: int) -> int:
+    """Bytes per element the kernel reads a ``[num_rows, width]`` uint8 table in.
+
+    1 (bytes) unless the table holds ``2**31`` to ``2**32`` bytes, where byte offsets
+    would overflow the 32-bit signed offsets JAX's Triton lowering uses up to ``2**32``
+    bytes; those tables are read as 4-byte words (fewer elements; rows padded to a
+    multiple of 4 bytes if needed, which copies the table), 2-byte words when the rows
+    have an even width that is not a multiple of 4.
+
+    >>> kernel_word_bytes(1 << 25, 68)     # INT4, 32 tables x 1M rows x 128: 2.3 GB
+    4
+    >>> kernel_word_bytes(1 << 25, 136), kernel_word_bytes(1000, 68)
+    (1, 1)
+    """
+    low, high = _OFFSETS_32_BIT
+    if not low <= num_rows * width <= high:
+        return 1
+    return 2 if width % 4 == 2 else 4
+
+
+def kernel_table(qweights: jax.Array, word_bytes: int) -> jax.Array:
+    """``qweights [R, W] uint8`` as ``[R, ceil(W / word_bytes)]`` little-endian words
+    (``uint8``, ``uint16`` or ``uint32``); rows are zero-padded to whole words.
+
+    >>> kernel_table(jnp.arange(6, dtype=jnp.uint8).reshape(2, 3), 2).tolist()
+    [[256, 2], [1027, 5]]
+    """
+    if word_bytes not in _WORD_DTYPES:
+        raise ValueError(f"word_bytes must be 1, 2 or 4, got {word_bytes!r}")
+    if word_bytes == 1:
+        return qweights
+    rows, width = qweights.shape
+    pad = -width % word_bytes
+    if pad:
+        qweights = jnp.pad(qweights, ((0, 0), (0, pad)))
+    words = qweights.reshape(rows, -1, word_bytes)
+    return jax.lax.bitcast_convert_type(words, _WORD_DTYPES[word_bytes])
+
+
+def _load_field(table_ref, rows, first: int, nbytes: int, valid, word_bytes: int):
+    """The ``nbytes`` (2 or 4) little-endian bytes at byte ``first`` of each row, as uint32.
+
+    Each table element the field overlaps is loaded once (a padded row's field may
+    straddle two). Lanes where ``valid`` is false read nothing and give 0."""
+    out = None
+    for word in range(first // word_bytes, (first + nbytes - 1) // word_bytes + 1):
+        lo = max(first, word * word_bytes)  # the field's bytes in this element
+        hi = min(first + nbytes, (word + 1) * word_bytes)
+        part = masked_load(table_ref.at[rows, word], valid, 0).astype(jnp.uint32)
+        if lo > word * word_bytes:
+            part = part >> np.uint32(8 * (lo - word * word_bytes))
+        if hi - lo < 4:
+            part = part & np.uint32((1 << (8 * (hi - lo))) - 1)
+        if lo > first:
+            part = part << np.uint32(8 * (lo - first))
+        out = part if out is None else out | part
+    return out
+
+
+def _field_as_float(bits, nbytes: int):
+    """A float32 (``nbytes == 4``) or float16 (``2``) field's bits as float32 values."""
+    if nbytes == 4:
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return float16_bits_to_float32(bits)
 
 
 def _quantized_kernel(
@@ -133,9 +211,10 @@ def _quantized_kernel(
     block_bags, block_len = config.block_bags, config.block_len
     dim_pad = next_power_of_2(dim)
     bits = BITS[weight_type]
-    per_byte = 8 // bits
+    word_bytes = jnp.dtype(qweights_ref.dtype).itemsize
+    per_word = 8 * word_bytes // bits  # values per table element
     sb_first = packed_dim(dim, weight_type)
-    sb_bytes, sb_dtype = (4, jnp.float32) if bits == 8 else (2, jnp.float16)
+    sb_bytes = 4 if bits == 8 else 2
 
     g = pl.program_id(0)
     blk = pl.program_id(1)
@@ -152,8 +231,8 @@ def _quantized_kernel(
     length = end - start
     cols = jnp.arange(dim_pad, dtype=jnp.int32)
     col_ok = cols < dim
-    byte_of_col = cols // per_byte
-    shift = ((cols % per_byte) * bits).astype(jnp.uint32)
+    word_of_col = cols // per_word
+    shift = ((cols % per_word) * bits).astype(jnp.uint32)
     mask = np.uint32((1 << bits) - 1)
     step_j = jnp.arange(block_len, dtype=jnp.int32)
 
@@ -172,19 +251,23 @@ def _quantized_kernel(
         else:
             valid = active
             rows = jnp.clip(row_offset + idx, 0, qweights_ref.shape[0] - 1)
+        lanes = valid[..., None] & col_ok[None, None, :]
         packed = masked_load(
-            qweights_ref.at[rows[..., None], byte_of_col[None, None, :]],
-            valid[..., None] & col_ok[None, None, :],
+            qweights_ref.at[rows[..., None], word_of_col[None, None, :]],
+            lanes,
             0,
             eviction_policy=config.eviction_policy,
         ).astype(jnp.uint32)
         values = ((packed >> shift) & mask).astype(jnp.float32)
-        scale = _load_bytes_as(qweights_ref, rows, sb_first, sb_bytes, valid, sb_dtype)
-        bias = _load_bytes_as(qweights_ref, rows, sb_first + sb_bytes, sb_bytes, valid, sb_dtype)
+        sb = functools.partial(_load_field, qweights_ref, rows, valid=valid, word_bytes=word_bytes)
+        scale = _field_as_float(sb(sb_first, sb_bytes), sb_bytes)
+        bias = _field_as_float(sb(sb_first + sb_bytes, sb_bytes), sb_bytes)
         if psw_ref is not None:
             psw = masked_load(psw_ref.at[pos], valid, 0).astype(jnp.float32)
             scale, bias = scale * psw, bias * psw
         vals = values * scale[..., None] + bias[..., None]
+        # Lanes that read nothing add an exact zero, whatever their (zero) loads multiply.
+        vals = jnp.where(lanes, vals, 0.0)
         return acc + jnp.sum(vals, axis=1), bad + nbad
 
     num_steps = (jnp.max(length) + (block_len - 1)) // block_len
@@ -214,6 +297,7 @@ def _quantized_kernel(
         "interpret",
         "config",
         "fill_uncovered",
+        "word_bytes",
     ),
 )
 def _quantized_pallas(
@@ -234,6 +318,7 @@ def _quantized_pallas(
     interpret,
     config,
     fill_uncovered,
+    word_bytes,
 ):
     num_blocks = pl.cdiv(batch_size, config.block_bags)
     meta = jnp.asarray(np.asarray(features, np.int32).reshape(len(features), 4))
@@ -241,7 +326,7 @@ def _quantized_pallas(
     if out is None and fill_uncovered and not covers_all_columns(features, dim, num_columns):
         out = jnp.zeros((batch_size, num_columns), out_dtype)
     aliased = out is not None
-    inputs = [meta, offsets, ids, qweights]
+    inputs = [meta, offsets, ids, kernel_table(qweights, word_bytes)]
     if weighted:
         inputs.append(per_sample_weights)
     if aliased:
@@ -292,13 +377,16 @@ def quantized_pooled_lookup(
     interpret: bool = False,
     config: PooledConfig | None = None,
     fill_uncovered: bool = True,
+    word_bytes: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pooled lookup of one quantized stacked group with the Pallas (Triton) kernel.
 
     ``qweights [R, row_bytes(dim, weight_type)] uint8``; the rest as
     :func:`jaxrec_kernels.pooled_lookup` (``out_dtype`` defaults to float32). Returns
     ``(out [batch_size, num_columns], bad_id_count)``. ``config`` must use the "bags"
-    strategy (default :func:`default_quantized_config`).
+    strategy (default :func:`default_quantized_config`). ``word_bytes`` (1, 2 or 4) is
+    the element the kernel reads the table in (default :func:`kernel_word_bytes`); every
+    choice gives the same result.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec_kernels.rowwise_quantization import quantize_rows
@@ -314,6 +402,10 @@ def quantized_pooled_lookup(
     out_dt = _check_pooled_args(view, features, num_columns, pooling, out, out_dtype, batch_size)
     if config is None:
         config = default_quantized_config(dim, weight_type)
+    if word_bytes is None:
+        word_bytes = kernel_word_bytes(*qweights.shape)
+    elif word_bytes not in _WORD_DTYPES:
+        raise ValueError(f"word_bytes must be 1, 2 or 4, got {word_bytes!r}")
     if ids.shape[0] == 0:
         # As pooled_lookup: one never-read padding id and all-empty bags.
         ids = jnp.zeros((1,), jnp.int32)
@@ -337,6 +429,7 @@ def quantized_pooled_lookup(
         interpret=interpret,
         config=config,
         fill_uncovered=bool(fill_uncovered),
+        word_bytes=word_bytes,
     )
 
 
@@ -391,10 +484,11 @@ def _quantized_xla(
         )
         qrows = jnp.take(qweights, rows, axis=0, mode="clip")  # "none": the clamped row
         vals = _dequantize_gathered(qrows, weight_type, dim)
-        scale = valid.astype(jnp.float32)
         if per_sample_weights is not None:
-            scale = scale * per_sample_weights.astype(jnp.float32)
-        vals = vals * scale[:, None]
+            vals = vals * per_sample_weights.astype(jnp.float32)[:, None]
+        # Positions that read no row add an exact zero: a select, not a product with 0,
+        # so a row they were pointed at (row 0, whatever its bytes) cannot leak a NaN.
+        vals = jnp.where(valid[:, None], vals, 0.0)
         n = len(group_idx)
         pooled = jax.ops.segment_sum(vals, slot * batch_size + b, num_segments=(n + 1) * batch_size)
         pooled = pooled[: n * batch_size].reshape(n, batch_size, dim)

@@ -44,6 +44,7 @@ __all__ = [
     "dequantize_8bit_rowwise",
     "dequantize_nbit_rowwise",
     "dequantize_rows",
+    "float16_bits_to_float32",
     "packed_dim",
     "quantize_8bit_rowwise",
     "quantize_nbit_rowwise",
@@ -157,6 +158,30 @@ def fused_multiply_add(q: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.A
     odd = jax.lax.bitcast_convert_type(bits + jnp.where(away, 1, -1), jnp.float32)
     v = jnp.where(inexact_even, odd, v)
     return th + v
+
+
+def float16_bits_to_float32(bits: jax.Array) -> jax.Array:
+    """IEEE half-precision bit patterns (the low 16 bits of ``uint32``) as float32 values.
+
+    Integer operations and one ``uint32 -> float32`` bitcast, so it lowers the same way in
+    XLA and in a Triton kernel (no 16-bit float bitcast): normal values rebias the exponent,
+    subnormals are ``mantissa * 2**-24`` (exact), infinities and NaNs keep their payload.
+
+    >>> h = jnp.array([0x3C00, 0xC000, 0x0001, 0x7C00, 0x8000], jnp.uint32)
+    >>> float16_bits_to_float32(h).tolist()
+    [1.0, -2.0, 5.960464477539063e-08, inf, -0.0]
+    """
+    h = bits.astype(jnp.uint32) & np.uint32(0xFFFF)
+    sign = (h >> np.uint32(15)) << np.uint32(31)
+    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mantissa = h & np.uint32(0x3FF)
+    normal = sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
+    special = sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))  # inf and NaN
+    wide = jnp.where(exponent == np.uint32(31), special, normal)
+    value = jax.lax.bitcast_convert_type(wide, jnp.float32)
+    tiny = mantissa.astype(jnp.float32) * np.float32(2.0**-24)  # subnormals and zeros
+    tiny = jnp.where(sign != np.uint32(0), -tiny, tiny)
+    return jnp.where(exponent == np.uint32(0), tiny, value)
 
 
 def _bytes_of(values: jax.Array, dtype) -> jax.Array:

@@ -1,11 +1,14 @@
 """Quantized pooled lookup: the Pallas kernel (interpret mode), its XLA reference, a float32
 lookup of the dequantized table, and FBGEMM's CPU int-nbit TBE, on fresh random inputs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jaxrec_kernels.pooled_lookup import PooledConfig
 from jaxrec_kernels.quantized_lookup import (
+    kernel_table,
+    kernel_word_bytes,
     quantized_pooled_lookup,
     quantized_pooled_lookup_reference,
 )
@@ -217,3 +220,103 @@ def test_matches_fbgemm_int_nbit_tbe_on_the_cpu(weight_type, sparse_type, poolin
 def test_row_bytes_are_fbgemms():
     assert quantized_table(0, 3, 128, "int8").shape == (3, row_bytes(128, "int8")) == (3, 136)
     assert quantized_table(0, 3, 128, "int4").shape == (3, 68)
+
+
+# Rows no valid id reads, padding bits of a row's last byte, and the weights of positions
+# that read nothing hold bytes that decode to NaN/inf: outputs must stay finite and equal
+# the float oracle (a lane that reads nothing adds an exact zero, never 0 * NaN).
+_POISON_FIELDS = {
+    "int8": bytes([0x00, 0x00, 0xC0, 0x7F, 0x00, 0x00, 0x80, 0x7F]),  # float32 NaN, inf
+    "int4": bytes([0x00, 0x7E, 0x00, 0xFC]),  # float16 NaN, -inf
+    "int2": bytes([0xFF, 0x7F, 0x00, 0x7C]),  # float16 NaN, inf
+}
+
+
+def poisoned_table(weight_type, dim, rows, used):
+    """A quantized table whose rows outside ``used`` decode to NaN/inf and whose packed
+    padding bits (past ``dim``) are all ones."""
+    q = np.array(quantized_table(dim, rows, dim, weight_type))
+    tail = _POISON_FIELDS[weight_type]
+    unused = np.setdiff1d(np.arange(rows), used)
+    q[unused, : -len(tail)] = 0xFF
+    q[unused, -len(tail) :] = np.frombuffer(tail, np.uint8)
+    per_byte = 8 // {"int8": 8, "int4": 4, "int2": 2}[weight_type]
+    spare = -dim % per_byte  # values in the last packed byte past dim
+    if spare:
+        last = q.shape[1] - len(tail) - 1
+        q[:, last] |= np.uint8((0xFF << (8 - 8 * spare // per_byte)) & 0xFF)
+    return jnp.asarray(q)
+
+
+@pytest.mark.parametrize(
+    "weight_type,dim,word_bytes", [("int8", 5, 4), ("int4", 7, 2), ("int2", 18, None)]
+)
+def test_unread_rows_padding_and_masked_lanes_never_leak_nan(weight_type, dim, word_bytes):
+    rng = np.random.default_rng(7)
+    batch = 2
+    feats = ((0, 2, 5, 0), (1, 9, 4, dim))  # rows 0-1, 7-8 and 13-15 belong to no feature
+    used = np.r_[2:7, 9:13]
+    q = poisoned_table(weight_type, dim, 16, used)
+    ids, offsets = random_kjt(rng, 2, batch, 6, 4, bad_frac=0.3)  # bad ids: row 0 if read
+    psw = rng.normal(size=ids.shape).astype(np.float32)
+    n = int(offsets[-1])
+    bad = (ids[:n] < 0) | (ids[:n] >= np.repeat([5, 4], np.diff(offsets).reshape(2, -1).sum(1)))
+    psw[:n][bad] = np.nan  # weights of bad ids and of the padding are never read
+    psw[n:] = np.inf
+    assert bad.any()
+    kw = dict(batch_size=batch, num_columns=2 * dim, dim=dim, weight_type=weight_type)
+    args = (jnp.asarray(ids), jnp.asarray(offsets), jnp.asarray(psw), feats)
+    table = np.asarray(dequantize_rows(q, weight_type, dim))
+    assert np.isnan(table[0]).all() and np.isfinite(table[used]).all()
+    for pooling in ("sum", "mean"):
+        dense, dense_bad = numpy_pooled(table, ids, offsets, psw, feats, batch, 2 * dim, pooling)
+        ref, ref_bad = quantized_pooled_lookup_reference(q, *args, pooling=pooling, **kw)
+        got, got_bad = quantized_pooled_lookup(
+            q, *args, pooling=pooling, interpret=True, word_bytes=word_bytes, **kw
+        )
+        atol = 4e-7 * float(np.max(np.abs(table[used]))) * 8
+        for out in (ref, got):
+            assert np.isfinite(np.asarray(out)).all()
+            np.testing.assert_allclose(out, dense, rtol=0, atol=atol)
+        assert int(ref_bad) == int(got_bad) == dense_bad > 0
+
+
+def test_every_word_view_reads_the_same_bits():
+    rng = np.random.default_rng(5)
+    dim, batch = 5, 2  # int4 rows of 3 + 4 bytes: words of 2 and 4 bytes pad the rows
+    q = quantized_table(1, 6, dim, "int4")
+    ids, offsets = random_kjt(rng, 1, batch, 5, 6)
+    args = (q, jnp.asarray(ids), jnp.asarray(offsets), None, ((0, 0, 6, 0),))
+    kw = dict(dim=dim, weight_type="int4", batch_size=batch, num_columns=dim, interpret=True)
+    outs = [quantized_pooled_lookup(*args, word_bytes=w, **kw)[0] for w in (1, 2, 4)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    assert float(jnp.max(jnp.abs(outs[0]))) > 0
+    with pytest.raises(ValueError, match="word_bytes must be 1, 2 or 4, got 3"):
+        quantized_pooled_lookup(*args, word_bytes=3, **kw)
+
+
+@pytest.mark.parametrize("width", [68, 136, 36, 7, 14])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+@pytest.mark.parametrize("edge", [2**31, 2**32])
+def test_kernel_offsets_fit_32_bit_signed_where_the_lowering_uses_them(width, delta, edge):
+    # JAX's Triton lowering uses 32-bit signed element offsets for operands of at most
+    # 2**32 bytes: every element the kernel addresses there must be below 2**31.
+    rows = edge // width + delta
+    view = jax.eval_shape(
+        lambda q: kernel_table(q, kernel_word_bytes(rows, width)),
+        jax.ShapeDtypeStruct((rows, width), jnp.uint8),
+    )
+    nbytes = view.shape[0] * view.shape[1] * view.dtype.itemsize
+    assert view.shape[0] == rows and nbytes >= rows * width
+    if nbytes <= 2**32:
+        assert view.shape[0] * view.shape[1] <= 2**31
+    if rows * width < 2**31 or rows * width > 2**32:
+        assert view.dtype == jnp.uint8  # bytes, as before, outside the 32-bit range
+
+
+def test_the_large_int4_table_is_read_in_words():
+    rows = 32 << 20  # the GPU check's "large": 32 tables x 1M rows x 128, 68 bytes a row
+    assert kernel_word_bytes(rows, row_bytes(128, "int4")) == 4
+    view = jax.eval_shape(lambda q: kernel_table(q, 4), jax.ShapeDtypeStruct((rows, 68), jnp.uint8))
+    assert (view.shape, view.dtype) == ((rows, 17), jnp.uint32)

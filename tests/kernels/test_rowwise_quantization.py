@@ -7,6 +7,7 @@ from jaxrec_kernels.rowwise_quantization import (
     dequantize_8bit_rowwise,
     dequantize_nbit_rowwise,
     dequantize_rows,
+    float16_bits_to_float32,
     fused_multiply_add,
     quantize_8bit_rowwise,
     quantize_nbit_rowwise,
@@ -107,3 +108,12 @@ def test_constant_rows_come_back_exactly():
 def test_bad_arguments_are_refused_by_name(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_float16_bits_decode_as_numpy_for_every_pattern():
+    # The kernels decode float16 scales and biases with integer operations; every one of
+    # the 65536 patterns (subnormals, zeros, infinities, NaN payloads) must match bit for bit.
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    got = np.asarray(float16_bits_to_float32(jnp.asarray(bits)))
+    want = bits.astype(np.uint16).view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
