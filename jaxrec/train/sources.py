@@ -161,7 +161,8 @@ class CriteoSource(Source):
             candidate_features=tuple(names[13:]),
         )
         self._held_out = list(itertools.islice(iter(self.reader), config.eval_batches))
-        self.batches_per_pass = sum(1 for _ in self.reader) - len(self._held_out)
+        lines = sum(1 for _ in self.reader._lines())  # counted, not parsed
+        self.batches_per_pass = -(-lines // config.batch_size) - len(self._held_out)
         if self.batches_per_pass < 1:
             raise ValueError(
                 f"{config.data_path} holds {len(self._held_out)} batches of {config.batch_size}; "
