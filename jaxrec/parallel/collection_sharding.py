@@ -50,10 +50,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CollectionSharding:
-    """One collection's placement: its :class:`ShardedLayout` over mesh axis ``axis``."""
+    """One collection's placement: its :class:`ShardedLayout` over mesh axis ``axis``, and
+    the input all-to-all's ``ids_per_destination`` (None: the exact bound)."""
 
     layout: ShardedLayout
     axis: str
+    ids_per_destination: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ def sharded_collection_lookup(module: Any, features: Any, weights: jax.Array | N
         axis=sharding.axis,
         backend=module.backend,
         bounds_check=mode,
+        ids_per_destination=sharding.ids_per_destination,
     )
     out, bad = sharded_lookup(spec, params, features.values(), features.offsets(), weights)
     if module.output_dtype is not None:

@@ -6,11 +6,38 @@ owner's local row, and sorts the ids into one capacity-padded buffer per destina
 (:func:`route`). After ``jax.lax.all_to_all`` of lengths and ids, the owner packs the
 per-source buffers into one KJT whose features are (source device, slot) pairs
 (:func:`compact`). Everything static (which shard holds what) is numpy, computed once.
+
+**Capacities.** ``all_to_all`` moves equal static buffers, one per destination. The exact
+bound on what one source sends one destination is the local capacity times the most
+shards of one table on a device (:func:`send_capacity`): every id of the batch could
+belong to a feature that destination owns. It never drops an id, and it moves (and makes
+the owner look up) ``N`` times the local capacity, mostly padding. A KJT carries one
+capacity for all its features, not one per feature, so nothing tighter is exact. The
+tighter choice is the user's: ``ids_per_destination`` (the ids one source may send one
+destination per step), e.g. :func:`destination_capacity` from the expected ids per bag of
+each feature (what the planner's pooling factors say) with headroom. Ids past it are
+dropped from their bags (the bag keeps the ids that fit) and counted with the bad ids: a
+WARNING lookup reports them, a FATAL one raises. The send buffers then hold what the
+destinations receive, not capacity x shards.
+
+>>> from jaxrec.configs import EmbeddingBagConfig
+>>> from jaxrec.parallel.types import ShardingPlan, row_wise, table_wise
+>>> tables = [
+...     EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=100, feature_names=["fa"]),
+...     EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=6, feature_names=["fb"]),
+... ]
+>>> layout = ShardedLayout.create(tables, ShardingPlan({"a": row_wise(), "b": table_wise(1)}), 2)
+>>> expected_ids_per_destination(layout, {"fa": 20.0, "fb": 1.0}, batch_size=1000).tolist()
+[10000.0, 11000.0]
+>>> destination_capacity(layout, {"fa": 20.0, "fb": 1.0}, batch_size=1000, headroom=1.1)
+12160
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +45,15 @@ import numpy as np
 
 from jaxrec.parallel.layout import ShardedLayout
 
-__all__ = ["bags_of_positions", "compact", "route", "routing_tables", "send_capacity"]
+__all__ = [
+    "bags_of_positions",
+    "compact",
+    "destination_capacity",
+    "expected_ids_per_destination",
+    "route",
+    "routing_tables",
+    "send_capacity",
+]
 
 
 @functools.lru_cache(maxsize=64)
@@ -82,6 +117,56 @@ def send_capacity(layout: ShardedLayout) -> int:
     return max(counts)
 
 
+def expected_ids_per_destination(
+    layout: ShardedLayout, pooling_factors: Mapping[str, float], batch_size: int
+) -> np.ndarray:
+    """Ids one source sends each rank per step, expected: ``batch_size`` bags of every
+    feature times its ids per bag (``pooling_factors``: feature name → mean ids per bag),
+    a row shard taking its rows' share (ids taken as uniform over the rows), every column
+    shard a copy. Data-parallel tables send nothing. Returns ``[num_devices]`` floats."""
+    features = dict(layout.features)
+    unknown = sorted(set(pooling_factors) - set(features))
+    missing = sorted(
+        f for f, t in features.items() if layout.shards_of(t) and f not in pooling_factors
+    )
+    if unknown or missing:
+        raise ValueError(
+            f"pooling_factors name unknown features {unknown} and miss sharded features "
+            f"{missing}; give one mean ids-per-bag for every feature of the layout"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    out = np.zeros(layout.num_devices)
+    for feature, table_name in layout.features:
+        shards = layout.shards_of(table_name)
+        if not shards:
+            continue
+        p = float(pooling_factors[feature])
+        if not (np.isfinite(p) and p >= 0):
+            raise ValueError(f"feature {feature!r}: pooling factor must be >= 0, got {p}")
+        rows = layout.table(table_name).num_embeddings
+        split = layout.plan[table_name].sharding_type.splits_rows
+        for shard in shards:
+            out[shard.rank] += batch_size * p * (shard.num_rows / rows if split else 1.0)
+    return out
+
+
+def destination_capacity(
+    layout: ShardedLayout,
+    pooling_factors: Mapping[str, float],
+    batch_size: int,
+    *,
+    headroom: float = 1.1,
+) -> int:
+    """``ids_per_destination`` for a :class:`~jaxrec.parallel.ShardedLookupSpec`: the most
+    ids one source is expected to send one rank (:func:`expected_ids_per_destination`)
+    times ``headroom``, rounded up to a multiple of 128 (at least 128)."""
+    if not headroom >= 1:
+        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    most = float(expected_ids_per_destination(layout, pooling_factors, batch_size).max())
+    return max(128, 128 * math.ceil(most * headroom / 128))
+
+
 def bags_of_positions(offsets: jax.Array, capacity: int):
     """For every position of the values: its bag (flat ``f * B + b``) and whether it is real."""
     positions = jnp.arange(capacity, dtype=jnp.int32)
@@ -89,10 +174,22 @@ def bags_of_positions(offsets: jax.Array, capacity: int):
     return bags, positions < offsets[-1]
 
 
-def route(layout: ShardedLayout, kjt_keys: tuple[str, ...], batch: int, ids, offsets, weights):
+def route(
+    layout: ShardedLayout,
+    kjt_keys: tuple[str, ...],
+    batch: int,
+    ids,
+    offsets,
+    weights,
+    ids_per_destination: int | None = None,
+):
     """Sender side: per destination, the lengths ``[n, K, B]`` and padded ids (and weights)
-    ``[n, cap]``, this device's count of ids outside their tables, and for every buffer
-    entry the send it holds (``copy * capacity + position``) and whether it is real."""
+    ``[n, cap]``, this device's count of ids outside their tables, its count of ids past
+    ``cap`` (dropped), and for every buffer entry the send it holds (``copy * capacity +
+    position``) and whether it is real.
+
+    ``cap``: ``ids_per_destination`` where given (at most the exact bound), else the exact
+    bound ``capacity * send_capacity(layout)`` (see the module docstring)."""
     routes = routing_tables(layout, kjt_keys)
     n, num_slots = layout.num_devices, len(layout.slots)
     capacity = ids.shape[0]
@@ -117,11 +214,22 @@ def route(layout: ShardedLayout, kjt_keys: tuple[str, ...], batch: int, ids, off
         values.append(jnp.where(bad, -1, ids + jnp.asarray(routes["shift"])[kjt, shard]))
     keys, values = jnp.concatenate(keys), jnp.concatenate(values)
     order = jnp.argsort(keys, stable=True)
-    lengths = jnp.bincount(keys, length=sentinel + 1)[:sentinel].astype(jnp.int32)
-    lengths = lengths.reshape(n, num_slots, batch)
-    totals = lengths.sum(axis=(1, 2))
-    starts = jnp.cumsum(totals) - totals
     cap = capacity * send_capacity(layout)
+    if ids_per_destination is not None:
+        cap = min(cap, int(ids_per_destination))
+    # sorted by (destination, slot, bag): a destination's ids past ``cap`` are the tail of
+    # its run; they leave their bags' lengths and are counted
+    sorted_keys = keys[order]
+    dest = sorted_keys // (num_slots * batch)  # n: not sent
+    sent_totals = jnp.bincount(dest, length=n + 1)[:n]
+    starts = jnp.cumsum(sent_totals) - sent_totals
+    within = jnp.arange(keys.shape[0], dtype=jnp.int32) - starts[jnp.minimum(dest, n - 1)]
+    fits = within < cap
+    overflow = jnp.sum((dest < n) & ~fits).astype(jnp.int32)
+    kept = jnp.where(fits, sorted_keys, sentinel)
+    lengths = jnp.bincount(kept, length=sentinel + 1)[:sentinel].astype(jnp.int32)
+    lengths = lengths.reshape(n, num_slots, batch)
+    totals = jnp.minimum(sent_totals, cap)
     index = starts[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
     real = jnp.arange(cap)[None, :] < totals[:, None]
     index = jnp.clip(index, 0, keys.shape[0] - 1)
@@ -132,7 +240,7 @@ def route(layout: ShardedLayout, kjt_keys: tuple[str, ...], batch: int, ids, off
         tiled = jnp.tile(weights, max(copies, 1))
         out_weights = jnp.where(real, tiled[take], 0).astype(weights.dtype)
     entries = (take, jnp.concatenate(shards)[take], real)
-    return lengths, out_ids, out_weights, bad_count, entries
+    return lengths, out_ids, out_weights, bad_count, overflow, entries
 
 
 def compact(lengths, ids, weights):

@@ -127,6 +127,12 @@ class DistributedModelParallel:
         plans, or an :class:`EmbeddingShardingPlanner` (planned per collection, with each
         collection's fused optimizers) whose topology has the axis's device count.
       axis: the mesh axis (default: the mesh's only axis).
+      ids_per_destination: the ids one device may send one device per step in a
+        collection's input all-to-all: an int for every collection, or collection path →
+        int; None (default): the exact bound, local capacity x the most shards of one table
+        on a device, which moves mostly padding. Ids past it are dropped and counted as
+        bad ids (FATAL raises); derive one with
+        :func:`jaxrec.parallel.input_dist.destination_capacity`.
 
     The collections are found on the first call that sees a batch (:meth:`init`,
     :meth:`place`); :attr:`plans` and :attr:`layouts` then hold what was chosen.
@@ -139,6 +145,7 @@ class DistributedModelParallel:
         *,
         plan: ShardingPlan | Mapping[str, ShardingPlan] | EmbeddingShardingPlanner,
         axis: str | None = None,
+        ids_per_destination: int | Mapping[str, int] | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be a Flax module, got {type(module).__name__}")
@@ -159,6 +166,7 @@ class DistributedModelParallel:
                 f"EmbeddingShardingPlanner; got {type(plan).__name__}"
             )
         self.module, self.mesh, self.axis, self._plan = module, mesh, axis, plan
+        self._ids_per_destination = ids_per_destination
         self.num_devices = int(mesh.shape[axis])
         self.shardings: dict[Path, CollectionSharding] = {}
         self.collections: dict[Path, nn.Module] = {}
@@ -214,7 +222,9 @@ class DistributedModelParallel:
                 optimizer=collection.optimizer,
                 table_optimizers=collection.table_optimizers,
             )
-            self.shardings[path] = CollectionSharding(layout, self.axis)
+            self.shardings[path] = CollectionSharding(
+                layout, self.axis, self._capacity_for(path, record)
+            )
             keys = ("params", *path, collection.PARAMS_NAME)
             specs = _replace(specs, keys, partition_specs(layout, self.axis))
         dense = jax.tree.map(lambda _: True, specs["params"], is_leaf=_is_spec)
@@ -223,6 +233,18 @@ class DistributedModelParallel:
             dense = _replace(dense, keys, jax.tree.map(lambda _: False, _get(dense, keys)))
         self.collections = record
         self._specs, self._dense = specs, dense
+
+    def _capacity_for(self, path: Path, record: Mapping[Path, nn.Module]) -> int | None:
+        given = self._ids_per_destination
+        if given is None or isinstance(given, int):
+            return given
+        names = sorted(_name(p) for p in record)
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(
+                f"ids_per_destination names unknown collections {unknown} (collections: {names})"
+            )
+        return given.get(_name(path))
 
     def _plans_for(self, record: Mapping[Path, nn.Module]) -> dict[Path, ShardingPlan]:
         plan = self._plan

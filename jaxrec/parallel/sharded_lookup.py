@@ -63,7 +63,13 @@ from jaxrec.ops.lookup import LookupSpec, lookup
 from jaxrec.parallel.input_dist import bags_of_positions, compact, route, routing_tables
 from jaxrec.parallel.layout import ShardedLayout
 
-__all__ = ["ShardedLookupSpec", "sharded_lookup"]
+__all__ = [
+    "ShardedLookupSpec",
+    "distribute_input",
+    "distribute_output",
+    "owner_lookup",
+    "sharded_lookup",
+]
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class ShardedLookupSpec:
     axis: str
     backend: str
     bounds_check: str
+    ids_per_destination: int | None = None  # None: the exact bound (see input_dist)
 
     @classmethod
     def create(
@@ -87,9 +94,16 @@ class ShardedLookupSpec:
         axis: str,
         backend: str = "auto",
         bounds_check: BoundsCheckMode | str = BoundsCheckMode.WARNING,
+        ids_per_destination: int | None = None,
     ) -> ShardedLookupSpec:
         """The spec of a lookup of ``layout`` for local KJTs with ``kjt_keys`` and stride
-        ``batch_size``, inside ``shard_map`` over mesh axis ``axis``."""
+        ``batch_size``, inside ``shard_map`` over mesh axis ``axis``.
+
+        ``ids_per_destination``: the ids one device may send one device per step (the
+        input all-to-all's buffers; :func:`jaxrec.parallel.input_dist.destination_capacity`
+        derives one from pooling factors); ids past it are dropped and counted as bad ids
+        (FATAL raises). ``None``: the exact bound, local capacity x the most shards of one
+        table on a device, which never drops an id."""
         keys = tuple(kjt_keys)
         missing = [name for name, _ in layout.features if name not in keys]
         if missing:
@@ -99,7 +113,16 @@ class ShardedLookupSpec:
         mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
         if mode is BoundsCheckMode.NONE:
             mode = BoundsCheckMode.IGNORE  # the sender checks anyway: ids are routed by value
-        return cls(layout, keys, int(batch_size), axis, backend, mode.value)
+        if ids_per_destination is not None and (
+            isinstance(ids_per_destination, bool)
+            or not isinstance(ids_per_destination, int | np.integer)
+            or ids_per_destination < 1
+        ):
+            raise ValueError(
+                f"ids_per_destination must be a positive int or None, got {ids_per_destination!r}"
+            )
+        cap = None if ids_per_destination is None else int(ids_per_destination)
+        return cls(layout, keys, int(batch_size), axis, backend, mode.value, cap)
 
     # ---- static routing tables -----------------------------------------------------------
 
@@ -255,32 +278,82 @@ def sharded_lookup(
         )
     if not layout.pooled:
         return _sequence(spec, params, ids, offsets)
-    parts, bad = [], jnp.zeros((), jnp.int32)
-    perm, width_a, width_r, index, divide_by = _columns(spec)
+    bad = jnp.zeros((), jnp.int32)
+    owner_out = dp_out = None
     if layout.groups:
-        lengths, send_ids, send_w, bad, _ = route(
-            layout, spec.kjt_keys, batch, ids, offsets, weights
+        values, local_offsets, local_w, bad, overflow = distribute_input(
+            spec, ids, offsets, weights
         )
-        to_owner = functools.partial(
-            jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
+        owner_out = owner_lookup(spec, params, values, local_offsets, local_w)
+        bad = bad + overflow
+        _check_overflow(spec, overflow)
+    if layout.dp_tables:
+        dp_out, dp_bad = _data_parallel(spec, params["replicated"], ids, offsets, weights)
+        bad = bad + dp_bad
+    result = distribute_output(spec, owner_out, offsets, dp_out)
+    bad = jax.lax.psum(bad, axis)
+    if spec.bounds_check == BoundsCheckMode.FATAL.value:
+        checkify.check(
+            bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
         )
-        lengths, send_ids = to_owner(lengths), to_owner(send_ids)
-        send_w = None if send_w is None else to_owner(send_w)
-        values, local_offsets, local_w = compact(lengths, send_ids, send_w)
-        local = _local_spec(spec)
-        groups = tuple(params["shards"][g.name] for g in layout.groups)
-        out, _ = lookup(local, groups, values, local_offsets, local_w)
-        out = out[:, perm].reshape(batch, layout.num_devices, width_a + width_r)
+    return result, bad
+
+
+def _check_overflow(spec: ShardedLookupSpec, overflow) -> None:
+    if spec.bounds_check == BoundsCheckMode.FATAL.value:
+        overflow = jax.lax.psum(overflow, spec.axis)
+        checkify.check(
+            overflow == 0,
+            "{count} ids did not fit the input all-to-all's ids_per_destination="
+            f"{spec.ids_per_destination} (bounds_check_mode=FATAL); raise it",
+            count=overflow,
+        )
+
+
+def distribute_input(spec: ShardedLookupSpec, ids, offsets, weights):
+    """Input distribution (inside ``shard_map``): this device's KJT slice → the ids every
+    device owns, as one KJT on the owner (features: (source device, slot)).
+
+    Returns ``(values, offsets, weights, bad, overflow)``: the owner's KJT, this device's
+    count of ids outside their tables and of ids past ``spec.ids_per_destination``."""
+    layout, axis = spec.layout, spec.axis
+    lengths, send_ids, send_w, bad, overflow, _ = route(
+        layout, spec.kjt_keys, spec.batch_size, ids, offsets, weights, spec.ids_per_destination
+    )
+    to_owner = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0)
+    lengths, send_ids = to_owner(lengths), to_owner(send_ids)
+    send_w = None if send_w is None else to_owner(send_w)
+    values, local_offsets, local_w = compact(lengths, send_ids, send_w)
+    return values, local_offsets, local_w, bad, overflow
+
+
+def owner_lookup(spec: ShardedLookupSpec, params: dict, values, offsets, weights):
+    """The owners' pooled lookup of the distributed ids (fused updates in its backward):
+    ``[B, sum over (source, slot) of dims]``."""
+    groups = tuple(params["shards"][g.name] for g in spec.layout.groups)
+    out, _ = lookup(_local_spec(spec), groups, values, offsets, weights)
+    return out
+
+
+def distribute_output(spec: ShardedLookupSpec, owner_out, offsets, dp_out=None):
+    """Output distribution (inside ``shard_map``): the owners' pooled results back to the
+    batch-split layout (``all_to_all`` for table-wise and column shards, ``psum_scatter``
+    for row-split partial sums), assembled with the data-parallel output ``dp_out`` in the
+    collection's feature order, MEAN bags of row-split tables divided by their length.
+    Linear in ``owner_out``: its transpose is the backward's gradient distribution."""
+    layout, axis, batch = spec.layout, spec.axis, spec.batch_size
+    parts = []
+    perm, width_a, width_r, index, divide_by = _columns(spec)
+    if owner_out is not None:
+        out = owner_out[:, perm].reshape(batch, layout.num_devices, width_a + width_r)
         out = out.transpose(1, 0, 2)
         if width_a:
             back = jax.lax.all_to_all(out[:, :, :width_a], axis, 0, 0)
             parts.append(back.transpose(1, 0, 2).reshape(batch, -1))
         if width_r:
             parts.append(jax.lax.psum_scatter(out[:, :, width_a:], axis, scatter_dimension=0))
-    if layout.dp_tables:
-        dp_out, dp_bad = _data_parallel(spec, params["replicated"], ids, offsets, weights)
+    if dp_out is not None:
         parts.append(dp_out)
-        bad = bad + dp_bad
     dtype = jnp.result_type(*parts)
     parts.append(jnp.zeros((batch, 1), dtype))
     result = jnp.concatenate(parts, axis=1)[:, index]
@@ -288,12 +361,7 @@ def sharded_lookup(
         lengths = (offsets[1:] - offsets[:-1]).reshape(len(spec.kjt_keys), batch)
         divisor = jnp.maximum(lengths[np.maximum(divide_by, 0)].T, 1).astype(jnp.float32)
         result = jnp.where(divide_by >= 0, result / divisor, result).astype(dtype)
-    bad = jax.lax.psum(bad, axis)
-    if spec.bounds_check == BoundsCheckMode.FATAL.value:
-        checkify.check(
-            bad == 0, "{count} ids are outside their tables (bounds_check_mode=FATAL)", count=bad
-        )
-    return result, bad
+    return result
 
 
 def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):
@@ -311,9 +379,11 @@ def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):
     out = jnp.zeros((capacity, width), jnp.float32)
     bad = jnp.zeros((), jnp.int32)
     if layout.groups:
-        lengths, send_ids, _, bad, (take, shard, real) = route(
-            layout, spec.kjt_keys, batch, ids, offsets, None
+        lengths, send_ids, _, bad, overflow, (take, shard, real) = route(
+            layout, spec.kjt_keys, batch, ids, offsets, None, spec.ids_per_destination
         )
+        bad = bad + overflow
+        _check_overflow(spec, overflow)
         to_owner = functools.partial(
             jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0
         )

@@ -1,11 +1,13 @@
 """Sharded pooled lookups (batch split over 8 forced host devices) against one device."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -19,6 +21,7 @@ from jaxrec import (
 )
 from jaxrec.ops.lookup import LookupSpec, lookup
 from jaxrec.parallel.convert import partition_specs, shard_params, table_states, unshard_params
+from jaxrec.parallel.input_dist import destination_capacity, route, send_capacity
 from jaxrec.parallel.layout import ShardedLayout
 from jaxrec.parallel.sharded_lookup import ShardedLookupSpec, sharded_lookup
 from jaxrec.parallel.types import (
@@ -420,3 +423,67 @@ def test_sequence_rows_and_fused_step_match_one_device(plan_name):
     got_tables = table_states(layout.single_plan, unshard_params(layout, got_params))
     for name, want in table_states(layout.single_plan, want_params).items():
         np.testing.assert_allclose(got_tables[name].weight, want.weight, rtol=1e-6, atol=1e-7)
+
+
+def sent_per_destination(spec, sharded, local, g):
+    """[source, destination] ids the batch routes (with the exact bound: nothing dropped)."""
+
+    def body(p, i, o, w, g):
+        lengths, *_ = route(spec.layout, spec.kjt_keys, B, i, o, None)
+        return lengths.sum(axis=(1, 2))[None]
+
+    _, smap, inner = sharded_fn(spec, spec.layout, body)
+    return np.asarray(jax.jit(smap(inner, out_specs=P("x")))(sharded, *local, g))
+
+
+def test_ids_per_destination_sizes_the_all_to_all_and_keeps_one_device_numerics():
+    rng = np.random.default_rng(3)
+    ebc, layout, spec = setup("mixed", fused=False, weighted=True)
+    local, whole = device_batches(rng, True, empty_devices=(4,))
+    params = ebc.init(jax.random.key(0), whole)["params"]
+    sharded = shard_params(layout, params["embedding_bags"])
+    g = jnp.asarray(rng.normal(size=(N * B, ebc.plan.num_columns)), jnp.float32)
+    need = int(sent_per_destination(spec, sharded, local, g).max())
+    assert need < 48 * send_capacity(layout)  # tighter than the exact bound
+    tight = dataclasses.replace(spec, ids_per_destination=need)
+
+    def buffer(p, i, o, w, g):
+        return route(layout, KEYS, B, i, o, w, tight.ids_per_destination)[1][None]
+
+    _, smap, inner = sharded_fn(tight, layout, buffer)
+    assert jax.jit(smap(inner, out_specs=P("x")))(sharded, *local, g).shape == (N, N, need)
+    got, bad = forward(tight, layout, sharded, local, g)
+    np.testing.assert_allclose(got, ebc.apply({"params": params}, whole).values(), rtol=1e-6)
+    assert int(bad) == 0
+
+
+def test_ids_past_ids_per_destination_are_dropped_counted_and_fatal_raises():
+    rng = np.random.default_rng(4)
+    ebc, layout, spec = setup("mixed", fused=False, weighted=False)
+    local, whole = device_batches(rng, False)
+    params = ebc.init(jax.random.key(0), whole)["params"]
+    sharded = shard_params(layout, params["embedding_bags"])
+    g = jnp.zeros((N * B, ebc.plan.num_columns))
+    sent = sent_per_destination(spec, sharded, local, g)
+    cap = int(sent.max()) - 2
+    short = dataclasses.replace(spec, ids_per_destination=cap)
+    _, bad = forward(short, layout, sharded, local, g)
+    assert int(bad) == int(np.maximum(sent - cap, 0).sum()) > 0
+
+    fatal = dataclasses.replace(short, bounds_check="fatal")
+    _, smap, inner = sharded_fn(
+        fatal, layout, lambda p, i, o, w, g: sharded_lookup(fatal, p, i, o, w)
+    )
+    checked = jax.jit(checkify.checkify(smap(inner, out_specs=(P("x"), P()))))
+    err, _ = checked(sharded, *local, g)
+    with pytest.raises(checkify.JaxRuntimeError, match=f"ids_per_destination={cap}"):
+        err.throw()
+
+
+def test_ids_per_destination_is_checked():
+    layout = setup("mixed", fused=False, weighted=False)[1]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="ids_per_destination must be a positive int"):
+            ShardedLookupSpec.create(layout, KEYS, batch_size=B, axis="x", ids_per_destination=bad)
+    with pytest.raises(ValueError, match=r"miss sharded features \['f2'\]"):
+        destination_capacity(layout, {"f0": 1.0, "f1": 1.0, "f3": 1.0, "f4": 1.0}, batch_size=B)
