@@ -12,12 +12,19 @@ off)::
 at ``--max-rows`` (4M), dim 128, fp32, fused row-wise Adagrad, ``--batch`` (16,384) examples
 per GPU; the multi-hot features draw bag lengths uniform in [0, 40] (mean 20), the tables of
 fewer than 1,000 rows are one-hot, as Criteo's small features. The planner chooses the
-plan from the measured link bandwidth. Times the train step of the plain model on one GPU
-and of :class:`jaxrec.parallel.DistributedModelParallel` on every visible GPU, with the
-breakdown: input all-to-all (lengths and ids), lookup, output distribution (all-to-all and
-reduce-scatter, forward and backward), backward with the fused update, dense (MLPs,
-interactions, optimizer); and the per-GPU throughput against one GPU and the
-redistribution share of the step.
+plan from the measured link bandwidth; the input all-to-all's ``ids_per_destination`` comes
+from the features' pooling factors times ``--headroom``. Times the train step of the plain
+model on one GPU and of :class:`jaxrec.parallel.DistributedModelParallel` on every visible
+GPU, and each part of the sharded step on its own, as a jitted function on the same batch:
+input distribution (route, all-to-alls of lengths and ids, compact), the owners' forward
+lookups, the output distribution (all-to-all, reduce-scatter, assembly), the gradient
+distribution (its transpose), the owners' backward with the fused update (tables donated),
+the dense part (MLPs, interactions, gradient all-reduce, optimizer); their sum beside the
+step; the per-GPU throughput against one GPU and the redistribution share of the step.
+``--quick`` (3 timing iterations, 64 MB bandwidth buffers) keeps a 2-GPU scaling run under
+3 minutes::
+
+    python -m jaxrec_kernels.gpu_check_scaling --quick --out "$OUT"
 
 ``--mode capacity``: 26 equal tables totalling ``--capacity-gb`` of fp32 weights, planned
 over every GPU (refused on one: the message is recorded), created sharded, trained three
@@ -52,12 +59,17 @@ from jaxrec.parallel import (  # noqa: E402
     DistributedModelParallel,
     EmbeddingShardingPlanner,
     ParameterConstraints,
+    ShardedLayout,
     ShardedLookupSpec,
     ShardingType,
     Topology,
-    sharded_lookup,
 )
-from jaxrec.parallel.input_dist import compact, route  # noqa: E402
+from jaxrec.parallel.input_dist import destination_capacity, send_capacity  # noqa: E402
+from jaxrec.parallel.sharded_lookup import (  # noqa: E402
+    distribute_input,
+    distribute_output,
+    owner_lookup,
+)
 
 # Criteo 1TB's 26 categorical cardinalities.
 CRITEO = (39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346,
@@ -170,83 +182,130 @@ def link_bandwidth(mesh, axis, mbytes: float, iters: int) -> dict:
 
 
 # ---- scaling ------------------------------------------------------------------------------
-def _breakdown(dmp, model, tables, params, batches, dim, iters) -> dict:
-    """Times of the sharded collection's parts on the batches (ms)."""
-    layout = dmp.layouts["sparse_arch"]
-    axis, mesh, n = dmp.axis, dmp.mesh, dmp.num_devices
-    keys = tuple(f"f{i}" for i in range(len(tables)))
-    batch = batches[0][1].stride()
-    spec = ShardedLookupSpec.create(layout, keys, batch_size=batch, axis=axis, backend="auto")
+def _fused_backward_rule():
+    """The lookup's custom-VJP backward (the fused update), to time it on its own: its
+    residuals are its inputs (tables, ids, offsets, weights), so it runs without the
+    forward. A private name of ``jaxrec.ops``: searched in its modules."""
+    import importlib
+    import pkgutil
+
+    import jaxrec.ops as ops
+
+    for info in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"jaxrec.ops.{info.name}")
+        rule = getattr(getattr(module, "_lookup", None), "bwd", None)
+        if rule is not None:
+            return rule
+    raise RuntimeError("no custom-VJP _lookup with a backward rule in jaxrec.ops")
+
+
+def _copy(tree):
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+
+
+def _breakdown(dmp, spec, params, kjt, iters) -> dict:
+    """Each part of the sharded step timed on its own (ms), jitted over the mesh on one
+    batch, each on the outputs of the part before: input distribution (route, all-to-alls,
+    compact), the owners' forward lookups, the output distribution, the gradient
+    distribution (its transpose), the owners' backward with the fused update (in place,
+    tables donated). None is derived from another."""
+    from jaxrec.parallel.sharded_lookup import _local_spec
+
+    layout, axis, mesh = spec.layout, dmp.axis, dmp.mesh
     emb_specs = dmp.variable_specs["params"]["sparse_arch"]["embedding_bags"]
     emb = params["sparse_arch"]["embedding_bags"]
-    kjts = [(b[1],) for b in batches]
-    g = jnp.ones((n * batch, len(tables) * dim), jnp.float32)
     smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-
-    def offsets(kjt):
-        return kjt.offsets()
-
-    def forward(p, kjt):
-        return sharded_lookup(spec, p, kjt.values(), offsets(kjt), None)[0]
-
-    def fwd_bwd(p, kjt, g):
-        out, vjp = jax.vjp(lambda q: forward(q, kjt), p)
-        return vjp(g)[0]
+    ax = P(axis)
 
     def input_dist(kjt):
-        lengths, ids, _, _, _ = route(layout, keys, batch, kjt.values(), offsets(kjt), None)
-        lengths = jax.lax.all_to_all(lengths, axis, 0, 0)
-        ids = jax.lax.all_to_all(ids, axis, 0, 0)
-        values, local_offsets, _ = compact(lengths, ids, None)
-        return values, local_offsets
+        values, offsets, _, _, overflow = distribute_input(spec, kjt.values(), kjt.offsets(), None)
+        return values, offsets, jax.lax.psum(overflow, axis)
 
-    width = sum(layout.groups[s.group].dim for s in layout.slots)
-    width_a = sum(layout.groups[s.group].dim for s in layout.slots if not s.reduce)
+    ind = jax.jit(smap(input_dist, in_specs=(ax,), out_specs=(ax, ax, P())))
+    values, local_offsets, overflow = ind(kjt)
+    own = jax.jit(
+        smap(
+            lambda p, v, o: owner_lookup(spec, p, v, o, None),
+            in_specs=(emb_specs, ax, ax),
+            out_specs=ax,
+        )
+    )
+    owner_out = own(emb, values, local_offsets)
+    local_shape = jax.ShapeDtypeStruct(
+        (owner_out.shape[0] // dmp.num_devices, *owner_out.shape[1:]), owner_out.dtype
+    )
+    outd = jax.jit(
+        smap(
+            lambda x, kjt: distribute_output(spec, x, kjt.offsets()),
+            in_specs=(ax, ax),
+            out_specs=ax,
+        )
+    )
+    pooled = outd(owner_out, kjt)
+    g = jnp.ones_like(pooled) * 1e-3
 
-    def output_dist(x):
-        parts = []
-        if width_a:
-            parts.append(jax.lax.all_to_all(x[:, :, :width_a], axis, 0, 0).reshape(-1))
-        if width > width_a:
-            parts.append(jax.lax.psum_scatter(x[:, :, width_a:], axis).reshape(-1))
-        return jnp.concatenate(parts) if parts else x.reshape(-1)
+    def grad_dist(g, kjt):
+        offsets = kjt.offsets()
+        transpose = jax.linear_transpose(lambda x: distribute_output(spec, x, offsets), local_shape)
+        return transpose(g)[0]
 
-    def output_dist_bwd(x):
-        out, vjp = jax.vjp(output_dist, x)
-        return vjp(out)[0]
+    gd = jax.jit(smap(grad_dist, in_specs=(ax, ax), out_specs=ax))
+    owner_grad = gd(g, kjt)
+    rule, local = _fused_backward_rule(), _local_spec(spec)
 
-    fwd = jax.jit(smap(forward, in_specs=(emb_specs, P(axis)), out_specs=P(axis)))
-    fb = jax.jit(smap(fwd_bwd, in_specs=(emb_specs, P(axis), P(axis)), out_specs=emb_specs))
-    ind = jax.jit(smap(input_dist, in_specs=(P(axis),), out_specs=P(axis)))
-    x = jnp.ones((n * n, batch, max(width, 1)), jnp.float32)
-    outd = jax.jit(smap(output_dist, in_specs=(P(axis),), out_specs=P(axis)))
-    outdb = jax.jit(smap(output_dist_bwd, in_specs=(P(axis),), out_specs=P(axis)))
-    t = {
-        "embedding_forward_ms": bench.time_op(fwd, [(emb, k) for (k,) in kjts], iters=iters),
-        "embedding_forward_backward_ms": bench.time_op(
-            fb, [(emb, k, g) for (k,) in kjts], iters=iters
+    def backward(p, v, o, gx):
+        groups = tuple(p["shards"][grp.name] for grp in layout.groups)
+        new = rule(local, (groups, v, o, None), (gx, None))[0]
+        shards = {grp.name: x for grp, x in zip(layout.groups, new, strict=True)}
+        return ({"shards": shards, "replicated": p["replicated"]},)
+
+    bwd = jax.jit(
+        smap(backward, in_specs=(emb_specs, ax, ax, ax), out_specs=(emb_specs,)),
+        donate_argnums=(0,),
+    )
+    return {
+        "input_dist_ms": bench.time_op(ind, [(kjt,)], iters=iters),
+        "owner_lookup_forward_ms": bench.time_op(own, [(emb, values, local_offsets)], iters=iters),
+        "output_dist_ms": bench.time_op(outd, [(owner_out, kjt)], iters=iters),
+        "gradient_dist_ms": bench.time_op(gd, [(g, kjt)], iters=iters),
+        "backward_fused_update_ms": _time_stateful(
+            bwd, (_copy(emb),), [(values, local_offsets, owner_grad)], iters
         ),
-        "input_all_to_all_ms": bench.time_op(ind, kjts, iters=iters),
-        "output_dist_forward_ms": bench.time_op(outd, [(x,)], iters=iters),
-        "output_dist_forward_backward_ms": bench.time_op(outdb, [(x,)], iters=iters),
+        "ids_overflowing_ids_per_destination": int(overflow),
+        "data_parallel_tables": list(layout.dp_tables),  # looked up inside the step only
     }
-    return t
 
 
-def _dense_ms(model, tables, dim, batch, iters) -> float:
-    """The dense part of one device's step: MLPs and interactions, forward and backward."""
+def _dense_ms(model, tables, dim, batch, iters, mesh=None) -> float:
+    """The dense part of one device's step: bottom and top MLPs and interactions, forward
+    and backward, the gradients summed over the mesh (when given) and the dense optimizer."""
     bottom, top = MLP(model.bottom_mlp), MLP(model.top_mlp)
     dense = jnp.ones((batch, DENSE), jnp.float32)
     sparse = jnp.ones((batch, len(tables), dim), jnp.float32)
     pb = bottom.init(jax.random.key(0), dense)
     pt = top.init(jax.random.key(1), dot_interactions(bottom.apply(pb, dense), sparse))
+    tx = optax.adagrad(0.01)
+    params = (pb, pt)
 
-    def loss(pb, pt, sparse):
+    def loss(params, sparse):
+        pb, pt = params
         z = dot_interactions(bottom.apply(pb, dense), sparse)
         return jnp.mean(top.apply(pt, z))
 
-    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return bench.time_op(fn, [(pb, pt, sparse)], iters=iters)
+    def step(params, opt, sparse):
+        grads, g_sparse = jax.grad(loss, argnums=(0, 1))(params, sparse)
+        if mesh is not None:
+            grads = jax.lax.psum(grads, "x")
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, g_sparse
+
+    if mesh is not None:
+        step = jax.shard_map(
+            step, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P(), P()),
+            check_vma=False,
+        )  # fmt: skip
+    fn = jax.jit(step, donate_argnums=(0, 1))
+    return _time_stateful(fn, (params, tx.init(params)), [(sparse,)], iters)
 
 
 def scaling(args, devices, record) -> None:
@@ -278,52 +337,51 @@ def scaling(args, devices, record) -> None:
     record["one_gpu_step_ms"] = _time_stateful(
         single_step, (params, tx.init(params)), whole, args.iters
     )
-    one_mesh = Mesh(np.array([one]), ("x",))
-    planner1 = _planner(args, Topology(num_devices=1, hbm_cap=args.hbm_cap))
-    dmp1 = DistributedModelParallel(model, one_mesh, plan=planner1)
-    b1 = [dmp1.shard_batch([b[0]]) for b in per_device]
-    del params  # donated to the timed steps
-    v1 = dmp1.init(jax.random.key(0), *b1[0][:2])
+    del params, whole  # donated to the timed steps
     record["one_gpu_dense_ms"] = _dense_ms(model, tables, dim, batch, args.iters)
-    record["one_gpu"] = _breakdown(dmp1, model, tables, v1["params"], b1, dim, args.iters)
-    del v1, whole
 
-    # every device
+    # every device: the planner's plan, the input all-to-all sized from the pooling factors
     mesh = Mesh(np.array(devices), ("x",))
-    topology = Topology(num_devices=n, hbm_cap=args.hbm_cap)
-    if record.get("all_to_all_gbytes_per_s"):
-        topology = Topology(
-            num_devices=n, hbm_cap=args.hbm_cap,
-            link_bandwidth=record["all_to_all_gbytes_per_s"] * 1e9,
-        )  # fmt: skip
-    pools = {
-        t.name: ParameterConstraints(pooling_factors=1.0 if one else MAX_LEN / 2)
+    link = record.get("all_to_all_gbytes_per_s")
+    topology = Topology(
+        num_devices=n, hbm_cap=args.hbm_cap,
+        **({"link_bandwidth": link * 1e9} if link else {}),
+    )  # fmt: skip
+    pooling = {
+        t.feature_names[0]: 1.0 if one else MAX_LEN / 2
         for t, one in zip(tables, _one_hot(tables), strict=True)
     }
+    pools = {
+        t.name: ParameterConstraints(pooling_factors=pooling[t.feature_names[0]]) for t in tables
+    }
     planner = _planner(args, topology, constraints=pools)
-    dmp = DistributedModelParallel(model, mesh, plan=planner)
+    plan = planner.plan(tables, optimizer=model.optimizer)
+    layout = ShardedLayout.create(tables, plan, n, optimizer=model.optimizer)
+    cap = destination_capacity(layout, pooling, batch, headroom=args.headroom)
+    record["ids_per_destination"] = cap
+    record["ids_per_destination_exact_bound"] = capacity * send_capacity(layout)
+    dmp = DistributedModelParallel(model, mesh, plan=plan, ids_per_destination=cap)
     batches = [dmp.shard_batch(b) for b in per_device]
     variables = dmp.init(jax.random.key(0), *batches[0][:2])
-    plan = dmp.plans["sparse_arch"]
     record["plan"] = {name: [s.sharding_type.value, list(s.ranks)] for name, s in plan.items()}
-    record["plan_report"] = str(planner.explain(tables, plan, optimizer=model.optimizer))
+    report = planner.explain(tables, plan, optimizer=model.optimizer)
+    record["plan_report"] = str(report)
+    record["planned_comm_ms"] = (report.comm_seconds * 1e3).tolist()
+    spec = ShardedLookupSpec.create(
+        layout, tuple(pooling), batch_size=batch, axis="x", backend=args.backend,
+        ids_per_destination=cap,
+    )  # fmt: skip
     step = dmp.make_train_step(loss_fn, tx)
     state = (variables["params"], dmp.init_optimizer(tx, variables["params"]))
-    record["sharded"] = _breakdown(dmp, model, tables, state[0], batches, dim, args.iters)
+    parts = _breakdown(dmp, spec, state[0], batches[0][1], args.iters)
+    parts["dense_and_optimizer_ms"] = _dense_ms(model, tables, dim, batch, args.iters, mesh)
     record["sharded_step_ms"] = _time_stateful(step, state, batches, args.iters)
-    s = record["sharded"]
-    comms = (
-        s["input_all_to_all_ms"] + s["output_dist_forward_backward_ms"]
-    )  # forward and backward output distribution (the vjp runs both)
-    s["lookup_ms"] = (
-        s["embedding_forward_ms"] - s["input_all_to_all_ms"] - s["output_dist_forward_ms"]
-    )
-    s["backward_ms"] = (
-        s["embedding_forward_backward_ms"] - s["embedding_forward_ms"]
-        - (s["output_dist_forward_backward_ms"] - s["output_dist_forward_ms"])
-    )  # fmt: skip
-    s["dense_and_optimizer_ms"] = record["sharded_step_ms"] - s["embedding_forward_backward_ms"]
-    s["redistribution_ms"] = comms
+    timed = [k for k, v in parts.items() if k.endswith("_ms")]
+    parts["parts_sum_ms"] = sum(parts[k] for k in timed)
+    parts["step_over_parts_sum"] = record["sharded_step_ms"] / parts["parts_sum_ms"]
+    comms = parts["input_dist_ms"] + parts["output_dist_ms"] + parts["gradient_dist_ms"]
+    parts["redistribution_ms"] = comms
+    record["sharded"] = parts
     record["redistribution_share"] = comms / record["sharded_step_ms"]
     record["per_gpu_throughput_vs_one_gpu"] = record["one_gpu_step_ms"] / record["sharded_step_ms"]
     record["examples_per_s"] = n * batch / (record["sharded_step_ms"] * 1e-3)
@@ -393,8 +451,18 @@ def main(argv=None) -> int:
     parser.add_argument("--link-mbytes", type=float, default=256.0)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument(
+        "--headroom", type=float, default=1.1,
+        help="ids_per_destination: expected ids per destination times this",
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes (the test suite)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="3 timing iterations, 64 MB bandwidth buffers (a scaling run in under 3 minutes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.quick:
+        args.iters, args.link_mbytes = 3, min(args.link_mbytes, 64.0)
     if args.small:
         args.max_rows, args.dim, args.batch, args.link_mbytes = 2000, 8, 16, 1.0
         args.capacity_gb, args.iters, args.backend = 0.014, 2, "xla"
