@@ -212,19 +212,19 @@ class CachedTBE:
         groups, caches = {}, {}
         for group in plan.groups:
             dtype = np.dtype(jnp.dtype(group.dtype))
-            parts = []
-            for name in group.tables:
-                t = self.op.table_names.index(name)
-                rows = self.op.embedding_specs[t][0]
-                if seed is None:
-                    parts.append(np.zeros((rows, group.dim), dtype))
-                else:
+            if seed is None:  # one zero buffer, its pages allocated as rows are first written
+                weight = np.zeros((group.num_rows, group.dim), dtype)
+            else:
+                parts = []
+                for name in group.tables:
+                    t = self.op.table_names.index(name)
+                    rows = self.op.embedding_specs[t][0]
                     bound = 1.0 / math.sqrt(rows)
                     draw = np.random.default_rng((seed, t)).uniform(
                         -bound, bound, (rows, group.dim)
                     )
                     parts.append(draw.astype(np.float32).astype(dtype))
-            weight = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                weight = parts[0] if len(parts) == 1 else np.concatenate(parts)
             layout = self.layouts.get(group.name)
             if layout is None:
                 groups[group.name] = init_fused_table(jnp.asarray(weight), optimizer)
