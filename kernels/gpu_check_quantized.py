@@ -277,7 +277,8 @@ def main(argv=None) -> None:
         pct = 100 * nbytes / sec / (args.copy_tbps * 1e12)
         print(
             f"{name:26s} {sec * 1e3:9.3f} ms  {n / sec / 1e9:7.2f} G lookups/s  "
-            f"{nbytes / 1e9:7.3f} GB read  {pct:5.1f}% of copy bandwidth"
+            f"{nbytes / 1e9:7.3f} GB read  {pct:5.1f}% of copy bandwidth",
+            flush=True,
         )
     if args.diagnose:
         q = quantize_rows(w, "int4")
