@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxrec_kernels.layout import FeatureLayout
 from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference
 from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
 
@@ -91,7 +92,7 @@ class Group:
     dim: int
     tables: list[int]
     weights: jax.Array
-    features: tuple[tuple[int, int, int, int], ...]
+    features: tuple[FeatureLayout, ...]
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ def make_inputs(
         tables = [t for t, (_, d) in enumerate(shape.tables) if d == dim]
         feats, row = [], 0
         for t in tables:
-            feats.append((t, row, shape.tables[t][0], col_of[t]))
+            feats.append(FeatureLayout(t, row, shape.tables[t][0], col_of[t]))
             row += shape.tables[t][0]
         key, sub = jax.random.split(key)
         w = _random_table(sub, row, dim, DTYPES[dtype])
@@ -327,8 +328,8 @@ def _naive_xla_fn(inputs: BenchInputs, pooling: str):
     for g in inputs.groups:
         slot = np.full(len(shape.tables), -1)
         row_off = np.zeros(len(shape.tables), np.int64)
-        for k, (t, r, _, _) in enumerate(g.features):
-            slot[t], row_off[t] = k, r
+        for k, feat in enumerate(g.features):
+            slot[feat.kjt_index], row_off[feat.kjt_index] = k, feat.row_offset
         sel = np.nonzero(slot[table_of_pos] >= 0)[0]
         seg = slot[table_of_pos[sel]] * batch + bag_of_pos[sel] % batch
         cnt = np.maximum(lengths.reshape(-1, batch)[g.tables], 1).astype(np.float32)
@@ -388,8 +389,8 @@ def _torch_setup(inputs: BenchInputs, pooling: str, op: str):
         for g in inputs.groups:
             row_off = np.zeros(len(inputs.shape.tables), np.int64)
             slot = np.zeros(len(inputs.shape.tables), bool)
-            for t, r, _, _ in g.features:
-                row_off[t], slot[t] = r, True
+            for feat in g.features:
+                row_off[feat.kjt_index], slot[feat.kjt_index] = feat.row_offset, True
             sel = slot[table_of_pos]
             gl = lengths.reshape(-1, batch)[g.tables].reshape(-1)
             goffs = np.concatenate([[0], np.cumsum(gl)])[:-1]
@@ -533,8 +534,8 @@ def sequence_fn(
             row_offs = []
             for g in inputs.groups:
                 ro = np.full(len(shape.tables), -1, np.int64)
-                for t, r, _, _ in g.features:
-                    ro[t] = r
+                for feat in g.features:
+                    ro[feat.kjt_index] = feat.row_offset
                 row_offs.append(jnp.asarray(ro[table_of_pos], jnp.int32))
 
             def naive(fixed, ids, offsets, psw):

@@ -29,12 +29,13 @@ from jaxrec.modules.state_dict import (
     load_tables,
 )
 from jaxrec.ops.backend import BoundsCheckMode
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import lookup
 from jaxrec.ops.options import LookupOptions
 from jaxrec.ops.plan import LookupPlan, build_plan, optimizer_tags
+from jaxrec.ops.sharded import local_row_block
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.optim.sparse_optimizers import SparseOptimizer
 from jaxrec.parallel.collection_sharding import sharded_collection_lookup
-from jaxrec.parallel.row_sharding import local_row_block
 from jaxrec.sparse import KeyedJaggedTensor
 
 __all__ = ["EmbeddingCollectionBase"]

@@ -37,7 +37,8 @@ import jax
 from jaxrec.configs import EmbeddingBagConfig, embedding_names_by_table
 from jaxrec.modules.collection_base import EmbeddingCollectionBase
 from jaxrec.modules.input_checks import check_features
-from jaxrec.ops.lookup import LookupSpec, sparse_gradients
+from jaxrec.ops.lookup import sparse_gradients
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 

@@ -1,11 +1,15 @@
-"""Which implementation runs a lookup, and how bad ids are treated.
+"""Which implementation runs each operation of a lookup, and how bad ids are treated.
 
-On a GPU the Pallas kernels are the default (lookups and the fused backward);
-elsewhere the pure-XLA path is. ``backend="pallas"`` on a machine without a GPU
-runs the kernels in Pallas' interpret mode, so they can be checked anywhere.
+The choice is made here, once, per operation (:data:`Operation`): ``"auto"`` takes the
+implementation measured fastest on a GPU (:data:`AUTO_ON_GPU`) and the pure-XLA path
+elsewhere; ``backend="pallas"`` on a machine without a GPU runs the kernels in Pallas'
+interpret mode, so they can be checked anywhere. :func:`kernel` hands out the function
+that runs an operation under a resolved :class:`Backend`.
 
 >>> resolve_backend("xla")
 Backend(name='xla', interpret=False)
+>>> kernel("sequence", resolve_backend("xla")).__name__
+'sequence_lookup_reference'
 >>> BoundsCheckMode("warning") is BoundsCheckMode.WARNING
 True
 """
@@ -13,11 +17,44 @@ True
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
+from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference
+from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
+from jaxrec_kernels.sparse_update import fused_sparse_update, fused_sparse_update_reference
+from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
 
 BACKENDS = ("auto", "pallas", "xla")
+
+BackendName = Literal["pallas", "xla"]
+
+Operation = Literal["pooled", "sequence", "update", "weight_gradient"]
+"""The operations of a lookup: the pooled and sequence forwards, the fused sparse update
+of the backward, and the gradient w.r.t. per-sample weights."""
+
+AUTO_ON_GPU: dict[Operation, BackendName] = {
+    # The pooled forward kernel reaches 79-82% of peak DRAM throughput on "large" fp32
+    # (BENCHMARKS.md, "What limits the pooled forward").
+    "pooled": "pallas",
+    # The sequence kernel copies rows at 92.5-98.5% of the JAX copy bandwidth (runs 20 and
+    # 30 on "large"), ahead of XLA's gather at 90.4% (2.15-2.23 ms against 1.97-2.08 ms;
+    # BENCHMARKS.md, "Sequence lookups").
+    "sequence": "pallas",
+    # The fused backward and the weight gradient have no XLA path that updates in place
+    # with one pass over the touched rows (BENCHMARKS.md, "Fused sparse backward").
+    "update": "pallas",
+    "weight_gradient": "pallas",
+}
+
+_IMPLEMENTATIONS: dict[Operation, tuple[Callable, Callable]] = {
+    "pooled": (pooled_lookup, pooled_lookup_reference),
+    "sequence": (sequence_lookup, sequence_lookup_reference),
+    "update": (fused_sparse_update, fused_sparse_update_reference),
+    "weight_gradient": (weight_gradient, weight_gradient_reference),
+}
 
 
 class BoundsCheckMode(enum.Enum):
@@ -50,20 +87,35 @@ class BoundsCheckMode(enum.Enum):
 
 
 class Backend(NamedTuple):
-    name: str  # "pallas" or "xla"
+    name: BackendName
     interpret: bool  # Pallas interpret mode (no GPU)
 
 
-def resolve_backend(backend: str) -> Backend:
-    """Turn ``"auto" | "pallas" | "xla"`` into the implementation that runs."""
+def resolve_backend(backend: str, operation: Operation = "pooled") -> Backend:
+    """Turn ``"auto" | "pallas" | "xla"`` into the implementation that runs ``operation``.
+
+    ``"auto"``: :data:`AUTO_ON_GPU` on a GPU, XLA elsewhere.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if operation not in AUTO_ON_GPU:
+        raise ValueError(f"operation must be one of {tuple(AUTO_ON_GPU)}, got {operation!r}")
     on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
-        backend = "pallas" if on_gpu else "xla"
+        backend = AUTO_ON_GPU[operation] if on_gpu else "xla"
     if backend == "pallas":
         return Backend("pallas", interpret=not on_gpu)
     return Backend("xla", interpret=False)
+
+
+@functools.cache
+def kernel(operation: Operation, backend: Backend) -> Callable:
+    """The function that runs ``operation`` under ``backend``: the Pallas kernel's entry
+    point (with ``interpret`` bound) or its XLA reference; both take the same arguments."""
+    pallas, reference = _IMPLEMENTATIONS[operation]
+    if backend.name == "pallas":
+        return functools.wraps(pallas)(functools.partial(pallas, interpret=backend.interpret))
+    return reference
 
 
 def as_bounds_check_mode(mode: BoundsCheckMode | str) -> BoundsCheckMode:

@@ -1,4 +1,5 @@
-"""Functional table-batched lookups with a custom VJP.
+"""Functional table-batched lookups with a custom VJP (the spec: :mod:`jaxrec.ops.spec`;
+row-sharded views: :mod:`jaxrec.ops.sharded`).
 
 One call looks up every group of a collection: one kernel launch per group
 (never per feature or table). The backward either
@@ -32,122 +33,45 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxrec_kernels.pooled_lookup import (
-    covered_columns,
-    pooled_lookup,
-    pooled_lookup_reference,
-    position_bags,
-)
-from jaxrec_kernels.sequence_lookup import sequence_lookup, sequence_lookup_reference
+from jaxrec_kernels.layout import counts_bad_ids, covered_columns
 from jaxrec_kernels.sparse_update import (
-    fused_sparse_update,
-    fused_sparse_update_reference,
     fused_update_from_row_gradients,
     skips_nonfinite,
     sparse_row_gradients,
 )
-from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
 
-from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
+from jaxrec.ops.backend import Backend, BoundsCheckMode, Operation, kernel
 from jaxrec.ops.bags import checked_offsets
 from jaxrec.ops.nonfinite import report_nonfinite_rows
-from jaxrec.ops.plan import LookupPlan
+from jaxrec.ops.sharded import (
+    bind_row_shards,
+    bound_axis_size,
+    check_parallel_axes,
+    group_views,
+    group_weight,
+)
+from jaxrec.ops.spec import GroupSpec, LookupSpec
 from jaxrec.optim.fused import FusedTableParams, lookup_cotangent
-from jaxrec.optim.sparse_optimizers import SparseOptimizer
+
+__all__ = [
+    "lookup",
+    "sparse_gradients",
+    # the spec and the row-sharded views, importable from here as before
+    "GroupSpec",
+    "LookupSpec",
+    "bound_axis_size",
+    "check_parallel_axes",
+]
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    """What the kernels of one group need, all static."""
-
-    features: tuple[tuple[int, int, int, int], ...]
-    dim: int
-    num_rows: int
-    pooling: str  # "sum" | "mean" | "none"
-    optimizer: Any = None  # the jaxrec.optim.SparseOptimizer of a fused group
-
-
-@dataclass(frozen=True)
-class LookupSpec:
-    """Static description of one collection lookup (hashable: a custom VJP argument)."""
-
-    groups: tuple[GroupSpec, ...]
-    batch_size: int
-    num_columns: int
-    pooled: bool
-    bounds_check: str
-    backend: str
-    interpret: bool
-    out_dtype: str | None
-    data_parallel_axis: str | None = None  # mesh axis of data-parallel replicas (shard_map)
-    row_shard_axis: str | None = None  # mesh axis the tables' rows are split over (shard_map)
-    row_shards: int = 1  # that axis's size where it is bound, else 1 (set by ``lookup``)
-
-    @classmethod
-    def create(
-        cls,
-        plan: LookupPlan,
-        kjt_keys: tuple[str, ...],
-        *,
-        batch_size: int,
-        bounds_check: BoundsCheckMode | str = BoundsCheckMode.WARNING,
-        backend: str = "auto",
-        out_dtype: Any = None,
-        optimizer: Any = None,
-        data_parallel_axis: str | None = None,
-        row_shard_axis: str | None = None,
-    ) -> LookupSpec:
-        """The spec of a lookup of ``plan`` for a KJT with ``kjt_keys``.
-
-        ``optimizer``: the fused optimizer of every group, or a sequence with one entry per
-        group (``None`` for a plain table). ``row_shard_axis``: see :func:`lookup`.
-        """
-        check_parallel_axes(data_parallel_axis, row_shard_axis)
-        chosen = resolve_backend(backend)
-        mode = BoundsCheckMode(bounds_check) if isinstance(bounds_check, str) else bounds_check
-        if isinstance(optimizer, list | tuple) and not isinstance(optimizer, SparseOptimizer):
-            if len(optimizer) != len(plan.groups):
-                raise ValueError(f"got {len(optimizer)} optimizers for {len(plan.groups)} groups")
-            optimizers = tuple(optimizer)
-        else:
-            optimizers = (optimizer,) * len(plan.groups)
-        groups = tuple(
-            GroupSpec(
-                plan.kernel_features(g, tuple(kjt_keys)),
-                group.dim,
-                group.num_rows,
-                group.pooling,
-                optimizers[g],
-            )
-            for g, group in enumerate(plan.groups)
-        )
-        return cls(
-            groups=groups,
-            batch_size=batch_size,
-            num_columns=plan.num_columns,
-            pooled=plan.pooled,
-            bounds_check=mode.value,
-            backend=chosen.name,
-            interpret=chosen.interpret,
-            out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
-            data_parallel_axis=data_parallel_axis,
-            row_shard_axis=row_shard_axis,
-        )
-
-
-def _weight(param: jax.Array | FusedTableParams) -> jax.Array:
-    return param.weight if isinstance(param, FusedTableParams) else param
-
-
-def _kernel_options(spec: LookupSpec) -> dict[str, Any]:
-    return {"interpret": spec.interpret} if spec.backend == "pallas" else {}
+def _kernel(spec: LookupSpec, operation: Operation):
+    """The implementation of ``operation`` the spec's backend resolved to."""
+    return kernel(operation, Backend(spec.backend, spec.interpret))
 
 
 def _groups_cover_output(spec: LookupSpec) -> bool:
@@ -156,89 +80,20 @@ def _groups_cover_output(spec: LookupSpec) -> bool:
     return bool(np.logical_or.reduce(covered).all())
 
 
-def bound_axis_size(axis: str) -> int | None:
-    """The size of mesh axis ``axis`` where it is bound (inside ``shard_map``), else None."""
-    try:
-        return int(jax.lax.axis_size(axis))
-    except NameError:
-        return None
-
-
-def check_parallel_axes(data_parallel_axis: str | None, row_shard_axis: str | None) -> None:
-    """Refuse the combination of data-parallel replicas and row-sharded tables (not built)."""
-    if data_parallel_axis is not None and row_shard_axis is not None:
-        raise ValueError(
-            "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
-            "over one mesh axis and keep the whole batch on it"
-        )
-
-
-def _row_shard(
-    spec: LookupSpec, group: GroupSpec, local_rows: int, ids, kjt_of_pos, live, num_kjt: int
-):
-    """This device's view of ``group`` when its rows are split over ``spec.row_shard_axis``.
-
-    Device ``d`` holds stacked rows ``[d * local_rows, (d + 1) * local_rows)``. Returns the
-    group with one local table (``(kjt, 0, local_rows, col)`` per feature), the ids
-    rewritten to local rows (an id in another shard, outside its table or in a feature
-    outside the group becomes -1, which every kernel skips) and the number of the group's
-    ids outside their tables, once per group feature that reads them.
-    """
-    if local_rows * spec.row_shards != group.num_rows:
-        raise ValueError(
-            f"a table group of {group.num_rows} rows holds {local_rows} rows on this device, "
-            f"not 1/{spec.row_shards} of them: pass the tables split by rows over mesh axis "
-            f"{spec.row_shard_axis!r} (jaxrec.parallel.row_shardings) into shard_map"
-        )
-    row_offset = np.zeros(num_kjt, np.int32)
-    num_rows = np.full(num_kjt, -1, np.int32)
-    listings = np.zeros(num_kjt, np.int32)
-    for kjt, offset, rows, _ in group.features:
-        if num_rows[kjt] >= 0 and (row_offset[kjt], num_rows[kjt]) != (offset, rows):
-            raise ValueError(
-                f"KJT feature {kjt} reads two tables of one group; row sharding needs one"
-            )
-        row_offset[kjt], num_rows[kjt] = offset, rows
-        listings[kjt] += 1
-    limit = jnp.asarray(num_rows)[kjt_of_pos]
-    read = live & (limit >= 0)
-    ok = read & (ids >= 0) & (ids < limit)
-    first = jax.lax.axis_index(spec.row_shard_axis) * local_rows
-    local_ids = jnp.where(ok, jnp.asarray(row_offset)[kjt_of_pos] + ids - first, -1)
-    bad = jnp.sum(jnp.where(read & ~ok, jnp.asarray(listings)[kjt_of_pos], 0))
-    features = tuple((k, 0, local_rows, col) for k, _, _, col in group.features)
-    return dataclasses.replace(group, features=features, num_rows=local_rows), local_ids, bad
-
-
-def _group_views(spec: LookupSpec, params: tuple, ids, offsets):
-    """Per group: (group spec, ids, bad id count) as this device sees them: its row shard
-    when sharded (counts of the global ids), else the group itself (count 0, the kernels
-    count)."""
-    if spec.row_shards == 1:
-        return [(group, ids, 0) for group in spec.groups]
-    bags, live = position_bags(offsets, ids.shape[0])
-    kjt_of_pos = bags // spec.batch_size
-    num_kjt = (offsets.shape[0] - 1) // spec.batch_size
-    return [
-        _row_shard(spec, group, _weight(param).shape[0], ids, kjt_of_pos, live, num_kjt)
-        for group, param in zip(spec.groups, params, strict=True)
-    ]
-
-
 def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
     """Run every group's forward kernel; returns (outputs, bad id count).
 
     Row-sharded: each device looks its rows up (other ids give zero rows), the partial
     results are summed over the axis and bad ids are counted once, on the global ids.
     """
-    views = _group_views(spec, params, ids, offsets)
+    views = group_views(spec, params, ids, offsets)
     if spec.row_shards == 1:
         return _local_forward(spec, params, views, offsets, weights)
-    local_spec = dataclasses.replace(spec, bounds_check="ignore")
+    local_spec = dataclasses.replace(spec, bounds_check=BoundsCheckMode.IGNORE.value)
     out, _ = _local_forward(local_spec, params, views, offsets, weights)
     out = jax.lax.psum(out, spec.row_shard_axis)
     bad = jnp.zeros((), jnp.int32)
-    if spec.bounds_check in ("fatal", "warning"):
+    if counts_bad_ids(spec.bounds_check):
         bad = sum(count for _, _, count in views).astype(jnp.int32)
     return out, bad
 
@@ -246,17 +101,16 @@ def _forward(spec: LookupSpec, params: tuple, ids, offsets, weights):
 def _local_forward(spec: LookupSpec, params: tuple, views, offsets, weights):
     """Every group's forward kernel over its (group, ids) view."""
     bad = jnp.zeros((), jnp.int32)
-    options = _kernel_options(spec)
     if spec.pooled:
-        fn = pooled_lookup if spec.backend == "pallas" else (pooled_lookup_reference)
-        out_dtype = spec.out_dtype or jnp.result_type(*(_weight(p).dtype for p in params)).name
+        fn = _kernel(spec, "pooled")
+        out_dtype = spec.out_dtype or jnp.result_type(*(group_weight(p).dtype for p in params)).name
         out = None
         # Every output column belongs to some group, so the first group need not zero-fill
         # the columns of the others.
         fill = not _groups_cover_output(spec)
         for (group, ids, _), param in zip(views, params, strict=True):
             out, count = fn(
-                _weight(param),
+                group_weight(param),
                 ids,
                 offsets,
                 weights,
@@ -268,22 +122,20 @@ def _local_forward(spec: LookupSpec, params: tuple, views, offsets, weights):
                 out=out,
                 out_dtype=out_dtype,
                 fill_uncovered=fill,
-                **options,
             )
             bad = bad + count
         return out, bad
-    fn = sequence_lookup if spec.backend == "pallas" else (sequence_lookup_reference)
+    fn = _kernel(spec, "sequence")
     outs = []
     for (group, ids, _), param in zip(views, params, strict=True):
         rows, count = fn(
-            _weight(param),
+            group_weight(param),
             ids,
             offsets,
             group.features,
             batch_size=spec.batch_size,
             bounds_check=spec.bounds_check,
             out_dtype=spec.out_dtype,
-            **options,
         )
         outs.append(rows)
         bad = bad + count
@@ -323,10 +175,7 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             spec, group, param, step, grad_out, ids, offsets, weights
         )
     else:
-        if spec.backend == "pallas":
-            update = functools.partial(fused_sparse_update, interpret=spec.interpret)
-        else:
-            update = fused_sparse_update_reference
+        update = _kernel(spec, "update")
         new_weight, new_state, nonfinite = update(
             param.weight,
             param.state,
@@ -416,11 +265,8 @@ def _weights_cotangent(spec: LookupSpec, params: tuple, views, grad_out, offsets
     total = None
     for (group, group_ids, _), param in zip(views, params, strict=True):
         kwargs = {"batch_size": spec.batch_size, "pooling": group.pooling, "out": total}
-        if spec.backend == "pallas":
-            fn = functools.partial(weight_gradient, interpret=spec.interpret)
-        else:
-            fn = weight_gradient_reference
-        total = fn(_weight(param), group_ids, offsets, grad_out, group.features, **kwargs)
+        fn = _kernel(spec, "weight_gradient")
+        total = fn(group_weight(param), group_ids, offsets, grad_out, group.features, **kwargs)
     if spec.row_shards > 1:
         total = jax.lax.psum(total, spec.row_shard_axis)
     return total.astype(weights.dtype)
@@ -429,7 +275,7 @@ def _weights_cotangent(spec: LookupSpec, params: tuple, views, grad_out, offsets
 def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     params, ids, offsets, weights = residuals
     grad_out, _ = cotangents
-    views = _group_views(spec, params, ids, offsets)
+    views = group_views(spec, params, ids, offsets)
     weights_grad = None
     if weights is not None:
         weights_grad = _weights_cotangent(spec, params, views, grad_out, offsets, weights)
@@ -449,14 +295,6 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
-
-
-def _bind_row_shards(spec: LookupSpec) -> LookupSpec:
-    """``spec`` with ``row_shards`` set to the row axis's size where it is bound, else 1."""
-    if spec.row_shard_axis is None:
-        return spec
-    size = bound_axis_size(spec.row_shard_axis)
-    return dataclasses.replace(spec, row_shards=1 if size is None else size)
 
 
 def lookup(
@@ -494,7 +332,7 @@ def lookup(
     summed over the axis (``psum``), and the backward updates each device's rows only.
     Where the axis is not bound the lookup is the unsharded one.
     """
-    spec = _bind_row_shards(spec)
+    spec = bind_row_shards(spec)
     offsets, bad_bags = checked_offsets(offsets, ids.shape[0])
     out, bad = _lookup(spec, tuple(params), ids, offsets, weights)
     if spec.bounds_check == BoundsCheckMode.FATAL.value:
@@ -507,7 +345,7 @@ def lookup(
             "(bounds_check_mode=FATAL)",
             count=bad_bags,
         )
-    if spec.bounds_check in (BoundsCheckMode.FATAL.value, BoundsCheckMode.WARNING.value):
+    if counts_bad_ids(spec.bounds_check):
         bad = bad + bad_bags
     return out, bad
 
@@ -529,7 +367,7 @@ def sparse_gradients(
     own consumes; scatter-adding ``row_grads`` at ``rows`` (``mode="drop"``) gives the
     dense gradient.
     """
-    if _bind_row_shards(spec).row_shards > 1:
+    if bind_row_shards(spec).row_shards > 1:
         raise ValueError(
             "sparse_gradients of row-sharded tables is not supported; call it outside "
             f"shard_map over {spec.row_shard_axis!r} with the whole tables"

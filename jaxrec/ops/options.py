@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxrec.ops.backend import BoundsCheckMode, as_bounds_check_mode, resolve_backend
-from jaxrec.ops.lookup import check_parallel_axes
+from jaxrec.ops.sharded import check_parallel_axes
 
 __all__ = ["LookupOptions"]
 

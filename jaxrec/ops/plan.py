@@ -16,8 +16,8 @@ never enter it.
 [('sum_float32_d3', ('t1', 't3'), 15), ('sum_float32_d4', ('t2',), 10)]
 >>> [(f.name, f.group, f.row_offset, f.col_offset) for f in plan.features]
 [('f1', 0, 0, 0), ('f2', 1, 0, 3), ('f3', 0, 10, 7)]
->>> plan.kernel_features(0, ("f3", "f2", "f1"))
-((2, 0, 10, 0), (0, 10, 5, 7))
+>>> [tuple(f) for f in plan.kernel_features(0, ("f3", "f2", "f1"))]
+[(2, 0, 10, 0), (0, 10, 5, 7)]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jaxrec_kernels.layout import FeatureLayout
 
 from jaxrec.configs import (
     BaseEmbeddingConfig,
@@ -104,13 +105,11 @@ class LookupPlan:
     def _tables_by_name(self) -> dict[str, TablePlacement]:
         return {t.name: t for t in self.tables}
 
-    def kernel_features(
-        self, group: int, kjt_keys: tuple[str, ...]
-    ) -> tuple[tuple[int, int, int, int], ...]:
-        """The kernels' per-feature metadata of one group for a KJT with `kjt_keys`.
+    def kernel_features(self, group: int, kjt_keys: tuple[str, ...]) -> tuple[FeatureLayout, ...]:
+        """The kernels' per-feature layout of one group for a KJT with `kjt_keys`.
 
-        One ``(kjt_feature_index, row_offset, num_rows, col_offset)`` per feature
-        of the group, in the collection's feature order.
+        One :class:`~jaxrec_kernels.layout.FeatureLayout` ``(kjt_index, row_offset, num_rows,
+        col_offset)`` per feature of the group, in the collection's feature order.
         """
         return _kernel_features(self, group, tuple(kjt_keys))
 
@@ -118,10 +117,10 @@ class LookupPlan:
 @functools.lru_cache(maxsize=256)
 def _kernel_features(
     plan: LookupPlan, group: int, kjt_keys: tuple[str, ...]
-) -> tuple[tuple[int, int, int, int], ...]:
+) -> tuple[FeatureLayout, ...]:
     index = {key: i for i, key in enumerate(kjt_keys)}
     return tuple(
-        (index[f.name], f.row_offset, f.num_rows, f.col_offset)
+        FeatureLayout(index[f.name], f.row_offset, f.num_rows, f.col_offset)
         for f in plan.features
         if f.group == group
     )

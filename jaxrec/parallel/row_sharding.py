@@ -35,14 +35,16 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrec.ops.lookup import bound_axis_size
-from jaxrec.optim.fused import FusedTableParams
+from jaxrec.ops.sharded import (
+    check_divisible,
+    is_fused_table,
+    local_row_block,
+    map_row_leaves,
+)
+
+__all__ = ["local_row_block", "row_partition_specs", "row_shardings", "shard_rows"]
 
 TABLE_COLLECTIONS = ("embedding_bags", "embeddings")
-
-
-def _is_fused(node: Any) -> bool:
-    return isinstance(node, FusedTableParams)
 
 
 def _under_table_collection(path: tuple) -> bool:
@@ -51,34 +53,6 @@ def _under_table_collection(path: tuple) -> bool:
 
 def _split_rows(axis: str, ndim: int) -> P:
     return P(axis, *([None] * (ndim - 1)))
-
-
-def _check_divisible(where: str, rows: int, size: int, axis: str) -> None:
-    if rows % size:
-        raise ValueError(
-            f"the table group{where} has {rows} rows, which do not split evenly over the "
-            f"{size} devices of mesh axis {axis!r}; choose num_embeddings so that every "
-            "stacked group's total is a multiple of the axis size"
-        )
-
-
-def _map_group(node: Any, split, keep) -> Any:
-    """One table group with ``split(leaf, rows)`` on its row-indexed leaves (the table and
-    per-row optimizer state) and ``keep(leaf)`` on the rest (``step``, ``uses``, scalars)."""
-    if _is_fused(node):
-        rows = node.weight.shape[0]
-        per_row = lambda leaf: (
-            split(leaf, rows)
-            if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == rows
-            else keep(leaf)
-        )
-        return FusedTableParams(
-            weight=split(node.weight, rows),
-            state=jax.tree.map(per_row, node.state),
-            step=keep(node.step),
-            uses=keep(node.uses),
-        )
-    return split(node, node.shape[0]) if getattr(node, "ndim", 0) >= 2 else keep(node)
 
 
 def row_shardings(variables: Any, mesh: Mesh, axis: str) -> Any:
@@ -97,33 +71,12 @@ def row_shardings(variables: Any, mesh: Mesh, axis: str) -> Any:
             return jax.tree.map(lambda _: replicated, node)
 
         def split(leaf, rows):
-            _check_divisible(f" at {jax.tree_util.keystr(path)}", rows, size, axis)
+            check_divisible(f" at {jax.tree_util.keystr(path)}", rows, size, axis)
             return NamedSharding(mesh, _split_rows(axis, leaf.ndim))
 
-        return _map_group(node, split, lambda _: replicated)
+        return map_row_leaves(node, split, lambda _: replicated)
 
-    return jax.tree_util.tree_map_with_path(place, variables, is_leaf=_is_fused)
-
-
-def local_row_block(groups: Any, axis: str) -> Any:
-    """This device's block of rows of every table group (``{name: table or fused params}``)
-    inside ``shard_map`` over ``axis``; the groups unchanged where ``axis`` is not bound.
-
-    What a collection with ``row_shard_axis`` initialises inside ``shard_map``: the same
-    tables as outside, each device keeping its own rows.
-    """
-    size = bound_axis_size(axis)
-    if size is None:
-        return groups
-    index = jax.lax.axis_index(axis)
-
-    def split(leaf, rows):
-        _check_divisible("", rows, size, axis)
-        return jax.lax.dynamic_slice_in_dim(leaf, index * (rows // size), rows // size)
-
-    return jax.tree.map(
-        lambda node: _map_group(node, split, lambda leaf: leaf), groups, is_leaf=_is_fused
-    )
+    return jax.tree_util.tree_map_with_path(place, variables, is_leaf=is_fused_table)
 
 
 def row_partition_specs(variables: Any, mesh: Mesh, axis: str) -> Any:

@@ -59,7 +59,8 @@ import numpy as np
 from jax.experimental import checkify
 
 from jaxrec.ops.backend import BoundsCheckMode, resolve_backend
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import lookup
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.parallel.input_dist import bags_of_positions, compact, route, routing_tables
 from jaxrec.parallel.layout import ShardedLayout
 

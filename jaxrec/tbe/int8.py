@@ -58,8 +58,9 @@ from jaxrec_kernels.sparse_update import (
 
 from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.ops.bags import checked_offsets
-from jaxrec.ops.lookup import GroupSpec, LookupSpec, _zero_after
+from jaxrec.ops.lookup import _zero_after
 from jaxrec.ops.nonfinite import report_nonfinite_rows
+from jaxrec.ops.spec import GroupSpec, LookupSpec
 from jaxrec.optim.fused import FusedTableParams, init_fused_table, lookup_cotangent
 from jaxrec.optim.sparse_optimizers import SparseOptimizer
 

@@ -41,8 +41,9 @@ from jaxrec.configs import DataType, EmbeddingBagConfig, EmbeddingConfig, Poolin
 from jaxrec.modules.stacked_tables import init_groups, table_views
 from jaxrec.modules.state_dict import load_tables
 from jaxrec.ops.backend import resolve_backend
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import lookup
 from jaxrec.ops.plan import LookupPlan, build_plan
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.optim.fused import FusedTableParams, init_fused_table
 from jaxrec.tbe.enums import (
     BoundsCheckMode,

@@ -12,8 +12,9 @@ from jax.experimental import checkify
 
 from jaxrec.configs import EmbeddingBagConfig, EmbeddingConfig
 from jaxrec.modules.embedding_collection import EmbeddingCollection
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import lookup
 from jaxrec.ops.plan import build_plan
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.sparse import KeyedJaggedTensor
 
 BACKENDS = ["xla", "pallas"]

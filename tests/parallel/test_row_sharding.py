@@ -19,7 +19,8 @@ from jaxrec import (
     EmbeddingConfig,
     KeyedJaggedTensor,
 )
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import lookup
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.parallel import row_partition_specs, row_shardings, shard_rows
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (forced host) devices")

@@ -19,7 +19,8 @@ from jaxrec import (
     KeyedJaggedTensor,
     PoolingType,
 )
-from jaxrec.ops.lookup import LookupSpec, lookup
+from jaxrec.ops.lookup import lookup
+from jaxrec.ops.spec import LookupSpec
 from jaxrec.parallel.convert import partition_specs, shard_params, table_states, unshard_params
 from jaxrec.parallel.input_dist import destination_capacity, route, send_capacity
 from jaxrec.parallel.layout import ShardedLayout
