@@ -1,4 +1,4 @@
-"""Check and time the forward lookup kernels on a GPU: ``python -m jaxrec_kernels.gpu_check``.
+"""Check and time the forward lookup kernels on a GPU: ``python -m benchmarks.gpu_check``.
 
 1. ``correctness``: every case draws fresh random inputs (empty and long bags, repeated ids,
    shared tables, odd dims, fp32/fp16/bf16, SUM/MEAN, per-sample weights, out-of-range real
@@ -37,13 +37,16 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxrec_kernels._pallas_compat import next_power_of_2
+from jaxrec_kernels.pooled_lookup import PooledConfig, pooled_lookup, pooled_lookup_reference
+from jaxrec_kernels.sequence_lookup import (
+    SequenceConfig,
+    sequence_lookup,
+    sequence_lookup_reference,
+)
+from jaxrec_kernels.ulps import rounded_once_ulps
 
 from jaxrec import bench
-
-from ._pallas_compat import next_power_of_2
-from .pooled_lookup import PooledConfig, pooled_lookup, pooled_lookup_reference
-from .sequence_lookup import SequenceConfig, sequence_lookup, sequence_lookup_reference
-from .ulps import rounded_once_ulps
 
 # Candidate launch shapes: for short rows (D <= 64) and for wide rows (D >= 128).
 SHORT_ROW_VARIANTS = [

@@ -1,4 +1,4 @@
-"""Check and time the fused sparse backward on a GPU: ``python -m jaxrec_kernels.gpu_check_backward``.
+"""Check and time the fused sparse backward on a GPU: ``python -m benchmarks.gpu_check_backward``.
 
 1. ``correctness``: fresh random inputs (seed printed) on mid-size tables: the Pallas kernel
    against the XLA reference for several optimizers, poolings, dims, 16-bit tables and every
@@ -38,11 +38,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxrec.optim import sparse_optimizers as so
-
-from .pooled_lookup import pooled_lookup, pooled_lookup_reference, position_bags
-from .sparse_update import (
+from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference, position_bags
+from jaxrec_kernels.sparse_update import (
     SparseUpdateConfig,
     _occurrences,
     _run_lengths,
@@ -52,8 +49,10 @@ from .sparse_update import (
     fused_sparse_update_reference,
     sparse_row_gradients,
 )
-from .ulps import rounded_once_ulps
-from .weight_gradient import weight_gradient, weight_gradient_reference
+from jaxrec_kernels.ulps import rounded_once_ulps
+from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
+
+from jaxrec.optim import sparse_optimizers as so
 
 VARIANTS = [
     SparseUpdateConfig(4, 1, 1, 1),

@@ -1,5 +1,5 @@
 """Time host tables behind a device cache against all tables in HBM:
-``python -m jaxrec_kernels.gpu_check_cache``.
+``python -m benchmarks.gpu_check_cache``.
 
 The issue's model: 8 tables x 10M rows x 128 fp32 (``--tables --rows --dim``), B = 8192
 (``--batch``), bags of mean length 20 (lengths uniform in [0, 40], ``--mean-len``), fused

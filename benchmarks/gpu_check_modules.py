@@ -1,4 +1,4 @@
-"""Check and time what a user runs on a GPU: ``python -m jaxrec_kernels.gpu_check_modules``.
+"""Check and time what a user runs on a GPU: ``python -m benchmarks.gpu_check_modules``.
 
 Sections (``--sections``, comma-separated):
 
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxrec_kernels.sequence_lookup import SequenceConfig
+from jaxrec_kernels.ulps import rounded_once_ulps
 
 import jaxrec
 from jaxrec import (
@@ -46,9 +48,6 @@ from jaxrec import (
     bench,
     pad_to_capacity,
 )
-
-from .sequence_lookup import SequenceConfig
-from .ulps import rounded_once_ulps
 
 
 def _rel(a, b) -> float:

@@ -14,8 +14,8 @@ offsets on a 2.3 GB table).
 (the same float32 tables and ids, "large"): the forward and an EXACT_ROWWISE_ADAGRAD train
 step of each, timed in the same run, with their ratio (the target is within 3%).
 
-    python -m jaxrec_kernels.gpu_check_quantized --tbe      # on the GPU
-    python -m jaxrec_kernels.gpu_check_quantized --interpret --small --tbe
+    python -m benchmarks.gpu_check_quantized --tbe      # on the GPU
+    python -m benchmarks.gpu_check_quantized --interpret --small --tbe
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from .pooled_lookup import pooled_lookup
-from .quantized_lookup import (
+from jaxrec_kernels.pooled_lookup import pooled_lookup
+from jaxrec_kernels.quantized_lookup import (
     kernel_word_bytes,
     quantized_pooled_lookup,
     quantized_pooled_lookup_reference,
 )
-from .rowwise_quantization import quantize_rows, row_bytes
+from jaxrec_kernels.rowwise_quantization import quantize_rows, row_bytes
 
 
 def inputs(seed, tables, rows, dim, batch, max_len):

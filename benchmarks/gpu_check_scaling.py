@@ -1,12 +1,12 @@
-"""Weak scaling and capacity of model parallelism: ``python -m jaxrec_kernels.gpu_check_scaling``.
+"""Weak scaling and capacity of model parallelism: ``python -m benchmarks.gpu_check_scaling``.
 
 Launch (one process drives every local GPU through ``jax.shard_map``; NVLink multicast stays
 off)::
 
     NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \\
-        python -m jaxrec_kernels.gpu_check_scaling --out "$OUT"
+        python -m benchmarks.gpu_check_scaling --out "$OUT"
     NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \\
-        python -m jaxrec_kernels.gpu_check_scaling --mode capacity --capacity-gb 160 --out "$OUT"
+        python -m benchmarks.gpu_check_scaling --mode capacity --capacity-gb 160 --out "$OUT"
 
 ``--mode scaling`` (weak scaling): a DLRM over 26 tables with Criteo's cardinalities capped
 at ``--max-rows`` (4M), dim 128, fp32, fused row-wise Adagrad, ``--batch`` (16,384) examples
@@ -24,7 +24,7 @@ step; the per-GPU throughput against one GPU and the redistribution share of the
 ``--quick`` (3 timing iterations, 64 MB bandwidth buffers) keeps a 2-GPU scaling run under
 3 minutes::
 
-    python -m jaxrec_kernels.gpu_check_scaling --quick --out "$OUT"
+    python -m benchmarks.gpu_check_scaling --quick --out "$OUT"
 
 ``--mode capacity``: 26 equal tables totalling ``--capacity-gb`` of fp32 weights, planned
 over every GPU (refused on one: the message is recorded), created sharded, trained three

@@ -1,4 +1,4 @@
-"""Row-sharded tables on several GPUs: ``python -m jaxrec_kernels.gpu_check_sharding``.
+"""Row-sharded tables on several GPUs: ``python -m benchmarks.gpu_check_sharding``.
 
 Trains 8 tables x ``--rows`` x 128 (B=8192, bags 0..40, fused row-wise Adagrad) for three
 steps on one GPU and with the tables split by rows over every visible GPU, two ways:

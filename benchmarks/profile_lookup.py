@@ -1,6 +1,6 @@
 """Run one lookup per implementation twice, for a profiler to look at.
 
-``ncu --kernel-name regex:jaxrec python -m jaxrec_kernels.profile_lookup --op pooled
+``ncu --kernel-name regex:jaxrec python -m benchmarks.profile_lookup --op pooled
 --shape large`` profiles the Pallas kernels (``jaxrec_pooled_lookup``,
 ``jaxrec_sequence_lookup``) on a :mod:`jaxrec.bench` shape; ``--impls`` adds the XLA paths.
 """

@@ -10,7 +10,7 @@ Host memory is NumPy's: it works with every JAX backend and lets the host gather
 scatter rows while the device computes. (JAX 0.10's CPU backend also accepts
 ``memory_kind="pinned_host"`` arrays and gathers from them inside ``jit`` under
 ``jax.experimental.compute_on("device_host")`` when the indices are placed on the host
-too; ``kernels/gpu_check_cache.py`` times the NumPy path, which is the one built here.)
+too; ``benchmarks/gpu_check_cache.py`` times the NumPy path, which is the one built here.)
 
 >>> import numpy as np
 >>> table = HostTable(np.arange(8.0, dtype=np.float32).reshape(4, 2),

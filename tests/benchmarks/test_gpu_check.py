@@ -6,9 +6,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxrec_kernels import gpu_check, gpu_check_backward, gpu_check_modules
 from jaxrec_kernels.pooled_lookup import PooledConfig
 
+from benchmarks import gpu_check, gpu_check_backward, gpu_check_modules
 from jaxrec import bench
 
 

@@ -1,11 +1,12 @@
-"""kernels/gpu_check_cache.py runs on a CPU with tiny shapes, reports every number and
+"""benchmarks/gpu_check_cache.py runs on a CPU with tiny shapes, reports every number and
 prints each phase as it ends; its host-side setup helpers are fast and correct."""
 
 import argparse
 import json
 
 import numpy as np
-from jaxrec_kernels import gpu_check_cache
+
+from benchmarks import gpu_check_cache
 
 
 def test_cache_timing_script_reports_times_ratio_hit_rate_and_progress(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 import jax.numpy as jnp
 import pytest
-from jaxrec_kernels import gpu_check_quantized
-from jaxrec_kernels.gpu_check_quantized import main
+
+from benchmarks import gpu_check_quantized
+from benchmarks.gpu_check_quantized import main
 
 
 def test_cpu_mode_checks_and_times_int8_int4_and_fp32(capsys):

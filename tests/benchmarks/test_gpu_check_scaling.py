@@ -3,7 +3,7 @@ capacity run (planner refusal on one device, three fused steps on two)."""
 
 import json
 
-from jaxrec_kernels.gpu_check_scaling import main
+from benchmarks.gpu_check_scaling import main
 
 
 def test_cpu_mode_measures_scaling_and_capacity(tmp_path):

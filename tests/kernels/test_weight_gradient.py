@@ -128,7 +128,7 @@ def test_bad_arguments_are_refused_with_the_argument_named():
 
 
 def test_gpu_check_weights_section_runs_on_small_shapes(tmp_path):
-    from jaxrec_kernels import gpu_check_backward
+    from benchmarks import gpu_check_backward
 
     argv = ["--small", "--interpret", "--limit", "2", "--sections", "weights"]
     assert gpu_check_backward.main([*argv, "--out", str(tmp_path)]) == 0
