@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxrec.configs import BaseEmbeddingConfig
 from jaxrec.ops.plan import LookupPlan
+from jaxrec.ops.sharded import group_weight
 from jaxrec.optim.fused import FusedTableParams, init_fused_table
 from jaxrec.optim.sparse_optimizers import SparseOptimizer
 
@@ -55,11 +56,6 @@ def init_groups(
         weight = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
         groups[group.name] = weight if optimizer is None else init_fused_table(weight, optimizer)
     return groups
-
-
-def group_weight(entry: Any) -> jax.Array:
-    """The stacked table of a group entry (a plain array or a FusedTableParams)."""
-    return entry.weight if isinstance(entry, FusedTableParams) else entry
 
 
 def table_views(plan: LookupPlan, prefix: str, groups: Mapping[str, Any]) -> dict[str, jax.Array]:
