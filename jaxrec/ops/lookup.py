@@ -142,6 +142,11 @@ def _local_forward(spec: LookupSpec, params: tuple, views, offsets, weights):
     return tuple(outs), bad
 
 
+def _backward_arguments(spec: LookupSpec, group: GroupSpec) -> dict:
+    """The static keyword arguments every backward kernel of ``group`` takes."""
+    return {"batch_size": spec.batch_size, "dim": group.dim, "pooling": group.pooling}
+
+
 def _row_gradients(spec: LookupSpec, group: GroupSpec, grad_out, ids, offsets, weights):
     """One group's sparse gradient: (unique rows + sentinel, summed row gradients)."""
     return sparse_row_gradients(
@@ -150,10 +155,8 @@ def _row_gradients(spec: LookupSpec, group: GroupSpec, grad_out, ids, offsets, w
         offsets,
         weights,
         group.features,
-        batch_size=spec.batch_size,
-        dim=group.dim,
         num_rows=group.num_rows,
-        pooling=group.pooling,
+        **_backward_arguments(spec, group),
     )
 
 
@@ -185,11 +188,9 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             offsets,
             weights,
             group.features,
-            batch_size=spec.batch_size,
-            dim=group.dim,
-            pooling=group.pooling,
             optimizer=group.optimizer,
             return_nonfinite=True,
+            **_backward_arguments(spec, group),
         )
     if skips_nonfinite(group.optimizer):
         name = f"{group.pooling}_{jnp.dtype(param.weight.dtype).name}_d{group.dim}"
