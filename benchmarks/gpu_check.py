@@ -46,6 +46,7 @@ from jaxrec_kernels.sequence_lookup import (
 )
 from jaxrec_kernels.ulps import rounded_once_ulps
 
+from benchmarks._common import relative_error
 from jaxrec import bench
 
 # Candidate launch shapes: for short rows (D <= 64) and for wide rows (D >= 128).
@@ -109,20 +110,11 @@ def _poison_freed(shape, dtype) -> None:
     jnp.full(shape, jnp.nan, dtype).block_until_ready()
 
 
-def _rel(a, b) -> float:
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    den = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / (den if den else 1.0))
-
-
 def _error(out, ref) -> dict:
     """How far ``out`` is from the reference ``ref`` (same dtype): the relative error, and for
     16-bit outputs the largest distance in ulps; ``ok`` at 1e-6 relative (float32) or 1 ulp
     of the reference's float32 result rounded once (16-bit: summing in 16 bits fails)."""
-    err = {"relerr": _rel(out, ref)}
+    err = {"relerr": relative_error(out, ref)}
     if jnp.dtype(out.dtype).itemsize < 4:
         ulps = rounded_once_ulps(np.asarray(out), np.asarray(ref, np.float64), out.dtype)
         err["max_ulps"] = float(ulps.max(initial=0.0))
@@ -222,7 +214,7 @@ def _sequence_case(rng, *, dim, dtype, bounds, config, interpret):
         w, ids, offsets, feats, batch_size=batch, bounds_check=bounds
     )
     exact = bool(jnp.all(out == ref))
-    return {"relerr": _rel(out, ref), "ok": exact}, exact and int(c1) == int(c2)
+    return {"relerr": relative_error(out, ref), "ok": exact}, exact and int(c1) == int(c2)
 
 
 def correctness(seed: int, interpret: bool = False, limit: int | None = None) -> list[dict]:

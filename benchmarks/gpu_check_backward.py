@@ -52,6 +52,7 @@ from jaxrec_kernels.sparse_update import (
 from jaxrec_kernels.ulps import rounded_once_ulps
 from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
 
+from benchmarks._common import relative_error
 from jaxrec.optim import sparse_optimizers as so
 
 VARIANTS = [
@@ -123,13 +124,6 @@ def _median_ms(fn, carry, iters=20, reps=5):
     return float(np.median(times)), carry
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def _error(err) -> str:
     return "".join(traceback.format_exception_only(err))[-1500:]
 
@@ -181,8 +175,8 @@ def check_case(rng, sizes, opt, *, dim, pooling, dtype, weighted, config, interp
         "weighted": weighted,
         "config": dataclasses.asdict(config),
         "touched": int(touched.sum()),
-        "rel_dw": _rel(wg[touched] - w0[touched], ww[touched] - w0[touched]),
-        "rel_state": max([_rel(got[1][k], want[1][k]) for k in state] or [0.0]),
+        "rel_dw": relative_error(wg[touched] - w0[touched], ww[touched] - w0[touched]),
+        "rel_state": max([relative_error(got[1][k], want[1][k]) for k in state] or [0.0]),
         "untouched_bit_identical": same(got[0], w, ~touched)
         and all(same(got[1][k], state[k], ~touched) for k in state),
         "deterministic": same(got[0], again[0])
@@ -570,7 +564,7 @@ def weight_gradients(rng, sizes, interpret, limit=None):
             kw = {"batch_size": batch.batch_size, "pooling": pooling}
             got = weight_gradient(*args, interpret=interpret, **kw)
             want = weight_gradient_reference(*args, **kw)
-            case["rel_err"] = _rel(got[: batch.lookups], want[: batch.lookups])
+            case["rel_err"] = relative_error(got[: batch.lookups], want[: batch.lookups])
             case["padding_zero"] = bool(np.all(np.asarray(got[batch.lookups :]) == 0))
             case["ok"] = case["rel_err"] <= 1e-5 and case["padding_zero"]
         except Exception as err:  # record and go on: one failure must not hide the others

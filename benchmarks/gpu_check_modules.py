@@ -38,6 +38,7 @@ from jaxrec_kernels.sequence_lookup import SequenceConfig
 from jaxrec_kernels.ulps import rounded_once_ulps
 
 import jaxrec
+from benchmarks._common import relative_error
 from jaxrec import (
     EmbeddingBagCollection,
     EmbeddingBagConfig,
@@ -48,11 +49,6 @@ from jaxrec import (
     bench,
     pad_to_capacity,
 )
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _random_kjt(rng, keys, rows, batch, max_len, weighted=False, capacity=None):
@@ -101,7 +97,7 @@ def check_modules(seed: int, small: bool = False) -> dict:
         variables = xla.init(jax.random.key(seed), kjt)
         a = jax.jit(pallas.apply)(variables, kjt).values()
         b = jax.jit(xla.apply)(variables, kjt).values()
-        out[f"ebc_weighted={weighted}_relerr"] = _rel(a, b)
+        out[f"ebc_weighted={weighted}_relerr"] = relative_error(a, b)
     # 16-bit tables, long weighted bags, 16-bit outputs: within 1 ulp (a kernel that summed
     # in 16 bits would be several ulps off).
     for name, data_type in (("fp16", jaxrec.DataType.FP16), ("bf16", jaxrec.DataType.BF16)):
@@ -127,7 +123,7 @@ def check_modules(seed: int, small: bool = False) -> dict:
     )
     variables = ec_x.init(jax.random.key(seed), kjt)
     a, b = jax.jit(ec_p.apply)(variables, kjt), jax.jit(ec_x.apply)(variables, kjt)
-    out["ec_relerr"] = max(_rel(a[k].values(), b[k].values()) for k in a)
+    out["ec_relerr"] = max(relative_error(a[k].values(), b[k].values()) for k in a)
 
     # Fused training through the modules, both backends, 3 steps.
     optimizer = jaxrec.optim.exact_rowwise_adagrad(learning_rate=0.05)
@@ -156,7 +152,7 @@ def check_modules(seed: int, small: bool = False) -> dict:
             params, opt_state = step(params, opt_state, kjt, g)
         finals[backend] = {k: np.asarray(v) for k, v in ebc.state_dict({"params": params}).items()}
     out["fused_train_pallas_vs_xla_relerr"] = max(
-        _rel(finals["pallas"][k], finals["xla"][k]) for k in finals["xla"]
+        relative_error(finals["pallas"][k], finals["xla"][k]) for k in finals["xla"]
     )
     out["fused_train_bitwise_deterministic"] = all(
         np.array_equal(finals["pallas"][k], finals["pallas-again"][k]) for k in finals["xla"]
@@ -195,7 +191,7 @@ def check_sequence(seed: int, iters: int) -> dict:
             fn = bench.sequence_fn(inputs, "pallas", config=(lambda g, cfg=cfg: cfg))
         try:
             got = fn(*args[0])
-            err = max(_rel(a, b) for a, b in zip(got, want, strict=True))
+            err = max(relative_error(a, b) for a, b in zip(got, want, strict=True))
             ms = bench.time_op(fn, args, iters=iters)
             results[name] = {
                 "ms": ms,

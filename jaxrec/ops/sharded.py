@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxrec_kernels.layout import FeatureLayout, position_bags
 
-from jaxrec.optim.fused import FusedTableParams
+from jaxrec.optim.fused import FusedTableParams, is_fused_table
 
 if TYPE_CHECKING:
     from jaxrec.ops.spec import GroupSpec, LookupSpec
@@ -60,11 +60,6 @@ def check_parallel_axes(data_parallel_axis: str | None, row_shard_axis: str | No
             "data_parallel_axis and row_shard_axis cannot be combined yet; shard the rows "
             "over one mesh axis and keep the whole batch on it"
         )
-
-
-def is_fused_table(node: Any) -> bool:
-    """Whether ``node`` is a group entry with a fused optimizer (a pytree leaf here)."""
-    return isinstance(node, FusedTableParams)
 
 
 def group_weight(entry: Any) -> jax.Array:

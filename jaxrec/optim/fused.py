@@ -78,6 +78,7 @@ __all__ = [
     "apply_updates",
     "fused",
     "init_fused_table",
+    "is_fused_table",
     "lookup_cotangent",
 ]
 
@@ -197,17 +198,18 @@ def lookup_cotangent(
     return FusedTableParams(weight=weight, state=state, step=step, uses=marker)
 
 
-def _is_fused(node: Any) -> bool:
+def is_fused_table(node: Any) -> bool:
+    """Whether ``node`` is a fused table group entry (a pytree leaf for the optax glue)."""
     return isinstance(node, FusedTableParams)
 
 
 def _dense_mask(tree: Any) -> Any:
-    return jax.tree.map(lambda node: not _is_fused(node), tree, is_leaf=_is_fused)
+    return jax.tree.map(lambda node: not is_fused_table(node), tree, is_leaf=is_fused_table)
 
 
 def _fused_entries(tree: Any) -> dict[str, FusedTableParams]:
-    entries, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_fused)
-    return {jax.tree_util.keystr(path): node for path, node in entries if _is_fused(node)}
+    entries, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_fused_table)
+    return {jax.tree_util.keystr(path): node for path, node in entries if is_fused_table(node)}
 
 
 def _genuine(uses: jax.Array, step: jax.Array, param_step: jax.Array | None) -> jax.Array:
@@ -459,10 +461,10 @@ def apply_updates(params: Any, updates: Any) -> Any:
     checks = []
 
     def plan(path: tuple, param: Any, update: Any) -> Any:
-        if not _is_fused(param):
+        if not is_fused_table(param):
             return None if param is None else optax.apply_updates(param, update)
         where = jax.tree_util.keystr(path)
-        if not _is_fused(update):
+        if not is_fused_table(update):
             raise ValueError(
                 f"apply_updates: the update at {where} is {type(update).__name__}, expected "
                 "FusedTableParams (wrap the dense transformation with jaxrec.optim.fused)"
@@ -480,7 +482,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
         return jax.lax.cond(skipped, lambda: _kept(param), lambda: _taken(param, update))
 
     out = jax.tree_util.tree_map_with_path(
-        plan, params, updates, is_leaf=lambda node: node is None or _is_fused(node)
+        plan, params, updates, is_leaf=lambda node: node is None or is_fused_table(node)
     )
     _check_on_device(checks, in_apply=True)
     return out
