@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.configs import EmbeddingBagConfig
-from jaxrec.models.dlrm import MLP, pooled_features
+from jaxrec.models.dlrm import MLP, check_widths, pooled_features
 from jaxrec.modules.embedding_bag_collection import EmbeddingBagCollection
 from jaxrec.sparse import KeyedJaggedTensor
 
@@ -88,14 +88,7 @@ class DCN(nn.Module):
 
     @nn.compact
     def __call__(self, dense: jax.Array, sparse: KeyedJaggedTensor) -> jax.Array:
-        dims = {t.embedding_dim for t in self.tables}
-        if len(dims) != 1 or self.bottom_mlp[-1] not in dims:
-            raise ValueError(
-                f"DCN needs one embedding_dim for all tables equal to the bottom MLP's last "
-                f"width; got dims {sorted(dims)} and bottom_mlp {tuple(self.bottom_mlp)}"
-            )
-        if self.top_mlp[-1] != 1:
-            raise ValueError(f"the top MLP must end in width 1, got {tuple(self.top_mlp)}")
+        check_widths("DCN", self.tables, self.bottom_mlp, self.top_mlp)
         ebc = EmbeddingBagCollection(
             tables=self.tables, optimizer=self.optimizer, backend=self.backend, name="sparse_arch"
         )

@@ -59,6 +59,19 @@ def dot_interactions(dense: jax.Array, sparse: jax.Array) -> jax.Array:
     return jnp.concatenate([dense, dots[:, rows, cols]], axis=1)
 
 
+def check_widths(model: str, tables, bottom_mlp, top_mlp) -> None:
+    """Refuse tables of several dims, a bottom MLP not ending in that dim, or a top MLP not
+    ending in 1 (the click logit)."""
+    dims = {t.embedding_dim for t in tables}
+    if len(dims) != 1 or bottom_mlp[-1] not in dims:
+        raise ValueError(
+            f"{model} needs one embedding_dim for all tables equal to the bottom MLP's last "
+            f"width; got dims {sorted(dims)} and bottom_mlp {tuple(bottom_mlp)}"
+        )
+    if top_mlp[-1] != 1:
+        raise ValueError(f"the top MLP must end in width 1, got {tuple(top_mlp)}")
+
+
 class DLRM(nn.Module):
     """A DLRM over equal-width tables; ``optimizer`` fuses the embedding update.
 
@@ -73,14 +86,7 @@ class DLRM(nn.Module):
 
     @nn.compact
     def __call__(self, dense: jax.Array, sparse: KeyedJaggedTensor) -> jax.Array:
-        dims = {t.embedding_dim for t in self.tables}
-        if len(dims) != 1 or self.bottom_mlp[-1] not in dims:
-            raise ValueError(
-                f"DLRM needs one embedding_dim for all tables equal to the bottom MLP's last "
-                f"width; got dims {sorted(dims)} and bottom_mlp {tuple(self.bottom_mlp)}"
-            )
-        if self.top_mlp[-1] != 1:
-            raise ValueError(f"the top MLP must end in width 1, got {tuple(self.top_mlp)}")
+        check_widths("DLRM", self.tables, self.bottom_mlp, self.top_mlp)
         ebc = EmbeddingBagCollection(
             tables=self.tables, optimizer=self.optimizer, backend=self.backend, name="sparse_arch"
         )
