@@ -439,6 +439,17 @@ def _kept(param: FusedTableParams) -> FusedTableParams:
     return dataclasses.replace(param, uses=_rest_marker(uses[_A] + 1))
 
 
+def _from_lookup(entry: FusedTableParams) -> bool:
+    """Whether ``entry``'s marker and weight are a lookup's own cotangent, untouched.
+
+    Such an entry is never a skipped step (its count is 1), so :func:`apply_updates` swaps
+    it in without the ``lax.cond`` that keeps old tables, a cond that makes XLA copy every
+    table (twice per step) to hold the old and the updated one at once.
+    """
+    outputs = _LOOKUP_OUTPUTS.get(entry.uses)
+    return outputs is not None and outputs[0] is entry.weight
+
+
 def apply_updates(params: Any, updates: Any) -> Any:
     """``optax.apply_updates``, except that fused entries are replaced by the update's.
 
@@ -477,6 +488,9 @@ def apply_updates(params: Any, updates: Any) -> Any:
             if message is not None:
                 raise ValueError(message)
             return _kept(param) if not uses.any() else _taken(param, update)
+        if _from_lookup(update):  # jax.grad's entry as the lookup made it: count 1, no skip
+            checks.append((where, update, param.step, None))
+            return _taken(param, update)
         skipped = jnp.all(jnp.asarray(update.uses) == 0)
         checks.append((where, update, param.step, skipped))
         return jax.lax.cond(skipped, lambda: _kept(param), lambda: _taken(param, update))

@@ -8,7 +8,6 @@ tests compile the train step the README shows (``jit`` with donated params,
 """
 
 import functools
-import re
 import time
 
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hlo_copies import table_copies
 
 import jaxrec
 from jaxrec import (
@@ -118,18 +118,6 @@ def _fused_shapes(params) -> set[str]:
         for leaf in [group.weight, *jax.tree.leaves(group.state)]:
             shapes.add("[" + ",".join(map(str, leaf.shape)) + "]")
     return shapes
-
-
-_COPY = re.compile(r"=\s*[a-z0-9]+(\[[0-9,]*\])\S*\s+copy(?:-start)?\(")
-
-
-def table_copies(hlo_text: str, shapes: set[str]) -> list[str]:
-    """The copy / copy-start instructions of compiled HLO whose result has one of ``shapes``."""
-    return [
-        line.strip()
-        for line in hlo_text.splitlines()
-        if (match := _COPY.search(line)) and match.group(1) in shapes
-    ]
 
 
 def test_table_copies_finds_a_copy_of_a_table():
