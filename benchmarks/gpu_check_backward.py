@@ -38,16 +38,13 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxrec_kernels import row_gradients
 from jaxrec_kernels.pooled_lookup import pooled_lookup, pooled_lookup_reference, position_bags
+from jaxrec_kernels.row_gradients import sparse_row_gradients
 from jaxrec_kernels.sparse_update import (
     SparseUpdateConfig,
-    _occurrences,
-    _run_lengths,
-    _sort,
-    _Sorted,
     fused_sparse_update,
     fused_sparse_update_reference,
-    sparse_row_gradients,
 )
 from jaxrec_kernels.ulps import rounded_once_ulps
 from jaxrec_kernels.weight_gradient import weight_gradient, weight_gradient_reference
@@ -273,7 +270,7 @@ def backward_fn(batch, opt, dim, impl, config=None, interpret=False):
 def preprocess_fns(batch):
     """The XLA part of the fused backward, whole and by stage."""
     occurrences = functools.partial(
-        _occurrences,
+        row_gradients.occurrences,
         per_sample_weights=None,
         features=batch.features,
         batch_size=batch.batch_size,
@@ -284,14 +281,20 @@ def preprocess_fns(batch):
     @jax.jit
     def whole(ids, offsets):
         occ = occurrences(ids, offsets)
-        srt = _sort(occ.rows, batch.num_rows)
+        srt = row_gradients.sort_rows(occ.rows, batch.num_rows)
         o = srt.order
-        return _run_lengths(srt), srt.rows, occ.src_row[o], occ.src_col[o], occ.scale[o]
+        return (
+            row_gradients.run_lengths(srt),
+            srt.rows,
+            occ.src_row[o],
+            occ.src_col[o],
+            occ.scale[o],
+        )
 
     return {
         "whole": whole,
         "occurrences": jax.jit(lambda ids, offsets: occurrences(ids, offsets)),
-        "sort": jax.jit(lambda rows: _sort(rows, batch.num_rows)),
+        "sort": jax.jit(lambda rows: row_gradients.sort_rows(rows, batch.num_rows)),
     }
 
 
@@ -460,11 +463,11 @@ def stages(rng, sizes):
     batch, _, _ = _train_inputs(rng, sizes, sizes.step_rows[0], jnp.float32)
     ids, offsets, n, r = batch.ids, batch.offsets, batch.ids.shape[0], batch.num_rows
     occ = jax.jit(
-        lambda ids, offsets: _occurrences(
+        lambda ids, offsets: row_gradients.occurrences(
             ids, offsets, None, batch.features, batch.batch_size, r, "sum"
         )
     )(ids, offsets)
-    srt = jax.jit(lambda rows: _sort(rows, r))(occ.rows)
+    srt = jax.jit(lambda rows: row_gradients.sort_rows(rows, r))(occ.rows)
     pos = jnp.arange(n, dtype=jnp.int32)
 
     def bags_search(offsets):
@@ -478,7 +481,9 @@ def stages(rng, sizes):
         "position_bags_scatter_cumsum": (lambda o: position_bags(o, n), offsets),
         "position_bags_searchsorted": (bags_search, offsets),
         "occurrences": (
-            lambda i, o: _occurrences(i, o, None, batch.features, batch.batch_size, r, "sum"),
+            lambda i, o: row_gradients.occurrences(
+                i, o, None, batch.features, batch.batch_size, r, "sum"
+            ),
             ids,
             offsets,
         ),
@@ -486,7 +491,9 @@ def stages(rng, sizes):
         "sort_pairs_unstable": (lambda x: sort_pairs(x, False), occ.rows),
         "sort_keys_only": (jax.lax.sort, occ.rows),
         "run_lengths": (
-            lambda rows, order, head, nv: _run_lengths(_Sorted(rows, order, head, nv)),
+            lambda rows, order, head, nv: row_gradients.run_lengths(
+                row_gradients.SortedRows(rows, order, head, nv)
+            ),
             *srt,
         ),
         "gather_by_order": (

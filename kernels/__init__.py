@@ -8,7 +8,9 @@
   fused row-wise layouts.
 - :mod:`~jaxrec_kernels.sequence_lookup`: one row per id (EmbeddingCollection).
 - :mod:`~jaxrec_kernels.sparse_update`: the fused backward — duplicate-id reduction and a
-  sparse optimizer applied to the touched rows in place — and the true sparse gradient.
+  sparse optimizer applied to the touched rows in place; its steps:
+  :mod:`~jaxrec_kernels.row_gradients` (ids to sorted rows, the true sparse gradient) and
+  :mod:`~jaxrec_kernels.row_update` (the optimizer step on the touched rows).
 - :mod:`~jaxrec_kernels.weight_gradient`: the gradient of a pooled lookup w.r.t. its
   per-sample weights.
 """
@@ -25,6 +27,8 @@ from jaxrec_kernels.quantized_lookup import (
     quantized_pooled_lookup,
     quantized_pooled_lookup_reference,
 )
+from jaxrec_kernels.row_gradients import POOLINGS, sparse_row_gradients
+from jaxrec_kernels.row_update import RowOptimizer, fused_update_from_row_gradients
 from jaxrec_kernels.rowwise_quantization import dequantize_rows, quantize_rows, row_bytes
 from jaxrec_kernels.sequence_lookup import (
     SequenceConfig,
@@ -33,13 +37,10 @@ from jaxrec_kernels.sequence_lookup import (
     sequence_lookup_reference,
 )
 from jaxrec_kernels.sparse_update import (
-    POOLINGS,
     SparseUpdateConfig,
     default_update_config,
     fused_sparse_update,
     fused_sparse_update_reference,
-    fused_update_from_row_gradients,
-    sparse_row_gradients,
 )
 from jaxrec_kernels.weight_gradient import (
     WeightGradientConfig,
@@ -52,6 +53,7 @@ __all__ = [
     "POOLINGS",
     "FeatureLayout",
     "PooledConfig",
+    "RowOptimizer",
     "SequenceConfig",
     "SparseUpdateConfig",
     "WeightGradientConfig",

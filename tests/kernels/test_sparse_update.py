@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrec_kernels import row_gradients as rg
 from jaxrec_kernels import sparse_update as su
 from ulp_assertions import assert_rounded_once
 
@@ -129,7 +130,7 @@ def _args(seed, dim, pooling, weighted=True, dtype=jnp.float32, features=None):
 )
 def test_row_gradients_equal_dense_grad_of_xla_forward(pooling, weighted, dim):
     weights, grad_out, ids, offsets, psw, features = _args(1 + dim, dim, pooling, weighted)
-    rows, grads = su.sparse_row_gradients(
+    rows, grads = rg.sparse_row_gradients(
         grad_out,
         ids,
         offsets,
@@ -160,7 +161,7 @@ def test_row_gradients_count_a_feature_listed_twice_once_per_listing():
     dim = 4
     features = ((0, 0, 6, 0), (0, 6, 5, dim), (1, 0, 6, 2 * dim))
     weights, grad_out, ids, offsets, psw, _ = _args(7, dim, "sum", features=features)
-    rows, grads = su.sparse_row_gradients(
+    rows, grads = rg.sparse_row_gradients(
         grad_out,
         ids,
         offsets,
@@ -519,7 +520,7 @@ def test_bad_input_raises_value_error_naming_it(change, message):
 def test_sequence_pooling_refuses_a_feature_listed_twice():
     ids, offsets, _ = _batch(71)
     with pytest.raises(ValueError, match="listed twice"):
-        su.sparse_row_gradients(
+        rg.sparse_row_gradients(
             jnp.zeros((ids.shape[0], 4)),
             ids,
             offsets,
