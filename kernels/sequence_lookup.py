@@ -43,6 +43,7 @@ from ._pallas_compat import (
     masked_store,
     next_power_of_2,
 )
+from .entry import Implementation, check_implementation, xla_reference
 from .layout import (
     BoundsCheck,
     FeatureLayout,
@@ -102,7 +103,7 @@ def default_sequence_config(dim: int, dtype) -> SequenceConfig:
 
 
 def _static_arguments(weights, ids, offsets, features, *, batch_size, bounds_check, out_dtype):
-    """Check the arguments both entry points share; returns the static arguments of the
+    """Check the entry point's arguments; returns the static arguments of the
     jitted implementations (``features`` as :class:`FeatureLayout` values, the output dtype)."""
     validate_group(weights, ids, offsets, None, features, batch_size, bounds_check)
     layouts = feature_layouts(features)
@@ -245,48 +246,6 @@ def _sequence_pallas(
     return out, jnp.sum(counts)
 
 
-def sequence_lookup(
-    weights: jax.Array,
-    ids: jax.Array,
-    offsets: jax.Array,
-    features: tuple[FeatureLayout, ...],
-    *,
-    batch_size: int,
-    bounds_check: BoundsCheck = "warning",
-    out_dtype=None,
-    interpret: bool = False,
-    config: SequenceConfig | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Sequence lookup of one stacked table group with the Pallas (Triton) kernel.
-
-    Returns ``(out [N_cap, D], bad_id_count int32 scalar)``; see the module docstring.
-    On an H100 this kernel moves rows at 92-98% of the copy bandwidth, ahead of the XLA
-    gather of :func:`sequence_lookup_reference` (BENCHMARKS.md, sequence lookups).
-
-    >>> import jax.numpy as jnp
-    >>> w = jnp.arange(8.0).reshape(4, 2)
-    >>> ids = jnp.array([3, 0, 5], jnp.int32)                # 5 is padding
-    >>> offs = jnp.array([0, 1, 2], jnp.int32)
-    >>> out, bad = sequence_lookup(w, ids, offs, ((0, 0, 4, 0),), batch_size=2, interpret=True)
-    >>> out.tolist(), int(bad)
-    ([[6.0, 7.0], [0.0, 1.0], [0.0, 0.0]], 0)
-    """
-    static = _static_arguments(
-        weights,
-        ids,
-        offsets,
-        features,
-        batch_size=batch_size,
-        bounds_check=bounds_check,
-        out_dtype=out_dtype,
-    )
-    if config is None:
-        config = default_sequence_config(weights.shape[1], weights.dtype)
-    if ids.shape[0] == 0:  # no positions, no rows (the kernel needs one addressable id)
-        return jnp.zeros((0, weights.shape[1]), static["out_dtype"]), jnp.zeros((), jnp.int32)
-    return _sequence_pallas(weights, ids, offsets, interpret=interpret, config=config, **static)
-
-
 @functools.partial(jax.jit, static_argnames=("features", "batch_size", "bounds_check", "out_dtype"))
 def _sequence_xla(weights, ids, offsets, *, features, batch_size, bounds_check, out_dtype):
     num_kjt = (offsets.shape[0] - 1) // batch_size
@@ -307,7 +266,7 @@ def _sequence_xla(weights, ids, offsets, *, features, batch_size, bounds_check, 
     return out, jnp.int32(count)
 
 
-def sequence_lookup_reference(
+def sequence_lookup(
     weights: jax.Array,
     ids: jax.Array,
     offsets: jax.Array,
@@ -316,8 +275,27 @@ def sequence_lookup_reference(
     batch_size: int,
     bounds_check: BoundsCheck = "warning",
     out_dtype=None,
+    implementation: Implementation = "pallas",
+    interpret: bool = False,
+    config: SequenceConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-XLA sequence lookup (one gather), same contract as :func:`sequence_lookup`."""
+    """Sequence lookup of one stacked table group: ``(out [N_cap, D], bad_id_count int32)``.
+
+    See the module docstring. ``implementation="pallas"`` runs the Triton kernel
+    (``interpret=True`` on the CPU; ``config``: :func:`default_sequence_config` when None);
+    ``"xla"`` (:data:`sequence_lookup_reference`) is one XLA gather. On an H100 the kernel
+    moves rows at 92-98% of the copy bandwidth, ahead of the XLA gather (BENCHMARKS.md,
+    sequence lookups).
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.arange(8.0).reshape(4, 2)
+    >>> ids = jnp.array([3, 0, 5], jnp.int32)                # 5 is padding
+    >>> offs = jnp.array([0, 1, 2], jnp.int32)
+    >>> out, bad = sequence_lookup(w, ids, offs, ((0, 0, 4, 0),), batch_size=2, interpret=True)
+    >>> out.tolist(), int(bad)
+    ([[6.0, 7.0], [0.0, 1.0], [0.0, 0.0]], 0)
+    """
+    check_implementation(implementation, interpret, config)
     static = _static_arguments(
         weights,
         ids,
@@ -327,4 +305,13 @@ def sequence_lookup_reference(
         bounds_check=bounds_check,
         out_dtype=out_dtype,
     )
-    return _sequence_xla(weights, ids, offsets, **static)
+    if implementation == "xla":
+        return _sequence_xla(weights, ids, offsets, **static)
+    if config is None:
+        config = default_sequence_config(weights.shape[1], weights.dtype)
+    if ids.shape[0] == 0:  # no positions, no rows (the kernel needs one addressable id)
+        return jnp.zeros((0, weights.shape[1]), static["out_dtype"]), jnp.zeros((), jnp.int32)
+    return _sequence_pallas(weights, ids, offsets, interpret=interpret, config=config, **static)
+
+
+sequence_lookup_reference = xla_reference(sequence_lookup)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jex
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ._pallas_compat import compiler_params, masked_load, masked_store, next_power_of_2
+from .entry import Implementation, check_implementation, xla_reference
 from .layout import FeatureLayout
 from .row_gradients import (
     POOLINGS,
@@ -69,9 +70,7 @@ from .row_update import (
 from .stochastic_rounding import seed_for_step
 
 __all__ = [
-    "IMPLEMENTATIONS",
     "POOLINGS",
-    "Implementation",
     "SparseUpdateConfig",
     "default_update_config",
     "fused_sparse_update",
@@ -80,11 +79,6 @@ __all__ = [
     "skips_nonfinite",
     "sparse_row_gradients",
 ]
-
-Implementation = Literal["pallas", "xla"]
-"""Which path runs the update: the Pallas kernel or its XLA reference."""
-
-IMPLEMENTATIONS: tuple[Implementation, ...] = ("pallas", "xla")
 
 
 @dataclass(frozen=True)
@@ -427,13 +421,7 @@ def fused_sparse_update(
     bit, so one bad batch cannot make a row (or its momentum) NaN for good. With
     ``return_nonfinite`` the number of such rows is returned third.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "xla" and (interpret or config is not None):
-        raise ValueError(
-            "interpret and config are options of the Pallas kernel; the XLA reference takes "
-            f"neither (got interpret={interpret!r}, config={config!r})"
-        )
+    check_implementation(implementation, interpret, config)
     features = check_gradient_args(
         grad_out,
         ids,
@@ -472,7 +460,4 @@ def fused_sparse_update(
     return (new_w, new_s, nonfinite) if return_nonfinite else (new_w, new_s)
 
 
-fused_sparse_update_reference = functools.partial(fused_sparse_update, implementation="xla")
-fused_sparse_update_reference.__doc__ = """:func:`fused_sparse_update` with
-``implementation="xla"``: the plain-XLA reference (same arguments, without ``interpret`` and
-``config``)."""
+fused_sparse_update_reference = xla_reference(fused_sparse_update)

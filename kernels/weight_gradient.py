@@ -44,6 +44,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from ._pallas_compat import compiler_params, float_dtype, masked_load, masked_store, next_power_of_2
+from .entry import Implementation, check_implementation, xla_reference
 from .layout import (
     FeatureLayout,
     check_columns,
@@ -97,7 +98,7 @@ def default_weight_gradient_config(dim: int) -> WeightGradientConfig:
 
 
 def _static_arguments(weights, ids, offsets, grad_out, features, batch_size, pooling, out):
-    """Check the arguments both entry points share; returns the static arguments of the
+    """Check the entry point's arguments; returns the static arguments of the
     jitted implementations (``features`` as :class:`FeatureLayout` values)."""
     validate_group(weights, ids, offsets, None, features, batch_size, "warning")
     if pooling not in POOLING_MODES:
@@ -225,40 +226,6 @@ def _weight_gradient_pallas(
     )(*inputs)
 
 
-def weight_gradient(
-    weights: jax.Array,
-    ids: jax.Array,
-    offsets: jax.Array,
-    grad_out: jax.Array,
-    features: tuple[FeatureLayout, ...],
-    *,
-    batch_size: int,
-    pooling: str = "sum",
-    out: jax.Array | None = None,
-    interpret: bool = False,
-    config: WeightGradientConfig | None = None,
-) -> jax.Array:
-    """``[N_cap] float32``: the gradient of one group's pooled lookup w.r.t. its per-sample
-    weights (module docstring), computed by the Pallas kernel, plus ``out`` when given
-    (added in place when donated). ``interpret=True`` runs the kernel on the CPU.
-
-    >>> import jax.numpy as jnp
-    >>> w = jnp.ones((4, 2))
-    >>> ids = jnp.array([1, 3, -1, 0], jnp.int32)        # -1 reads no row; the last is padding
-    >>> offs = jnp.array([0, 2, 3], jnp.int32)
-    >>> g = jnp.array([[1.0, 2.0], [5.0, 5.0]])
-    >>> weight_gradient(w, ids, offs, g, ((0, 0, 4, 0),), batch_size=2, pooling="mean",
-    ...                 interpret=True).tolist()
-    [1.5, 1.5, 0.0, 0.0]
-    """
-    static = _static_arguments(weights, ids, offsets, grad_out, features, batch_size, pooling, out)
-    if config is None:
-        config = default_weight_gradient_config(weights.shape[1])
-    return _weight_gradient_pallas(
-        weights, ids, offsets, grad_out, out, interpret=interpret, config=config, **static
-    )
-
-
 # --------------------------------------------------------------------------- XLA reference
 
 
@@ -284,7 +251,10 @@ def _weight_gradient_xla(weights, ids, offsets, grad_out, out, *, features, batc
     return total
 
 
-def weight_gradient_reference(
+# --------------------------------------------------------------------------- entry point
+
+
+def weight_gradient(
     weights: jax.Array,
     ids: jax.Array,
     offsets: jax.Array,
@@ -294,8 +264,37 @@ def weight_gradient_reference(
     batch_size: int,
     pooling: str = "sum",
     out: jax.Array | None = None,
+    implementation: Implementation = "pallas",
+    interpret: bool = False,
+    config: WeightGradientConfig | None = None,
 ) -> jax.Array:
-    """Pure-XLA weight gradient (gathers and a row-wise dot), same contract as
-    :func:`weight_gradient`: the backend for CPU/TPU and the kernel's oracle."""
+    """``[N_cap] float32``: the gradient of one group's pooled lookup w.r.t. its per-sample
+    weights (module docstring), plus ``out`` when given.
+
+    ``implementation="pallas"`` runs the Triton kernel (``out`` is added in place when
+    donated; ``interpret=True`` runs it on the CPU; ``config``:
+    :func:`default_weight_gradient_config` when None); ``"xla"``
+    (:data:`weight_gradient_reference`) gathers and takes a row-wise dot: the backend for
+    CPU/TPU and the kernel's oracle.
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.ones((4, 2))
+    >>> ids = jnp.array([1, 3, -1, 0], jnp.int32)        # -1 reads no row; the last is padding
+    >>> offs = jnp.array([0, 2, 3], jnp.int32)
+    >>> g = jnp.array([[1.0, 2.0], [5.0, 5.0]])
+    >>> weight_gradient(w, ids, offs, g, ((0, 0, 4, 0),), batch_size=2, pooling="mean",
+    ...                 interpret=True).tolist()
+    [1.5, 1.5, 0.0, 0.0]
+    """
+    check_implementation(implementation, interpret, config)
     static = _static_arguments(weights, ids, offsets, grad_out, features, batch_size, pooling, out)
-    return _weight_gradient_xla(weights, ids, offsets, grad_out, out, **static)
+    if implementation == "xla":
+        return _weight_gradient_xla(weights, ids, offsets, grad_out, out, **static)
+    if config is None:
+        config = default_weight_gradient_config(weights.shape[1])
+    return _weight_gradient_pallas(
+        weights, ids, offsets, grad_out, out, interpret=interpret, config=config, **static
+    )
+
+
+weight_gradient_reference = xla_reference(weight_gradient)
