@@ -46,6 +46,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +68,8 @@ from jaxrec.tbe.state import TBEState
 __all__ = ["CachedTBE", "Prefetched", "PendingPrefetch"]
 
 DEFAULT_WAYS = 32  # FBGEMM's associativity on NVIDIA GPUs
+TIMED_PARTS = ("d2h", "write_back", "gather", "h2d")
+_FLUSH_ROWS = 1 << 20  # cache rows per device-to-host copy of a flush
 
 
 class Prefetched(NamedTuple):
@@ -89,7 +93,7 @@ class PendingPrefetch:
     caches: dict[str, CacheState]
     indices: jax.Array
     plans: dict[str, Any]
-    evicted: dict[str, tuple[jax.Array, dict[str, jax.Array]]]
+    evicted: dict[str, jax.Array]  # group -> the victims' records, copying to the host
     sizes: dict[str, tuple[int, int]]  # group -> (misses, bucket)
 
 
@@ -98,21 +102,38 @@ def _bucket(count: int, capacity: int) -> int:
     return min(capacity, max(16, 1 << max(count - 1, 0).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _gather_slots(param: FusedTableParams, slots: jax.Array, *, size: int):
-    take = functools.partial(jnp.take, indices=slots[:size], axis=0, mode="clip")
-    return take(param.weight), {key: take(value) for key, value in param.state.items()}
+def _field(param: FusedTableParams, key: str) -> jax.Array:
+    return param.weight if key == "weight" else param.state[key]
 
 
-@functools.partial(jax.jit, static_argnames=("size",), donate_argnums=(0,))
-def _load_slots(param: FusedTableParams, slots, weight, state, *, size: int):
+@functools.partial(jax.jit, static_argnames=("size", "fields", "row_bytes"))
+def _gather_records(param: FusedTableParams, slots: jax.Array, *, size, fields, row_bytes):
+    """The cache rows ``slots[:size]`` as host records ``[size, row_bytes]`` uint8
+    (:class:`~jaxrec.tbe.host_table.HostTable`'s layout), for one device-to-host copy."""
+    parts, at = [], 0
+    for key, start, stop, _, _ in fields:
+        rows = jnp.take(_field(param, key), slots[:size], axis=0, mode="clip")
+        parts.append(jnp.zeros((size, start - at), jnp.uint8))
+        parts.append(jax.lax.bitcast_convert_type(rows, jnp.uint8).reshape(size, stop - start))
+        at = stop
+    parts.append(jnp.zeros((size, row_bytes - at), jnp.uint8))
+    return jnp.concatenate(parts, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "fields"), donate_argnums=(0,))
+def _load_records(param: FusedTableParams, slots, records, *, size: int, fields):
+    """Scatter host records ``[size, row_bytes]`` into the cache rows ``slots[:size]``."""
     target = slots[:size]
     target = jnp.where(target < 0, param.weight.shape[0], target)  # -1 would wrap to the end
-    return dataclasses.replace(
-        param,
-        weight=param.weight.at[target].set(weight, mode="drop"),
-        state={k: v.at[target].set(state[k], mode="drop") for k, v in param.state.items()},
-    )
+    out = {}
+    for key, start, stop, dtype, tail in fields:
+        raw = records[:, start:stop]
+        if dtype.itemsize > 1:
+            raw = raw.reshape(size, -1, dtype.itemsize)
+        value = jax.lax.bitcast_convert_type(raw, dtype).reshape(size, *tail)
+        out[key] = _field(param, key).at[target].set(value, mode="drop")
+    weight = out.pop("weight")
+    return dataclasses.replace(param, weight=weight, state=out)
 
 
 @jax.jit
@@ -136,12 +157,27 @@ class CachedTBE:
         their own precision). ``cache_reserved_memory`` and ``enforce_hbm`` size and place
         FBGEMM's CUDA allocations; they have no counterpart here.
       ways: the associativity (FBGEMM's is 32), at most the cache's rows.
+      staging: allocates the host staging buffers of the missing rows (``shape -> uint8
+        array``), e.g. page-locked memory, which the device copies from at full speed;
+        default NumPy's ``np.empty``.
+      staging_memory_kind: ``None`` sends the staged rows to the device directly;
+        ``"pinned_host"`` puts them in a JAX array of that memory kind first, then on the
+        device (JAX's own page-locked path: one more host copy, a faster transfer).
 
     Cache metrics (hits, misses, evictions and unique rows, per table and batch) are always
-    counted, as device arrays updated by the prefetch (:meth:`cache_metrics`).
+    counted, as device arrays updated by the prefetch (:meth:`cache_metrics`). ``timings``
+    holds, per :meth:`finish_prefetch`, the host seconds of each part of the miss path:
+    ``d2h`` (waiting for the victims' records), ``write_back``, ``gather`` and ``h2d``.
     """
 
-    def __init__(self, op: SplitTableBatchedEmbeddingBagsCodegen, *, ways: int = DEFAULT_WAYS):
+    def __init__(
+        self,
+        op: SplitTableBatchedEmbeddingBagsCodegen,
+        *,
+        ways: int = DEFAULT_WAYS,
+        staging: Callable[[tuple[int, int]], np.ndarray] | None = None,
+        staging_memory_kind: str | None = None,
+    ):
         if not isinstance(op, SplitTableBatchedEmbeddingBagsCodegen):
             raise ValueError(f"op must be a SplitTableBatchedEmbeddingBagsCodegen, got {op!r}")
         if op.optimizer is OptimType.NONE:
@@ -156,7 +192,15 @@ class CachedTBE:
             )
         if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
             raise ValueError(f"ways must be an int >= 1, got {ways!r}")
+        if staging_memory_kind not in (None, "pinned_host"):
+            raise ValueError(
+                f"staging_memory_kind must be None or 'pinned_host', got {staging_memory_kind!r}"
+            )
         self.op = op
+        self._allocate = staging or (lambda shape: np.empty(shape, np.uint8))
+        self._memory_kind = staging_memory_kind
+        self._staging: dict[str, list[np.ndarray]] = {}
+        self.timings: dict[str, list[float]] = {k: [] for k in TIMED_PARTS}
         plan = op.plan
         index = {name: t for t, name in enumerate(op.table_names)}
         self.layouts: dict[str, CacheLayout] = {}
@@ -212,7 +256,18 @@ class CachedTBE:
         groups, caches = {}, {}
         for group in plan.groups:
             dtype = np.dtype(jnp.dtype(group.dtype))
-            if seed is None:  # one zero buffer, its pages allocated as rows are first written
+            layout = self.layouts.get(group.name)
+            if seed is None and layout is not None:  # pages zeroed as rows are first written
+                empty = optimizer.init(0, group.dim)
+                specs = {k: (v.shape[1:], np.dtype(v.dtype)) for k, v in empty.items()}
+                host = HostTable.zeros(group.num_rows, group.dim, dtype, specs)
+                self.hosts[group.name] = host
+                groups[group.name] = init_fused_table(
+                    jnp.zeros((layout.slots, group.dim), dtype), optimizer
+                )
+                caches[group.name] = layout.init()
+                continue
+            if seed is None:
                 weight = np.zeros((group.num_rows, group.dim), dtype)
             else:
                 parts = []
@@ -225,7 +280,6 @@ class CachedTBE:
                     )
                     parts.append(draw.astype(np.float32).astype(dtype))
                 weight = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            layout = self.layouts.get(group.name)
             if layout is None:
                 groups[group.name] = init_fused_table(jnp.asarray(weight), optimizer)
                 continue
@@ -246,12 +300,19 @@ class CachedTBE:
 
         The cache keeps its rows (they stay valid), so training continues unchanged.
         """
-        for name in self.layouts:
-            param = state.groups[name]
-            tags, weight, st = jax.device_get(
-                (caches[name].tags.reshape(-1), param.weight, dict(param.state))
-            )
-            self.hosts[name].write(tags, weight, st)
+        for name, layout in self.layouts.items():
+            host, tags = self.hosts[name], caches[name].tags.reshape(-1)
+            for start in range(0, layout.slots, _FLUSH_ROWS):
+                size = min(_FLUSH_ROWS, layout.slots - start)
+                slots = jnp.arange(start, start + size, dtype=jnp.int32)
+                records = _gather_records(
+                    state.groups[name],
+                    slots,
+                    size=size,
+                    fields=host.fields,
+                    row_bytes=host.row_bytes,
+                )
+                host.scatter(np.asarray(tags[start : start + size]), np.asarray(records))
 
     def split_embedding_weights(
         self, state: TBEState, caches: dict[str, CacheState]
@@ -344,7 +405,15 @@ class CachedTBE:
                 )
             size = _bucket(int(misses), inputs.indices.shape[0])
             sizes[name] = (int(misses), size)
-            evicted[name] = _gather_slots(state.groups[name], plans[name].miss_slots, size=size)
+            host = self.hosts[name]
+            evicted[name] = _gather_records(
+                state.groups[name],
+                plans[name].miss_slots,
+                size=size,
+                fields=host.fields,
+                row_bytes=host.row_bytes,
+            )
+            evicted[name].copy_to_host_async()  # overlaps the step a pipeline dispatches next
         return PendingPrefetch(new_caches, inputs.indices, plans, evicted, sizes)
 
     def finish_prefetch(self, state: TBEState, pending: PendingPrefetch) -> Prefetched:
@@ -352,25 +421,48 @@ class CachedTBE:
         caches, and rewrite the indices to slots. ``state`` may be a later step's (the
         victims are never rows of the batch in flight)."""
         groups = dict(state.groups)
+        spent = dict.fromkeys(TIMED_PARTS, 0.0)
         for name, (_, size) in pending.sizes.items():
             plan, host = pending.plans[name], self.hosts[name]
-            miss_rows, miss_slots, evict_rows, (weight, st) = jax.device_get(
-                (
-                    plan.miss_rows[:size],
-                    plan.miss_slots[:size],
-                    plan.evict_rows[:size],
-                    pending.evicted[name],
-                )
+            start = time.perf_counter()
+            miss_rows, evict_rows, evicted = jax.device_get(
+                (plan.miss_rows[:size], plan.evict_rows[:size], pending.evicted[name])
             )
-            host.write(evict_rows, weight, st)
-            new_weight, new_state = host.read(miss_rows)
-            groups[name] = _load_slots(
-                groups[name], jnp.asarray(miss_slots), new_weight, new_state, size=size
+            spent["d2h"] += time.perf_counter() - start
+            start = time.perf_counter()
+            host.scatter(evict_rows, evicted)
+            spent["write_back"] += time.perf_counter() - start
+            start = time.perf_counter()
+            staged = self._staging_buffer(name, size, host.row_bytes)
+            host.gather(miss_rows, staged)
+            spent["gather"] += time.perf_counter() - start
+            start = time.perf_counter()
+            records = self._to_device(staged, groups[name].weight.sharding)
+            spent["h2d"] += time.perf_counter() - start
+            groups[name] = _load_records(
+                groups[name], plan.miss_slots, records, size=size, fields=host.fields
             )
+        for key, seconds in spent.items():
+            self.timings[key].append(seconds)
         pairs = tuple((p.slots, p.in_group) for p in pending.plans.values())
         indices = _rewrite(pending.indices, pairs)
         slots = {name: p.slots for name, p in pending.plans.items()}
         return Prefetched(dataclasses.replace(state, groups=groups), pending.caches, indices, slots)
+
+    def _staging_buffer(self, name: str, size: int, row_bytes: int) -> np.ndarray:
+        """``[size, row_bytes]`` of the group's two staging buffers, alternately (a buffer is
+        refilled only after the transfer from it, and the load that read it, are done)."""
+        buffers = self._staging.setdefault(name, [])
+        if len(buffers) < 2 or min(len(b) for b in buffers) < size:
+            buffers[:] = [self._allocate((size, row_bytes)) for _ in range(2)]
+        buffers.reverse()
+        return buffers[0][:size]
+
+    def _to_device(self, staged: np.ndarray, sharding: Any) -> jax.Array:
+        """One host-to-device copy of the staged records, waited for."""
+        if self._memory_kind is not None:
+            staged = jax.device_put(staged, sharding.with_memory_kind(self._memory_kind))
+        return jax.block_until_ready(jax.device_put(staged, sharding))
 
     def prefetch(
         self,

@@ -70,13 +70,14 @@ def test_cache_loads_rows_in_place():
     cached = tbe.CachedTBE(_op(tbe.EmbeddingLocation.MANAGED_CACHING, cache_load_factor=0.2))
     state, _ = cached.init()
     (param,) = state.groups.values()
+    (host,) = cached.hosts.values()
     rows = 64
-    compiled = managed._load_slots.lower(
+    compiled = managed._load_records.lower(
         param,
         jnp.zeros(rows, jnp.int32),
-        jnp.zeros((rows, DIM)),
-        {"momentum1": jnp.zeros(rows)},
+        jnp.zeros((rows, host.row_bytes), jnp.uint8),
         size=rows,
+        fields=host.fields,
     ).compile()
     assert not table_copies(compiled.as_text(), _table_shapes(state))
 
