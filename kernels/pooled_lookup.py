@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,12 @@ from .layout import (
 __all__ = [
     # this kernel
     "POOLING_MODES",
+    "FloatRows",
     "PooledConfig",
+    "RowDecoder",
+    "check_pooled_args",
+    "decoded_pooled_lookup",
+    "decoded_pooled_lookup_reference",
     "default_pooled_config",
     "mean_of_sums",
     "pooled_lookup",
@@ -193,7 +199,8 @@ def default_pooled_config(
     return PooledConfig()
 
 
-def _check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size):
+def check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, batch_size):
+    """Check the pooling, the output columns and a given output; returns the output dtype."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
     if not isinstance(num_columns, int) or num_columns < 1:
@@ -219,67 +226,92 @@ def _static_arguments(
     validate_group(
         weights, ids, offsets, per_sample_weights, features, batch_size, static["bounds_check"]
     )
-    out_dt = _check_pooled_args(
+    out_dt = check_pooled_args(
         weights, features, num_columns, static["pooling"], out, out_dtype, batch_size
     )
     return {**static, "features": feature_layouts(features), "out_dtype": out_dt}
 
 
+# --------------------------------------------------------------------------- row decoders
+
+
+class RowDecoder(Protocol):
+    """How a kernel turns a table's stored rows into float32 values (static, hashable).
+
+    The kernel reads rows through :meth:`decode`, in ``planes`` of ``lanes`` values: lane
+    ``w`` of plane ``k`` is column ``w * planes + k`` (one plane, the plain columns, for a
+    float table; one plane per value a packed word holds for a quantized one, so a word is
+    loaded once and decoded in registers). The XLA reference reads them through
+    :meth:`gather`.
+    """
+
+    dim: int
+    name: str
+
+    def check_table(self, table: jax.Array) -> jax.ShapeDtypeStruct:
+        """Refuse a table this decoder cannot read (ValueError); the float32 ``[R, dim]``
+        table it stands for."""
+        ...
+
+    def layout(self, word_bytes: int) -> tuple[int, int]:
+        """``(planes, lanes)`` for a table of ``word_bytes``-byte elements."""
+        ...
+
+    def decode(self, table_ref, rows, valid, eviction_policy):
+        """In the kernel: the rows ``rows`` (any leading shape) as ``planes`` float32 arrays
+        ``[*rows.shape, lanes]``, exact zeros where ``valid`` is false or past ``dim``."""
+        ...
+
+    def gather(self, table: jax.Array, rows: jax.Array) -> jax.Array:
+        """In XLA: ``table``'s rows ``rows [N]`` (clamped) as ``[N, dim]`` float32."""
+        ...
+
+
+@dataclass(frozen=True)
+class FloatRows:
+    """The identity decoder: rows of a float32, float16 or bfloat16 table, read as stored.
+
+    >>> FloatRows(dim=5).layout(4)
+    (1, 8)
+    """
+
+    dim: int
+    name: str = "jaxrec_pooled_lookup"
+
+    def check_table(self, table):
+        float_dtype(table.dtype)
+        return jax.ShapeDtypeStruct(table.shape, table.dtype)
+
+    def layout(self, word_bytes):
+        return 1, next_power_of_2(self.dim)
+
+    def decode(self, table_ref, rows, valid, eviction_policy):
+        cols = jnp.arange(next_power_of_2(self.dim), dtype=jnp.int32)
+        lead = tuple(range(valid.ndim))
+        vals = masked_load(
+            table_ref.at[jnp.expand_dims(rows, -1), jnp.expand_dims(cols, lead)],
+            jnp.expand_dims(valid, -1) & jnp.expand_dims(cols < self.dim, lead),
+            0,
+            eviction_policy=eviction_policy,
+        )
+        return (vals.astype(jnp.float32),)
+
+    def gather(self, table, rows):
+        return jnp.take(table, rows, axis=0, mode="clip").astype(jnp.float32)
+
+
 # --------------------------------------------------------------------------- Pallas kernel
-
-
-def _gather_rows(
-    ids_ref,
-    weights_ref,
-    psw_ref,
-    pos,
-    active,
-    row_offset,
-    num_rows,
-    cols,
-    col_ok,
-    *,
-    checked,
-    counted,
-    config,
-):
-    """Rows ``weights[row_offset + ids[pos]]`` as fp32 (zero where inactive or invalid),
-    times the per-sample weight when ``psw_ref`` is given, and the number of bad ids."""
-    idx = masked_load(ids_ref.at[pos], active, 0)
-    bad = jnp.int32(0)
-    if checked:
-        valid = active & (idx >= 0) & (idx < num_rows)
-        if counted:
-            bad = jnp.sum(active & ~valid, dtype=jnp.int32)
-        idx = jnp.where(valid, idx, 0)
-        rows = row_offset + idx
-    else:
-        valid = active
-        # "none": the id is not checked against its table, but the row stays in the buffer.
-        rows = jnp.clip(row_offset + idx, 0, weights_ref.shape[0] - 1)
-    rows = jnp.expand_dims(rows, -1)
-    leading_axes = tuple(range(valid.ndim))
-    vals = masked_load(
-        weights_ref.at[rows, jnp.expand_dims(cols, leading_axes)],
-        jnp.expand_dims(valid, -1) & jnp.expand_dims(col_ok, leading_axes),
-        0,
-        eviction_policy=config.eviction_policy,
-    ).astype(jnp.float32)
-    if psw_ref is not None:
-        psw = masked_load(psw_ref.at[pos], valid, 0).astype(jnp.float32)
-        vals = vals * jnp.expand_dims(psw, -1)
-    return vals, bad
 
 
 def _pooled_kernel(
     meta_ref,
     offsets_ref,
     ids_ref,
-    weights_ref,
+    table_ref,
     *refs,
+    decoder,
     batch_size,
     num_ids,
-    dim,
     pooling,
     checked,
     counted,
@@ -293,7 +325,7 @@ def _pooled_kernel(
         refs.pop(0)  # the aliased input buffer: same memory as out_ref
     out_ref, count_ref = refs
     block_bags, block_len = config.block_bags, config.block_len
-    dim_pad = next_power_of_2(dim)
+    planes, lanes = decoder.layout(jnp.dtype(table_ref.dtype).itemsize)
 
     g = pl.program_id(0)
     blk = pl.program_id(1)
@@ -308,23 +340,28 @@ def _pooled_kernel(
     start = masked_load(offsets_ref.at[bag], in_batch, 0)
     end = masked_load(offsets_ref.at[bag + 1], in_batch, 0)
     length = end - start
-    cols = jnp.arange(dim_pad, dtype=jnp.int32)
-    col_ok = cols < dim
-    gather = functools.partial(
-        _gather_rows,
-        ids_ref,
-        weights_ref,
-        psw_ref,
-        row_offset=row_offset,
-        num_rows=num_rows,
-        cols=cols,
-        col_ok=col_ok,
-        checked=checked,
-        counted=counted,
-        config=config,
-    )
-    acc0 = jnp.zeros((block_bags, dim_pad), jnp.float32)
 
+    def gather(pos, active):
+        """The rows at ``pos`` as float32 planes (zero where inactive or invalid), times
+        the per-sample weights when given, and the number of bad ids."""
+        idx = masked_load(ids_ref.at[pos], active, 0)
+        bad = jnp.int32(0)
+        if checked:
+            valid = active & (idx >= 0) & (idx < num_rows)
+            if counted:
+                bad = jnp.sum(active & ~valid, dtype=jnp.int32)
+            rows = row_offset + jnp.where(valid, idx, 0)
+        else:
+            valid = active
+            # "none": the id is not checked against its table, but the row stays in the buffer.
+            rows = jnp.clip(row_offset + idx, 0, table_ref.shape[0] - 1)
+        vals = decoder.decode(table_ref, rows, valid, config.eviction_policy)
+        if psw_ref is not None:
+            psw = jnp.expand_dims(masked_load(psw_ref.at[pos], valid, 0).astype(jnp.float32), -1)
+            vals = tuple(v * psw for v in vals)
+        return vals, bad
+
+    acc0 = tuple(jnp.zeros((block_bags, lanes), jnp.float32) for _ in range(planes))
     if config.strategy == "bags":
         step_j = jnp.arange(block_len, dtype=jnp.int32)
 
@@ -333,8 +370,8 @@ def _pooled_kernel(
             j = s * block_len + step_j
             pos = start[:, None] + j[None, :]
             active = (j[None, :] < length[:, None]) & (pos >= 0) & (pos < num_ids)
-            vals, nbad = gather(pos=pos, active=active)
-            return acc + jnp.sum(vals, axis=1), bad + nbad
+            vals, nbad = gather(pos, active)
+            return tuple(a + jnp.sum(v, axis=1) for a, v in zip(acc, vals, strict=True)), bad + nbad
 
         num_steps = (jnp.max(length) + (block_len - 1)) // block_len
     else:
@@ -346,32 +383,42 @@ def _pooled_kernel(
             acc, bad = carry
             pos = first + s * block_len + step_p
             active = (pos < last) & (pos >= 0) & (pos < num_ids)
-            vals, nbad = gather(pos=pos, active=active)
-            member = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
-            acc = acc + jax.lax.dot(
-                member.astype(jnp.float32),
-                vals,
-                precision=jax.lax.Precision.HIGHEST,
-                preferred_element_type=jnp.float32,
+            vals, nbad = gather(pos, active)
+            member = ((pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])).astype(
+                jnp.float32
+            )
+            acc = tuple(
+                a
+                + jax.lax.dot(
+                    member,
+                    v,
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32,
+                )
+                for a, v in zip(acc, vals, strict=True)
             )
             return acc, bad + nbad
 
         num_steps = (jnp.maximum(last - first, 0) + (block_len - 1)) // block_len
     acc, bad = jax.lax.fori_loop(0, num_steps, step, (acc0, jnp.int32(0)))
 
-    if pooling == "mean":
-        acc = mean_of_sums(acc, jnp.maximum(length, 1)[:, None], out_ref.dtype)
-    masked_store(
-        out_ref.at[b[:, None], (col_offset + cols)[None, :]],
-        acc.astype(out_ref.dtype),
-        in_batch[:, None] & col_ok[None, :],
-    )
+    lane = jnp.arange(lanes, dtype=jnp.int32)
+    for k, plane in enumerate(acc):
+        if pooling == "mean":
+            plane = mean_of_sums(plane, jnp.maximum(length, 1)[:, None], out_ref.dtype)
+        cols = lane * planes + k
+        masked_store(
+            out_ref.at[b[:, None], (col_offset + cols)[None, :]],
+            plane.astype(out_ref.dtype),
+            in_batch[:, None] & (cols < decoder.dim)[None, :],
+        )
     count_ref[g, blk] = bad
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
+        "decoder",
         "features",
         "batch_size",
         "num_columns",
@@ -384,12 +431,13 @@ def _pooled_kernel(
     ),
 )
 def _pooled_pallas(
-    weights,
+    table,
     ids,
     offsets,
     per_sample_weights,
     out,
     *,
+    decoder,
     features,
     batch_size,
     num_columns,
@@ -400,23 +448,26 @@ def _pooled_pallas(
     config,
     fill_uncovered,
 ):
-    dim = weights.shape[1]
     num_blocks = pl.cdiv(batch_size, config.block_bags)
     meta = jnp.asarray(np.asarray(features, np.int32).reshape(len(features), 4))
     weighted = per_sample_weights is not None
-    if out is None and fill_uncovered and not covers_all_columns(features, dim, num_columns):
+    if (
+        out is None
+        and fill_uncovered
+        and not covers_all_columns(features, decoder.dim, num_columns)
+    ):
         out = jnp.zeros((batch_size, num_columns), out_dtype)
     aliased = out is not None
-    inputs = [meta, offsets, ids, weights]
+    inputs = [meta, offsets, ids, table]
     if weighted:
         inputs.append(per_sample_weights)
     if aliased:
         inputs.append(out)
     kernel = functools.partial(
         _pooled_kernel,
+        decoder=decoder,
         batch_size=batch_size,
         num_ids=ids.shape[0],
-        dim=dim,
         pooling=pooling,
         checked=checks_ids(bounds_check),
         counted=counts_bad_ids(bounds_check),
@@ -434,9 +485,57 @@ def _pooled_pallas(
         input_output_aliases={len(inputs) - 1: 0} if aliased else {},
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
-        name="jaxrec_pooled_lookup",
+        name=decoder.name,
     )(*inputs)
     return pooled, jnp.sum(counts)
+
+
+def decoded_pooled_lookup(
+    table: jax.Array,
+    ids: jax.Array,
+    offsets: jax.Array,
+    per_sample_weights: jax.Array | None,
+    features: tuple[FeatureLayout, ...],
+    *,
+    decoder: RowDecoder,
+    config: PooledConfig,
+    interpret: bool = False,
+    out: jax.Array | None = None,
+    out_dtype=None,
+    fill_uncovered: bool = True,
+    **static,
+) -> tuple[jax.Array, jax.Array]:
+    """The pooled kernel reading ``table`` through ``decoder``: what :func:`pooled_lookup`
+    (:class:`FloatRows`) and the quantized lookup run. ``static`` holds ``batch_size``,
+    ``num_columns``, ``pooling`` and ``bounds_check``; see :func:`pooled_lookup`."""
+    view = decoder.check_table(table)
+    static = _static_arguments(
+        view, ids, offsets, per_sample_weights, features, out, out_dtype=out_dtype, **static
+    )
+    if config.strategy == "segmented" and decoder.layout(table.dtype.itemsize)[1] < 16:
+        raise ValueError(
+            f"segmented strategy needs >= 16 lanes a plane, got "
+            f"{decoder.layout(table.dtype.itemsize)[1]} (dim={decoder.dim}, {table.dtype} table)"
+        )
+    if ids.shape[0] == 0:
+        # No values: every bag is empty (a longer one could read nothing). The kernel needs
+        # one addressable id, so it gets a never-read padding id and all-empty bags.
+        ids = jnp.zeros((1,), jnp.int32)
+        offsets = jnp.zeros_like(offsets)
+        if per_sample_weights is not None:
+            per_sample_weights = jnp.zeros((1,), per_sample_weights.dtype)
+    return _pooled_pallas(
+        table,
+        ids,
+        offsets,
+        per_sample_weights,
+        out,
+        decoder=decoder,
+        interpret=interpret,
+        config=config,
+        fill_uncovered=bool(fill_uncovered),
+        **static,
+    )
 
 
 def pooled_lookup(
@@ -495,25 +594,22 @@ def pooled_lookup(
             weighted=per_sample_weights is not None,
             out_bytes=batch_size * num_columns * static["out_dtype"].itemsize,
         )
-    if config.strategy == "segmented" and next_power_of_2(weights.shape[1]) < 16:
-        raise ValueError(f"segmented strategy needs dim > 8, got dim={weights.shape[1]}")
-    if ids.shape[0] == 0:
-        # No values: every bag is empty (a longer one could read nothing). The kernel needs
-        # one addressable id, so it gets a never-read padding id and all-empty bags.
-        ids = jnp.zeros((1,), jnp.int32)
-        offsets = jnp.zeros_like(offsets)
-        if per_sample_weights is not None:
-            per_sample_weights = jnp.zeros((1,), per_sample_weights.dtype)
-    return _pooled_pallas(
+    return decoded_pooled_lookup(
         weights,
         ids,
         offsets,
         per_sample_weights,
-        out,
-        interpret=interpret,
+        features,
+        decoder=FloatRows(dim=weights.shape[1]),
         config=config,
-        fill_uncovered=bool(fill_uncovered),
-        **static,
+        interpret=interpret,
+        out=out,
+        out_dtype=out_dtype,
+        fill_uncovered=fill_uncovered,
+        batch_size=batch_size,
+        num_columns=num_columns,
+        pooling=pooling,
+        bounds_check=bounds_check,
     )
 
 
@@ -534,6 +630,7 @@ def mean_of_sums(sums: jax.Array, lengths: jax.Array, out_dtype) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=(
+        "decoder",
         "features",
         "batch_size",
         "num_columns",
@@ -543,12 +640,13 @@ def mean_of_sums(sums: jax.Array, lengths: jax.Array, out_dtype) -> jax.Array:
     ),
 )
 def _pooled_xla(
-    weights,
+    table,
     ids,
     offsets,
     per_sample_weights,
     out,
     *,
+    decoder,
     features,
     batch_size,
     num_columns,
@@ -557,7 +655,7 @@ def _pooled_xla(
     out_dtype,
 ):
     features = feature_layouts(features)
-    dim = weights.shape[1]
+    dim = decoder.dim
     num_kjt = (offsets.shape[0] - 1) // batch_size
     bags, live = position_bags(offsets, ids.shape[0])
     if out is None:
@@ -576,11 +674,12 @@ def _pooled_xla(
             checked=checks_ids(bounds_check),
         )
         # "none" reads clip(row, 0, R - 1), as the kernel does.
-        vals = jnp.take(weights, rows, axis=0, mode="clip").astype(jnp.float32)
-        scale = valid.astype(jnp.float32)
+        vals = decoder.gather(table, rows)
         if per_sample_weights is not None:
-            scale = scale * per_sample_weights.astype(jnp.float32)
-        vals = vals * scale[:, None]
+            vals = vals * per_sample_weights.astype(jnp.float32)[:, None]
+        # Positions that read no row add an exact zero: a select, not a product with 0, so
+        # a row they were pointed at (whatever its values) cannot leak a NaN.
+        vals = jnp.where(valid[:, None], vals, 0.0)
         n = len(group_idx)
         pooled = jax.ops.segment_sum(vals, slot * batch_size + b, num_segments=(n + 1) * batch_size)
         pooled = pooled[: n * batch_size].reshape(n, batch_size, dim)
@@ -598,6 +697,30 @@ def _pooled_xla(
         if counts_bad_ids(bounds_check):
             bad_total = bad_total + jnp.sum(bad.astype(jnp.int32))
     return out, bad_total
+
+
+def decoded_pooled_lookup_reference(
+    table: jax.Array,
+    ids: jax.Array,
+    offsets: jax.Array,
+    per_sample_weights: jax.Array | None,
+    features: tuple[FeatureLayout, ...],
+    *,
+    decoder: RowDecoder,
+    out: jax.Array | None = None,
+    out_dtype=None,
+    fill_uncovered: bool = True,
+    **static,
+) -> tuple[jax.Array, jax.Array]:
+    """The XLA reference reading ``table`` through ``decoder`` (gather, decode,
+    ``segment_sum``): the oracle of :func:`decoded_pooled_lookup`, same arguments but the
+    launch shape. Uncovered columns of a fresh output are always zeros here (XLA has no
+    unwritten buffers), so ``fill_uncovered`` only keeps the signatures alike."""
+    view = decoder.check_table(table)
+    static = _static_arguments(
+        view, ids, offsets, per_sample_weights, features, out, out_dtype=out_dtype, **static
+    )
+    return _pooled_xla(table, ids, offsets, per_sample_weights, out, decoder=decoder, **static)
 
 
 def pooled_lookup_reference(
@@ -618,20 +741,22 @@ def pooled_lookup_reference(
     """Pure-XLA pooled lookup (gather + ``segment_sum``), same contract as :func:`pooled_lookup`.
 
     The backend for CPU/TPU and the oracle the kernel is tested against. "none" reads the
-    clamped stacked row of a bad id, as the kernel does. Uncovered columns of a fresh output are always zeros here (XLA has no
-    unwritten buffers), so ``fill_uncovered`` only keeps the signatures alike.
+    clamped stacked row of a bad id, as the kernel does. Uncovered columns of a fresh output
+    are always zeros here, so ``fill_uncovered`` only keeps the signatures alike.
     """
-    static = _static_arguments(
+    if getattr(weights, "ndim", 2) != 2:
+        raise ValueError(f"weights must be 2-D [rows, dim], got shape {weights.shape}")
+    return decoded_pooled_lookup_reference(
         weights,
         ids,
         offsets,
         per_sample_weights,
         features,
-        out,
+        decoder=FloatRows(dim=weights.shape[1]),
+        out=out,
         out_dtype=out_dtype,
         batch_size=batch_size,
         num_columns=num_columns,
         pooling=pooling,
         bounds_check=bounds_check,
     )
-    return _pooled_xla(weights, ids, offsets, per_sample_weights, out, **static)
