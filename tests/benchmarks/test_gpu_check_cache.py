@@ -5,37 +5,77 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import gpu_check_cache
 
+TINY = "--tables 2 --rows 300 --dim 4 --batch 4 --mean-len 2 --warmup 3 --steps 2"
 
-def test_cache_timing_script_reports_times_ratio_hit_rate_and_progress(tmp_path, capsys):
-    argv = "--tables 2 --rows 300 --dim 4 --batch 4 --mean-len 2 --quick"
-    assert gpu_check_cache.main([*argv.split(), "--out", str(tmp_path)]) == 0
+
+def test_cache_timing_script_reports_the_split_hit_rate_and_progress(tmp_path, capsys):
+    argv = [*TINY.split(), "--variants", "numpy,pinned_host", "--out", str(tmp_path)]
+    assert gpu_check_cache.main(argv) == 0
     report = json.loads((tmp_path / "gpu_check_cache.json").read_text())
-    assert (report["config"]["warmup"], report["config"]["steps"]) == (1, 3)
+    assert (report["config"]["warmup"], report["config"]["steps"]) == (3, 2)
     for dist in ("zipf", "uniform"):
         result = report["results"][dist]
-        assert result["hbm_ms"] > 0 and result["cached_ms"] > 0 and result["pipelined_ms"] > 0
-        assert 0 <= result["hit_rate"] <= 1 and result["metrics_total"]["unique"] > 0
-    out = capsys.readouterr().out
+        assert result["hbm_ms"] > 0
+        for variant in ("numpy", "pinned_host"):
+            out = result[variant]
+            for key in ("sequential", "prefetch", "device_step", "gather", "h2d", "pipelined"):
+                assert out[f"{key}_ms"] > 0, (variant, key)
+            assert out["d2h_ms"] >= 0 and out["write_back_ms"] >= 0
+            assert 0 <= out["hit_rate"] <= 1 and len(out["per_step"]) == 2
+            assert all(step["unique"] > 0 for step in out["per_step"])
+        assert result["transfer"]["pageable_ms"] > 0
+    printed = capsys.readouterr().out
     for phase in (
-        "drew 4 batches",
-        "HBM baseline tables drawn",
+        "drew 7 batches",
         "host tables filled",
-        "zipf hbm: 4 steps",
-        "zipf cached step 4/4",
-        "uniform pipelined: 4 steps",
+        "zipf hbm: 5 steps",
+        "zipf numpy: warmed 3 steps",
+        "uniform pinned_host pipelined",
         "wrote ",
     ):
-        assert phase in out, phase
-    assert all(line.startswith("[") and " s] " in line for line in out.splitlines())
+        assert phase in printed, phase
+    assert all(line.startswith("[") and " s] " in line for line in printed.splitlines())
+
+
+def test_capacity_mode_trains_and_saves_the_tables_that_fit(tmp_path):
+    folder = tmp_path / "ckpt"
+    argv = ["--rows", "200", "--dim", "4", "--batch", "4", "--mean-len", "2", "--steps", "2",
+            "--capacity-gb", "0.00001", "--checkpoint-gb", "0.0000085",
+            "--checkpoint-dir", str(folder), "--out", str(tmp_path)]  # fmt: skip
+    assert gpu_check_cache.main(argv) == 0
+    report = json.loads((tmp_path / "gpu_check_cache_capacity.json").read_text())["capacity"]
+    assert report["tables"] == 4 and len(report["step_ms"]) == 2  # 4 x 3,200 B >= 10 kB
+    checkpoint = report["checkpoint"]
+    assert (
+        checkpoint["tables_saved"] == 2 and checkpoint["read_back_equal"]
+    )  # 2 tables of 4,000 B fit
+    assert sorted(p.name for p in folder.iterdir())[:2] == ["manifest.json", "t0.momentum1.npy"]
+
+
+def test_bad_variant_and_steps_are_refused():
+    with pytest.raises(ValueError, match="--variants"):
+        gpu_check_cache.main(["--variants", "cuda"])
+    with pytest.raises(ValueError, match="--steps"):
+        gpu_check_cache.main(["--steps", "1"])
 
 
 def test_fill_uniform_writes_every_row_within_the_bound():
     table = np.full((1000, 3), np.nan, np.float32)
     gpu_check_cache.fill_uniform(table, 0.5, block_rows=64)
     assert np.all(np.abs(table) <= 0.5) and np.unique(table).size > 100
+
+
+def test_zipf_ids_follow_the_bounded_law():
+    args = argparse.Namespace(tables=1, batch=2000, mean_len=20, rows=50, alpha=1.05)
+    ((ids, offsets),) = gpu_check_cache.make_batches(args, "zipf", 1)
+    counts = np.bincount(ids[: offsets[-1]], minlength=50)
+    expected = np.diff(np.concatenate([[0], gpu_check_cache.zipf_cdf(50, 1.05)])) * offsets[-1]
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected.max())
+    assert counts[0] > 10 * counts[-1]
 
 
 def test_batches_have_a_fixed_capacity_and_ids_in_range():
