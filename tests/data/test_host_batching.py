@@ -15,3 +15,17 @@ def test_host_batching_benchmark_reports_each_builder():
     results = measure(batch_size=64, num_batches=6, repeats=1)
     assert set(results) == {"jaxrec numpy", "jaxrec + device_put", "torchrec kjt"}
     assert all(ms > 0 for ms in results.values())
+
+
+def test_host_batching_benchmark_times_the_step_with_and_without_prefetch():
+    pytest.importorskip("recbole.dataset_example", reason="recbole wheel not installed")
+    measure_prefetch = runpy.run_path(str(SCRIPT))["measure_prefetch"]
+    results = measure_prefetch(batch_size=64, steps=6)
+    assert set(results) == {
+        "step, batches prebuilt",
+        "step, batches built inline",
+        "step, prefetched",
+        "prefetch queue wait",
+    }
+    assert all(ms > 0 for ms in results.values())
+    assert results["prefetch queue wait"] < results["step, prefetched"]
