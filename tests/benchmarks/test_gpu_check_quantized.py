@@ -1,4 +1,7 @@
-"""The quantized GPU check's CPU mode runs: kernel vs reference on fresh inputs, timing table."""
+"""The quantized GPU check's CPU mode: every kernel against its reference, timings, the TBE
+against the collection, and a self-explaining JSON."""
+
+import json
 
 import jax.numpy as jnp
 import pytest
@@ -7,36 +10,66 @@ from benchmarks import gpu_check_quantized
 from benchmarks.gpu_check_quantized import main
 
 
-def test_cpu_mode_checks_and_times_int8_int4_and_fp32(capsys):
-    main(["--interpret", "--small", "--reps", "1", "--diagnose"])
-    out = capsys.readouterr().out
-    for line in ("int8: kernel vs reference", "int4: kernel vs reference", "fp32 jaxrec"):
-        assert line in out
-    assert "% of copy bandwidth" in out
-    assert "int4 read in bytes" in out and "FAILED" not in out
+def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
+    result = main(["--interpret", "--small", "--reps", "1", "--tbe", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "gpu_check_quantized.json").read_text())
+    assert written["targets"] == json.loads(json.dumps(result["targets"]))
+    names = [c["name"] for c in written["correctness"]]
+    assert names == [
+        "fp32 jaxrec",
+        "fp16 jaxrec",
+        "int8 jaxrec default",
+        "int8 jaxrec bags_1x16_w1",
+        "int4 jaxrec default",
+        "int4 jaxrec bags_1x16_w1",
+    ]
+    assert all(c["ok"] and c["max_abs_diff"] <= c["tolerance"] for c in written["correctness"])
+    timed = [t["name"] for t in written["timings"]]
+    assert [n for n in timed if "uint8 table" not in n] == names
+    assert [n for n in timed if "uint8 table" in n] == [
+        "int8 jaxrec default, uint8 table",
+        "int4 jaxrec default, uint8 table",
+    ]
+    int8 = next(t for t in written["timings"] if t["name"] == "int8 jaxrec default")
+    shape = written["shape"]
+    assert int8["bytes_read"] == shape["lookups"] * (shape["dim"] + 8)  # int8 row bytes
+    assert int8["config"]["block_len"] == 64 and int8["pct_of_copy"] > 0
+    precisions = ("fp32", "fp16", "int8", "int4", "int8 (uint8 table)", "int4 (uint8 table)")
+    assert set(written["best"]) == {f"{p} jaxrec pallas" for p in precisions}
+    assert written["targets"]["int8_over_fp32_jaxrec"]["target"] == ">= 3"
+    assert written["targets"]["int8_over_torch_fp16"]["met"] is None  # no GPU: not measured
+    tbe = written["tbe_vs_ebc"]
+    assert tbe["forward_ok"] and tbe["forward_max_abs_diff"] <= tbe["forward_tolerance"]
+    assert written["targets"]["tbe_step_over_ebc"]["value"] == tbe["step_ratio"]
+    assert {"shape", "copy", "correctness", "timings", "targets", "tbe_vs_ebc"} <= set(
+        written["about"]
+    )
+    assert written["failed"] == [] and "wrote" in capsys.readouterr().out
 
 
-def test_a_wrong_case_is_reported_with_its_place_and_not_timed(capsys, monkeypatch):
+def test_a_wrong_case_is_reported_with_its_place_and_not_timed(tmp_path, capsys, monkeypatch):
     real = gpu_check_quantized.quantized_pooled_lookup
 
     def nan_in_int4_table_1(*args, **kw):
         out, bad = real(*args, **kw)
-        if kw["weight_type"] == "int4":
+        if (
+            kw["weight_type"] == "int4"
+            and kw.get("config") is not None
+            and kw["config"].block_len == 16
+        ):
             out = out.at[3, kw["dim"] + 2].set(jnp.nan)  # bag 3, column 2 of table 1
         return out, bad
 
     monkeypatch.setattr(gpu_check_quantized, "quantized_pooled_lookup", nan_in_int4_table_1)
-    with pytest.raises(SystemExit, match="FAILED: int4"):
-        main(["--interpret", "--small", "--reps", "1"])
+    with pytest.raises(SystemExit, match="FAILED: int4 jaxrec bags_1x16_w1"):
+        main(["--interpret", "--small", "--reps", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "int8: kernel vs reference" in out and "(ok)" in out
+    assert "int4 jaxrec default: kernel vs reference" in out and "(ok)" in out
     assert "non-finite outputs kernel 1, reference 0" in out
     assert "first wrong output bag 3 column 18 (table 1)" in out
-    timed = [line.split()[0] for line in out.splitlines() if "G lookups/s" in line]
-    assert timed == ["int8", "fp32"]
-
-
-def test_cpu_mode_times_the_tbe_against_the_collection(capsys):
-    main(["--interpret", "--small", "--reps", "1", "--tbe"])
-    out = capsys.readouterr().out
-    assert "TBE vs EBC forward" in out and "TBE vs EBC step" in out and "ratio" in out
+    written = json.loads((tmp_path / "gpu_check_quantized.json").read_text())
+    wrong = [c for c in written["correctness"] if not c["ok"]]
+    assert [(c["name"], c["first_wrong"]) for c in wrong] == [("int4 jaxrec bags_1x16_w1", [3, 18])]
+    timed = [t["name"] for t in written["timings"]]
+    assert "int4 jaxrec default" in timed and "int4 jaxrec bags_1x16_w1" not in timed
+    assert written["best"]["int4 jaxrec pallas"] == "int4 jaxrec default"
