@@ -16,21 +16,31 @@ plan from the measured link bandwidth; the input all-to-all's ``ids_per_destinat
 from the features' pooling factors times ``--headroom``. Times the train step of the plain
 model on one GPU and of :class:`jaxrec.parallel.DistributedModelParallel` on every visible
 GPU, and each part of the sharded step on its own, as a jitted function on the same batch:
-input distribution (route, all-to-alls of lengths and ids, compact), the owners' forward
+input distribution (route: contiguous feature ranges gathered per destination, no sort;
+all-to-alls of lengths and ids; compact), the owners' forward
 lookups, the output distribution (all-to-all, reduce-scatter, assembly), the gradient
 distribution (its transpose), the owners' backward with the fused update (tables donated),
 the dense part (MLPs, interactions, gradient all-reduce, optimizer); their sum beside the
 step; the per-GPU throughput against one GPU and the redistribution share of the step.
-``--quick`` (3 timing iterations, 64 MB bandwidth buffers) keeps a 2-GPU scaling run under
-3 minutes::
+``--quick`` (3 timing iterations, 64 MB bandwidth buffers) keeps a 2-GPU scaling run
+within about 5 minutes, compiles included::
 
     python -m benchmarks.gpu_check_scaling --quick --out "$OUT"
+
+``--mode checkpoint`` (run it on its own): a sharded orbax checkpoint
+(:mod:`jaxrec.checkpoint`) of 26 equal row-wise tables totalling ``--checkpoint-gb`` (40 GB
+by default; the 2-GPU machine's 128 GiB disk holds it) with their row-wise Adagrad state;
+save and restore timed, the restored arrays compared bitwise with the saved ones on
+``--sample-rows`` random rows of every leaf. The checkpoint goes to a fresh temporary folder
+(``--checkpoint-dir`` to choose where; never under ``--out``) and is removed at the end::
+
+    python -m benchmarks.gpu_check_scaling --mode checkpoint --checkpoint-gb 40 --out "$OUT"
 
 ``--mode capacity``: 26 equal tables totalling ``--capacity-gb`` of fp32 weights, planned
 over every GPU (refused on one: the message is recorded), created sharded, trained three
 fused steps (each step's loss recorded).
 
-Both modes first measure the all-to-all and reduce-scatter bandwidth of the devices (bytes
+Every mode first measure the all-to-all and reduce-scatter bandwidth of the devices (bytes
 each device sends per second). ``--small`` runs the same code on a few CPU devices (the
 test suite does). Writes ``gpu_check_scaling.json`` to ``--out``.
 """
@@ -436,14 +446,108 @@ def capacity(args, devices, record) -> None:
     )
 
 
+# ---- checkpoint ---------------------------------------------------------------------------
+def _sample_rows(tree, rows_per_leaf: int, seed: int = 0) -> list[np.ndarray]:
+    """The same random rows of every array leaf with rows (on the host), in leaf order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for leaf in jax.tree.leaves(tree):
+        if getattr(leaf, "ndim", 0) == 0:
+            out.append(np.asarray(leaf))
+            continue
+        take = np.sort(rng.choice(leaf.shape[0], min(rows_per_leaf, leaf.shape[0]), False))
+        out.append(np.asarray(jax.jit(lambda x, i: x[i])(leaf, jnp.asarray(take))))
+    return out
+
+
+def checkpoint(args, devices, record) -> None:
+    """A sharded orbax checkpoint (:mod:`jaxrec.checkpoint`) of 26 equal row-wise tables
+    totalling ``--checkpoint-gb`` (fused row-wise Adagrad state beside them): save and
+    restore timed (each until the files are complete / the arrays are ready), the restored
+    tables and states compared bitwise with the saved ones on ``--sample-rows`` random rows
+    of every stacked group. Written under ``--checkpoint-dir`` (a fresh temporary folder by
+    default, never under ``--out``) and removed at the end."""
+    import shutil
+    import tempfile
+    import time
+
+    from jaxrec.checkpoint import CheckpointManager, TableLayout
+
+    dim, n, count = args.dim, len(devices), 26
+    rows = int(args.checkpoint_gb * 1e9 / (count * dim * 4))
+    tables = _tables([rows] * count, dim)
+    model = _model(tables, dim, args.backend)
+    rows_only = ParameterConstraints(sharding_types=(ShardingType.ROW_WISE,))
+    planner = _planner(
+        args,
+        Topology(num_devices=n, hbm_cap=args.hbm_cap),
+        constraints={t.name: rows_only for t in tables},
+    )
+    mesh = Mesh(np.array(devices), ("x",))
+    dmp = DistributedModelParallel(model, mesh, plan=planner)
+    rng = np.random.default_rng(0)
+    batch = dmp.shard_batch(
+        [_device_batch(tables, args.batch, _capacity(tables, args.batch), rng) for _ in devices]
+    )
+    state = {"params": dmp.init(jax.random.key(0), *batch[:2])["params"]}
+    jax.block_until_ready(state)
+    (path, layout), *_ = dmp.layouts.items()
+    params_path = ("params", *path.split("/"), "embedding_bags")  # the EBC's variables
+    layouts = [TableLayout.sharded(params_path, layout, mesh, "x")]
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    record.update(tables=count, rows_per_table=rows, dim=dim, devices=n,
+                  table_gbytes=rows * count * dim * 4 / 1e9, state_gbytes=nbytes / 1e9)  # fmt: skip
+    sample = _sample_rows(state, args.sample_rows)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    folder = tempfile.mkdtemp(prefix="jaxrec_ckpt_", dir=args.checkpoint_dir)
+    try:
+        with CheckpointManager(folder, max_to_keep=1) as manager:
+            start = time.perf_counter()
+            manager.save(1, state, layouts)
+            manager.wait_until_finished()
+            record["save_s"] = time.perf_counter() - start
+            del state  # the restore needs the room
+            on_disk = sum(
+                os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs
+            )
+            record["checkpoint_gbytes_on_disk"] = on_disk / 1e9
+            start = time.perf_counter()
+            restored = manager.restore(target, layouts)
+            jax.block_until_ready(restored.state)
+            record["restore_s"] = time.perf_counter() - start
+        got = _sample_rows(restored.state, args.sample_rows)
+        record["sampled_leaves"] = len(got)
+        record["bitwise_equal"] = all(
+            a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+            for a, b in zip(sample, got, strict=True)
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    record["save_gbytes_per_s"] = record["checkpoint_gbytes_on_disk"] / record["save_s"]
+    record["restore_gbytes_per_s"] = record["checkpoint_gbytes_on_disk"] / record["restore_s"]
+    record["ok"] = record["bitwise_equal"]
+    record["plan_report"] = str(planner.explain(tables, dmp.plans[path], optimizer=model.optimizer))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--mode", choices=("scaling", "capacity"), default="scaling")
+    parser.add_argument("--mode", choices=("scaling", "capacity", "checkpoint"), default="scaling")
     parser.add_argument("--max-rows", type=int, default=4_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16_384)
     parser.add_argument("--capacity-gb", type=float, default=160.0)
+    parser.add_argument(
+        "--checkpoint-gb", type=float, default=40.0, help="--mode checkpoint: GB of fp32 tables"
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where the checkpoint is written (default: a temp dir)",
+    )
+    parser.add_argument("--sample-rows", type=int, default=4096, help="rows compared per group")
     parser.add_argument(
         "--hbm-cap", type=int, default=None, help="bytes per device (default: measured)"
     )
@@ -466,6 +570,7 @@ def main(argv=None) -> int:
     if args.small:
         args.max_rows, args.dim, args.batch, args.link_mbytes = 2000, 8, 16, 1.0
         args.capacity_gb, args.iters, args.backend = 0.014, 2, "xla"
+        args.checkpoint_gb = min(args.checkpoint_gb, 0.014)
         args.hbm_cap = args.hbm_cap or 16 * 2**20
         args.devices = args.devices or 2
     devices = jax.devices()[: args.devices]
@@ -479,8 +584,10 @@ def main(argv=None) -> int:
     if args.mode == "scaling":
         scaling(args, devices, record)
         record["ok"] = True
-    else:
+    elif args.mode == "capacity":
         capacity(args, devices, record)
+    else:
+        checkpoint(args, devices, record)
     print(json.dumps({k: v for k, v in record.items() if k != "plan_report"}, indent=1))
     print(record["plan_report"])
     with open(os.path.join(args.out, "gpu_check_scaling.json"), "w") as f:

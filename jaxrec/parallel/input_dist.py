@@ -53,6 +53,7 @@ __all__ = [
     "route",
     "routing_tables",
     "send_capacity",
+    "slot_sources",
 ]
 
 
@@ -174,6 +175,39 @@ def bags_of_positions(offsets: jax.Array, capacity: int):
     return bags, positions < offsets[-1]
 
 
+@functools.lru_cache(maxsize=64)
+def slot_sources(layout: ShardedLayout, kjt_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per destination rank and slot: what it reads of the local KJT (numpy, static).
+
+    ``feature [n, slots]`` (the KJT feature; -1: an empty slot), ``shard [n, slots]`` (the
+    shard index), ``row_split [n, slots]``, ``shift [n, slots]`` (local row - global row).
+    """
+    routes = routing_tables(layout, kjt_keys)
+    n, num_slots = layout.num_devices, len(layout.slots)
+    out = {
+        "feature": np.full((n, num_slots), -1, np.int32),
+        "shard": np.zeros((n, num_slots), np.int32),
+        "row_split": np.zeros((n, num_slots), bool),
+        "shift": np.zeros((n, num_slots), np.int32),
+    }
+    for k in range(len(kjt_keys)):
+        for i in range(int(routes["copies"][k]) if not routes["row_split"][k] else 0):
+            _fill_slot(out, routes, k, i, num_slots)
+        if routes["row_split"][k]:
+            for i in range(routes["row_starts"].shape[1]):
+                if routes["row_starts"][k, i] != np.iinfo(np.int32).max:
+                    _fill_slot(out, routes, k, i, num_slots)
+    return out
+
+
+def _fill_slot(out, routes, k, i, num_slots) -> None:
+    rank, slot = divmod(int(routes["dest"][k, i]), num_slots)
+    out["feature"][rank, slot] = k
+    out["shard"][rank, slot] = i
+    out["row_split"][rank, slot] = routes["row_split"][k]
+    out["shift"][rank, slot] = routes["shift"][k, i]
+
+
 def route(
     layout: ShardedLayout,
     kjt_keys: tuple[str, ...],
@@ -183,64 +217,93 @@ def route(
     weights,
     ids_per_destination: int | None = None,
 ):
-    """Sender side: per destination, the lengths ``[n, K, B]`` and padded ids (and weights)
-    ``[n, cap]``, this device's count of ids outside their tables, its count of ids past
-    ``cap`` (dropped), and for every buffer entry the send it holds (``copy * capacity +
-    position``) and whether it is real.
+    """Sender side: per destination, the lengths ``[n, slots, B]`` and padded ids (and
+    weights) ``[n, cap]``, this device's count of ids outside their tables, its count of
+    ids past ``cap`` (dropped), and for every buffer entry the local position it holds, the
+    shard it goes to and whether it is real.
+
+    No sort: the KJT is feature-major, so a table-wise or column shard's slot reads one
+    contiguous feature range (its start from ``offsets``); a row shard's slot reads the ids
+    of its row range in order, a stable partition computed with a cumulative sum of the
+    range's mask (per-bag counts: differences of that sum at the bag offsets). Each
+    destination's buffer is one gather: entry ``q`` of rank ``r`` lies in the slot whose
+    run (from the per-slot totals) holds it.
 
     ``cap``: ``ids_per_destination`` where given (at most the exact bound), else the exact
     bound ``capacity * send_capacity(layout)`` (see the module docstring)."""
     routes = routing_tables(layout, kjt_keys)
-    n, num_slots = layout.num_devices, len(layout.slots)
-    capacity = ids.shape[0]
-    bags, live = bags_of_positions(offsets, capacity)
-    kjt = jnp.minimum(bags // batch, len(kjt_keys) - 1)
-    b = bags % batch
-    rows = jnp.asarray(routes["rows"])[kjt]
-    bad = live & ((ids < 0) | (ids >= rows))
-    bad_count = jnp.sum(bad & jnp.asarray(routes["counted"])[kjt]).astype(jnp.int32)
-    row_split = jnp.asarray(routes["row_split"])[kjt]
-    bucket = jnp.sum(ids[:, None] >= jnp.asarray(routes["row_starts"])[kjt], axis=1) - 1
-    bucket = jnp.clip(bucket, 0, routes["row_starts"].shape[1] - 1)
-    copies = int(routes["copies"].max(initial=0))
-    sentinel = n * num_slots * batch
-    keys, values, shards = [], [], []
-    for j in range(max(copies, 1)):
-        shard = jnp.where(row_split, bucket, j)
-        shards.append(shard)
-        sent = live & (j < jnp.asarray(routes["copies"])[kjt]) & ~(bad & row_split)
-        dest = jnp.asarray(routes["dest"])[kjt, shard]
-        keys.append(jnp.where(sent, dest * batch + b, sentinel))
-        values.append(jnp.where(bad, -1, ids + jnp.asarray(routes["shift"])[kjt, shard]))
-    keys, values = jnp.concatenate(keys), jnp.concatenate(values)
-    order = jnp.argsort(keys, stable=True)
+    slots = slot_sources(layout, kjt_keys)
+    n, num_slots = slots["feature"].shape
+    f_count, capacity = len(kjt_keys), ids.shape[0]
     cap = capacity * send_capacity(layout)
     if ids_per_destination is not None:
         cap = min(cap, int(ids_per_destination))
-    # sorted by (destination, slot, bag): a destination's ids past ``cap`` are the tail of
-    # its run; they leave their bags' lengths and are counted
-    sorted_keys = keys[order]
-    dest = sorted_keys // (num_slots * batch)  # n: not sent
-    sent_totals = jnp.bincount(dest, length=n + 1)[:n]
-    starts = jnp.cumsum(sent_totals) - sent_totals
-    within = jnp.arange(keys.shape[0], dtype=jnp.int32) - starts[jnp.minimum(dest, n - 1)]
-    fits = within < cap
-    overflow = jnp.sum((dest < n) & ~fits).astype(jnp.int32)
-    kept = jnp.where(fits, sorted_keys, sentinel)
-    lengths = jnp.bincount(kept, length=sentinel + 1)[:sentinel].astype(jnp.int32)
-    lengths = lengths.reshape(n, num_slots, batch)
-    totals = jnp.minimum(sent_totals, cap)
-    index = starts[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
-    real = jnp.arange(cap)[None, :] < totals[:, None]
-    index = jnp.clip(index, 0, keys.shape[0] - 1)
-    take = order[index]
-    out_ids = jnp.where(real, values[take], 0)
+    offsets = offsets.astype(jnp.int32)
+    positions = jnp.arange(capacity, dtype=jnp.int32)
+    feature_starts = offsets[::batch][: f_count + 1]  # [F + 1]: where each feature begins
+    kjt = jnp.clip(jnp.searchsorted(feature_starts, positions, side="right") - 1, 0, f_count - 1)
+    live = positions < offsets[-1]
+    bad = live & ((ids < 0) | (ids >= jnp.asarray(routes["rows"])[kjt]))
+    bad_count = jnp.sum(bad & jnp.asarray(routes["counted"])[kjt]).astype(jnp.int32)
+
+    feature = np.maximum(slots["feature"], 0)  # [n, slots]
+    used = slots["feature"] >= 0
+    bag_lengths = (offsets[1:] - offsets[:-1]).reshape(f_count, batch)
+    lengths = jnp.where(used[..., None], bag_lengths[feature], 0)  # [n, slots, B]
+    any_split = bool(slots["row_split"].any())
+    if any_split:
+        # row shards: the ids of shard i of a row-split feature, counted in position order
+        row_starts = jnp.asarray(routes["row_starts"])[kjt]  # [capacity, S]
+        bucket = jnp.sum(ids[:, None] >= row_starts, axis=1) - 1
+        split = live & ~bad & jnp.asarray(routes["row_split"])[kjt]
+        width = routes["row_starts"].shape[1]
+        masks = split[None, :] & (bucket[None, :] == jnp.arange(width)[:, None])
+        counts = jnp.cumsum(masks.astype(jnp.int32), axis=1)
+        counts = jnp.pad(counts, ((0, 0), (1, 0)))  # [S, capacity + 1]: ids before a position
+        bag_at = feature[..., None] * batch + jnp.arange(batch)[None, None, :]
+        shard = jnp.asarray(slots["shard"])[..., None]
+        split_lengths = counts[shard, offsets[bag_at + 1]] - counts[shard, offsets[bag_at]]
+        lengths = jnp.where(slots["row_split"][..., None], split_lengths, lengths)
+    # ids past ``cap`` are the tail of a destination's run: they leave their bags
+    flat = lengths.reshape(n, num_slots * batch)
+    bag_starts = jnp.cumsum(flat, axis=1) - flat
+    kept = jnp.clip(cap - bag_starts, 0, flat)
+    overflow = jnp.sum(flat - kept).astype(jnp.int32)
+    slot_totals = lengths.sum(axis=2)  # [n, slots], before truncation
+    slot_ends = jnp.cumsum(slot_totals, axis=1)
+    slot_starts = slot_ends - slot_totals
+    q = jnp.arange(cap, dtype=jnp.int32)
+    slot_of = jax.vmap(lambda ends: jnp.searchsorted(ends, q, side="right"))(slot_ends)
+    slot_of = jnp.minimum(slot_of, num_slots - 1)  # [n, cap]
+    real = q[None, :] < slot_ends[:, -1:]
+    ranks = jnp.arange(n)[:, None]
+    within = q[None, :] - slot_starts[ranks, slot_of]
+    source = feature_starts[jnp.asarray(feature)[ranks, slot_of]] + within
+    if any_split:
+        # a row-split id's place in its destination buffer, inverted by one scatter
+        dest = jnp.asarray(routes["dest"])[kjt, jnp.clip(bucket, 0, width - 1)]
+        rank, slot = dest // num_slots, dest % num_slots
+        rank_in_slot = (
+            counts[jnp.clip(bucket, 0, width - 1), positions]
+            - counts[jnp.clip(bucket, 0, width - 1), feature_starts[kjt]]
+        )
+        place = slot_starts[rank, slot] + rank_in_slot
+        target = jnp.where(split & (place < cap), rank * cap + place, n * cap)
+        inverse = (
+            jnp.zeros(n * cap, jnp.int32)
+            .at[target]
+            .set(positions, mode="drop", unique_indices=True)
+        )
+        split_slot = jnp.asarray(slots["row_split"])[ranks, slot_of]
+        source = jnp.where(split_slot, inverse.reshape(n, cap), source)
+    source = jnp.clip(source, 0, capacity - 1)
+    shift = jnp.asarray(slots["shift"])[ranks, slot_of]
+    out_ids = jnp.where(real, jnp.where(bad[source], -1, ids[source] + shift), 0)
     out_weights = None
     if weights is not None:
-        tiled = jnp.tile(weights, max(copies, 1))
-        out_weights = jnp.where(real, tiled[take], 0).astype(weights.dtype)
-    entries = (take, jnp.concatenate(shards)[take], real)
-    return lengths, out_ids, out_weights, bad_count, overflow, entries
+        out_weights = jnp.where(real, weights[source], 0).astype(weights.dtype)
+    entries = (source, jnp.asarray(slots["shard"])[ranks, slot_of], real)
+    return kept.reshape(n, num_slots, batch), out_ids, out_weights, bad_count, overflow, entries
 
 
 def compact(lengths, ids, weights):

@@ -346,7 +346,7 @@ def distribute_output(spec: ShardedLookupSpec, owner_out, offsets, dp_out=None):
     parts = []
     perm, width_a, width_r, index, divide_by = _columns(spec)
     if owner_out is not None:
-        out = owner_out[:, perm].reshape(batch, layout.num_devices, width_a + width_r)
+        out = _take_columns(owner_out, perm).reshape(batch, layout.num_devices, width_a + width_r)
         out = out.transpose(1, 0, 2)
         if width_a:
             back = jax.lax.all_to_all(out[:, :, :width_a], axis, 0, 0)
@@ -356,13 +356,37 @@ def distribute_output(spec: ShardedLookupSpec, owner_out, offsets, dp_out=None):
     if dp_out is not None:
         parts.append(dp_out)
     dtype = jnp.result_type(*parts)
-    parts.append(jnp.zeros((batch, 1), dtype))
-    result = jnp.concatenate(parts, axis=1)[:, index]
+    zeros = int((index == index.max(initial=0)).sum()) if len(index) else 0
+    parts.append(jnp.zeros((batch, max(zeros, 1)), dtype))
+    result = _take_columns(jnp.concatenate(parts, axis=1), _distinct_zero_columns(index))
     if (divide_by >= 0).any():
         lengths = (offsets[1:] - offsets[:-1]).reshape(len(spec.kjt_keys), batch)
         divisor = jnp.maximum(lengths[np.maximum(divide_by, 0)].T, 1).astype(jnp.float32)
         result = jnp.where(divide_by >= 0, result / divisor, result).astype(dtype)
     return result
+
+
+def _distinct_zero_columns(index: np.ndarray) -> np.ndarray:
+    """``index`` with each use of its last column (the zero column) given its own zero
+    column after it, so that no column is read twice."""
+    index = np.asarray(index, np.int32).copy()
+    zero = index.max(initial=0)
+    at = np.flatnonzero(index == zero)
+    index[at] = zero + np.arange(len(at), dtype=np.int32)
+    return index
+
+
+def _take_columns(x: jax.Array, index: np.ndarray) -> jax.Array:
+    """``x[:, index]`` for a static ``index`` that reads no column twice, declared so: the
+    transpose (the backward's gradient distribution) is then a scatter of distinct columns,
+    which XLA writes without atomics, not a scatter-add."""
+    if len(np.unique(index)) != len(index):
+        raise ValueError("_take_columns needs distinct columns")
+    if np.array_equal(index, np.arange(x.shape[1])):
+        return x
+    return x.at[:, index].get(
+        unique_indices=True, indices_are_sorted=bool(np.all(np.diff(index) > 0))
+    )
 
 
 def _sequence(spec: ShardedLookupSpec, params: dict, ids, offsets):

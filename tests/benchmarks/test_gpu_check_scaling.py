@@ -1,5 +1,5 @@
-"""The scaling GPU check's CPU mode runs on two host devices: weak-scaling breakdown and the
-capacity run (planner refusal on one device, three fused steps on two)."""
+"""The scaling GPU check's CPU mode runs on two host devices: weak-scaling breakdown, the
+capacity run (planner refusal on one device, three fused steps on two) and the checkpoint run."""
 
 import json
 
@@ -25,3 +25,15 @@ def test_cpu_mode_measures_scaling_and_capacity(tmp_path):
     record = json.loads((tmp_path / "gpu_check_scaling.json").read_text())
     assert record["one_gpu_planner"].startswith("refused: the tables need")
     assert len(record["losses"]) == 3
+
+
+def test_cpu_mode_saves_and_restores_a_sharded_checkpoint_bitwise(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    args = ["--small", "--mode", "checkpoint", "--out", str(tmp_path)]
+    assert main([*args, "--checkpoint-dir", str(folder)]) == 0
+    record = json.loads((tmp_path / "gpu_check_scaling.json").read_text())
+    assert record["bitwise_equal"] and record["sampled_leaves"] > 0
+    assert record["save_s"] > 0 and record["restore_s"] > 0
+    assert record["checkpoint_gbytes_on_disk"] > 0.9 * record["table_gbytes"]
+    assert not any(folder.iterdir())  # the checkpoint is removed after the check
