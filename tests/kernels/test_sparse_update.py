@@ -124,12 +124,9 @@ def _args(seed, dim, pooling, weighted=True, dtype=jnp.float32, features=None):
 # --------------------------------------------------------------------------- row gradients
 
 
-@pytest.mark.parametrize(
-    ("pooling", "weighted", "dim"),
-    [("sum", False, 4), ("sum", True, 6), ("mean", True, 4), ("none", False, 6)],
-)
-def test_row_gradients_equal_dense_grad_of_xla_forward(pooling, weighted, dim):
-    weights, grad_out, ids, offsets, psw, features = _args(1 + dim, dim, pooling, weighted)
+def _sparse_and_dense(weights, grad_out, ids, offsets, psw, features, pooling):
+    """``(rows, grads)`` of :func:`sparse_row_gradients` and ``jax.grad`` of the plain XLA
+    forward (NaNs in ``grad_out`` mark entries no forward output depends on)."""
     rows, grads = rg.sparse_row_gradients(
         grad_out,
         ids,
@@ -137,14 +134,24 @@ def test_row_gradients_equal_dense_grad_of_xla_forward(pooling, weighted, dim):
         psw,
         features,
         batch_size=BATCH,
-        dim=dim,
+        dim=weights.shape[1],
         num_rows=NUM_ROWS,
         pooling=pooling,
     )
-    cotangent = jnp.nan_to_num(grad_out)  # NaNs mark entries no forward output depends on
+    cotangent = jnp.nan_to_num(grad_out)
     dense = jax.grad(
         lambda w: jnp.sum(_dense_forward(w, ids, offsets, psw, features, pooling) * cotangent)
     )(weights)
+    return rows, grads, dense
+
+
+@pytest.mark.parametrize(
+    ("pooling", "weighted", "dim"),
+    [("sum", False, 4), ("sum", True, 6), ("mean", True, 4), ("none", False, 6)],
+)
+def test_row_gradients_equal_dense_grad_of_xla_forward(pooling, weighted, dim):
+    weights, grad_out, ids, offsets, psw, features = _args(1 + dim, dim, pooling, weighted)
+    rows, grads, dense = _sparse_and_dense(weights, grad_out, ids, offsets, psw, features, pooling)
     touched = _touched_rows(ids, offsets, features)
     m = ids.shape[0]
     chex.assert_shape(rows, (m,))
@@ -161,22 +168,7 @@ def test_row_gradients_count_a_feature_listed_twice_once_per_listing():
     dim = 4
     features = ((0, 0, 6, 0), (0, 6, 5, dim), (1, 0, 6, 2 * dim))
     weights, grad_out, ids, offsets, psw, _ = _args(7, dim, "sum", features=features)
-    rows, grads = rg.sparse_row_gradients(
-        grad_out,
-        ids,
-        offsets,
-        psw,
-        features,
-        batch_size=BATCH,
-        dim=dim,
-        num_rows=NUM_ROWS,
-        pooling="sum",
-    )
-    dense = jax.grad(
-        lambda w: jnp.sum(
-            _dense_forward(w, ids, offsets, psw, features, "sum") * jnp.nan_to_num(grad_out)
-        )
-    )(weights)
+    rows, grads, dense = _sparse_and_dense(weights, grad_out, ids, offsets, psw, features, "sum")
     chex.assert_shape(rows, (2 * ids.shape[0],))
     scattered = jnp.zeros_like(weights).at[rows].add(grads, mode="drop")
     chex.assert_trees_all_close(scattered, dense, rtol=1e-5, atol=1e-6)
@@ -185,14 +177,16 @@ def test_row_gradients_count_a_feature_listed_twice_once_per_listing():
 # --------------------------------------------------------------------------- fused kernel
 
 
-def _run_both(
-    opt, weights, state, step, grad_out, ids, offsets, psw, features, pooling, config=None
-):
-    common = dict(batch_size=BATCH, dim=weights.shape[1], pooling=pooling, optimizer=opt)
-    args = (weights, state, step, grad_out, ids, offsets, psw, features)
-    got = su.fused_sparse_update(*args, interpret=True, config=config, **common)
-    want = su.fused_sparse_update_reference(*args, **common)
-    return got, want
+def _update(fn, opt, weights, state, step, grad_out, ids, offsets, psw, features, pooling, **kw):
+    """``fn`` (the fused update or its reference) on this file's layout (``BATCH`` bags)."""
+    layout = dict(batch_size=BATCH, dim=weights.shape[1], pooling=pooling, optimizer=opt)
+    return fn(weights, state, step, grad_out, ids, offsets, psw, features, **layout, **kw)
+
+
+def _run_both(opt, *args, config=None):
+    """The Pallas kernel (interpret mode) and the XLA reference on the same arguments."""
+    got = _update(su.fused_sparse_update, opt, *args, interpret=True, config=config)
+    return got, _update(su.fused_sparse_update_reference, opt, *args)
 
 
 def _assert_untouched_rows_unchanged(before, after, touched):
@@ -235,9 +229,8 @@ def test_kernel_matches_reference_and_leaves_untouched_rows_bit_identical(
     opt = OPTIMIZERS[name]()
     weights, grad_out, ids, offsets, psw, features = _args(11 + dim, dim, pooling)
     state = _random_state(opt, dim, 3)
-    (w_got, s_got), (w_want, s_want) = _run_both(
-        opt, weights, state, jnp.int32(3), grad_out, ids, offsets, psw, features, pooling, config
-    )
+    args = (weights, state, jnp.int32(3), grad_out, ids, offsets, psw, features, pooling)
+    (w_got, s_got), (w_want, s_want) = _run_both(opt, *args, config=config)
     chex.assert_trees_all_close((w_got, s_got), (w_want, s_want), rtol=2e-5, atol=2e-6)
     touched = _touched_rows(ids, offsets, features)
     assert touched.size > 0
@@ -255,19 +248,8 @@ def test_kernel_matches_reference_for_a_feature_listed_twice():
     opt = OPTIMIZERS["exact_rowwise_adagrad"]()
     weights, grad_out, ids, offsets, psw, _ = _args(5, dim, "sum", features=features)
     state = _random_state(opt, dim, 4)
-    got, want = _run_both(
-        opt,
-        weights,
-        state,
-        2,
-        grad_out,
-        ids,
-        offsets,
-        psw,
-        features,
-        "sum",
-        su.SparseUpdateConfig(block_rows=4),
-    )
+    args = (weights, state, 2, grad_out, ids, offsets, psw, features, "sum")
+    got, want = _run_both(opt, *args, config=su.SparseUpdateConfig(block_rows=4))
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-6)
 
 
@@ -285,18 +267,9 @@ def test_kernel_matches_reference_on_16_bit_tables(dtype, rounding):
     opt = so.exact_rowwise_adagrad(learning_rate=0.05, stochastic_rounding=rounding)
     weights, grad_out, ids, offsets, psw, features = _args(21, dim, "sum", dtype=dtype)
     state = _random_state(opt, dim, 5)
+    args = (weights, state, jnp.int32(4), grad_out, ids, offsets, psw, features, "sum")
     (w_got, s_got), (w_want, s_want) = _run_both(
-        opt,
-        weights,
-        state,
-        jnp.int32(4),
-        grad_out,
-        ids,
-        offsets,
-        psw,
-        features,
-        "sum",
-        su.SparseUpdateConfig(block_rows=4),
+        opt, *args, config=su.SparseUpdateConfig(block_rows=4)
     )
     chex.assert_type(w_got, dtype)
     # Float32 sums may differ in the last bit, which can move a rounded value by one ulp.
@@ -315,21 +288,8 @@ def test_stochastic_rounding_in_kernel_is_unbiased_across_steps():
     features = _features(dim, "sum")
     new_rows = []
     for step in range(1, 65):
-        w, _ = su.fused_sparse_update(
-            weights,
-            {},
-            step,
-            grad_out,
-            ids,
-            offsets,
-            None,
-            features,
-            batch_size=BATCH,
-            dim=dim,
-            pooling="sum",
-            optimizer=opt,
-            interpret=True,
-        )
+        args = (weights, {}, step, grad_out, ids, offsets, None, features, "sum")
+        w, _ = _update(su.fused_sparse_update, opt, *args, interpret=True)
         new_rows.append(np.asarray(w[0], np.float32))
     mean_step = np.mean(np.stack(new_rows)) - 1.0
     assert abs(mean_step - 2.0**-10) < 0.4 * 2.0**-10  # E[round(x)] = x; 512 draws
@@ -348,19 +308,8 @@ def test_kernel_sums_a_hot_row_over_many_loop_steps():
     weights = jax.random.normal(jax.random.key(9), (NUM_ROWS, dim))
     grad_out = _grad_out(81, dim, "sum", ids, offsets, features)
     state = _random_state(opt, dim, 9)
-    got, want = _run_both(
-        opt,
-        weights,
-        state,
-        1,
-        grad_out,
-        ids,
-        offsets,
-        None,
-        features,
-        "sum",
-        su.SparseUpdateConfig(block_rows=2, block_occ=4),
-    )
+    args = (weights, state, 1, grad_out, ids, offsets, None, features, "sum")
+    got, want = _run_both(opt, *args, config=su.SparseUpdateConfig(block_rows=2, block_occ=4))
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-6)
 
 
@@ -369,22 +318,10 @@ def test_kernel_is_deterministic():
     opt = OPTIMIZERS["partial_rowwise_adam"]()
     weights, grad_out, ids, offsets, psw, features = _args(31, dim, "mean")
     state = _random_state(opt, dim, 6)
+    args = (weights, state, 5, grad_out, ids, offsets, psw, features, "mean")
+    config = su.SparseUpdateConfig(block_rows=2, block_occ=2)
     run = functools.partial(
-        su.fused_sparse_update,
-        weights,
-        state,
-        5,
-        grad_out,
-        ids,
-        offsets,
-        psw,
-        features,
-        batch_size=BATCH,
-        dim=dim,
-        pooling="mean",
-        optimizer=opt,
-        interpret=True,
-        config=su.SparseUpdateConfig(block_rows=2, block_occ=2),
+        _update, su.fused_sparse_update, opt, *args, interpret=True, config=config
     )
     chex.assert_trees_all_equal(run(), run())
 
@@ -415,20 +352,7 @@ def test_hyperparameters_closed_over_inside_jit_reach_the_kernel():
             if fused
             else su.fused_sparse_update_reference
         )
-        return fn(
-            weights,
-            state,
-            2,
-            grad_out,
-            ids,
-            offsets,
-            psw,
-            features,
-            batch_size=BATCH,
-            dim=dim,
-            pooling="sum",
-            optimizer=opt,
-        )
+        return _update(fn, opt, weights, state, 2, grad_out, ids, offsets, psw, features, "sum")
 
     got = step(weights, state, 0.25, fused=True)
     chex.assert_trees_all_close(got, step(weights, state, 0.25, fused=False), rtol=2e-5, atol=2e-6)
