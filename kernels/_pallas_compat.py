@@ -11,6 +11,9 @@ one-file change, and holds the block-shape arithmetic the kernels share.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
@@ -56,6 +59,28 @@ def masked_store(
     ``eviction_policy`` is Triton's L2 hint, as in :func:`masked_load`.
     """
     plgpu.store(ref_view, value, mask=mask, eviction_policy=eviction_policy)
+
+
+def check_launch_shape(
+    config: Any, powers_of_two: Sequence[str], at_least_one: Sequence[str] = ()
+) -> None:
+    """Refuse a launch-shape field of ``config`` that is not an int >= 1, or not a power of
+    two where Triton needs one; the ValueError names ``Class.field`` and the value.
+
+    >>> from typing import NamedTuple
+    >>> class Launch(NamedTuple):
+    ...     block: int
+    ...     stages: int
+    >>> check_launch_shape(Launch(block=3, stages=1), ("block",), ("stages",))
+    Traceback (most recent call last):
+    ValueError: Launch.block must be a power of two, got 3
+    """
+    name = type(config).__name__
+    for field in (*powers_of_two, *at_least_one):
+        v = getattr(config, field)
+        if not isinstance(v, int) or v < 1 or (field in powers_of_two and v & (v - 1)):
+            rule = "a power of two" if field in powers_of_two else ">= 1"
+            raise ValueError(f"{name}.{field} must be {rule}, got {v!r}")
 
 
 def float_dtype(dtype) -> jnp.dtype:

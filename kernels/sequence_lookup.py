@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ._pallas_compat import (
+    check_launch_shape,
     compiler_params,
     float_dtype,
     masked_load,
@@ -77,15 +78,7 @@ class SequenceConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_ids", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"SequenceConfig.{name} must be a power of two, got {v}")
-        if self.steps < 1 or self.num_stages < 1:
-            raise ValueError(
-                f"SequenceConfig.steps and num_stages must be >= 1, got {self.steps}, "
-                f"{self.num_stages}"
-            )
+        check_launch_shape(self, ("block_ids", "num_warps"), ("steps", "num_stages"))
 
 
 def default_sequence_config(dim: int, dtype) -> SequenceConfig:

@@ -47,7 +47,13 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._pallas_compat import compiler_params, masked_load, masked_store, next_power_of_2
+from ._pallas_compat import (
+    check_launch_shape,
+    compiler_params,
+    masked_load,
+    masked_store,
+    next_power_of_2,
+)
 from .entry import Implementation, check_implementation, xla_reference
 from .layout import FeatureLayout
 from .row_gradients import (
@@ -101,12 +107,7 @@ class SparseUpdateConfig:
     evict_first: bool = False
 
     def __post_init__(self):
-        for name in ("block_rows", "block_occ", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"SparseUpdateConfig.{name} must be a power of two, got {v!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"SparseUpdateConfig.num_stages must be >= 1, got {self.num_stages!r}")
+        check_launch_shape(self, ("block_rows", "block_occ", "num_warps"), ("num_stages",))
 
 
 def default_update_config(dim: int) -> SparseUpdateConfig:

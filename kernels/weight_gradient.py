@@ -43,7 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from ._pallas_compat import compiler_params, float_dtype, masked_load, masked_store, next_power_of_2
+from ._pallas_compat import (
+    check_launch_shape,
+    compiler_params,
+    float_dtype,
+    masked_load,
+    masked_store,
+    next_power_of_2,
+)
 from .entry import Implementation, check_implementation, xla_reference
 from .layout import (
     FeatureLayout,
@@ -78,14 +85,7 @@ class WeightGradientConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_ids", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"WeightGradientConfig.{name} must be a power of two, got {v!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(
-                f"WeightGradientConfig.num_stages must be >= 1, got {self.num_stages!r}"
-            )
+        check_launch_shape(self, ("block_ids", "num_warps"), ("num_stages",))
 
 
 def default_weight_gradient_config(dim: int) -> WeightGradientConfig:

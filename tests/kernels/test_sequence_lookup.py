@@ -1,6 +1,8 @@
 """Sequence lookup: the Pallas kernel (interpret mode) and the XLA reference against a NumPy
 oracle, on fresh random inputs."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -139,3 +141,16 @@ def test_blocks_inside_one_long_feature_and_across_features_agree_with_the_oracl
     np.testing.assert_array_equal(np.asarray(got), want)
     assert want_bad > 0
     assert int(got_bad) == (0 if mode == "ignore" else want_bad)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(block_ids=48), "SequenceConfig.block_ids must be a power of two, got 48"),
+        (dict(block_ids=64.0), "SequenceConfig.block_ids must be a power of two, got 64.0"),
+        (dict(steps=0), "SequenceConfig.steps must be >= 1, got 0"),
+    ],
+)
+def test_config_refuses_bad_launch_shapes_naming_the_field(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SequenceConfig(**change)
