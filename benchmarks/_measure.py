@@ -49,11 +49,12 @@ class CaseReport:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
 
-def compare(got, ref, bad_ids: int, dim: int) -> CaseReport:
-    """Compare a kernel's output with its reference's (no assertion)."""
+def compare(got, ref, bad_ids: int, dim: int, rtol: float = 1e-5) -> CaseReport:
+    """Compare a kernel's output with its reference's (no assertion): within ``rtol``
+    times the largest reference value (at least 1)."""
     got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
     finite = np.isfinite(ref)
-    tolerance = 1e-5 * max(1.0, float(np.max(np.abs(ref[finite]), initial=0.0)))
+    tolerance = rtol * max(1.0, float(np.max(np.abs(ref[finite]), initial=0.0)))
     diff = np.abs(got - ref)
     first = np.argwhere(~(diff <= tolerance))  # NaN counts as wrong
     return CaseReport(
