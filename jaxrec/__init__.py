@@ -10,6 +10,7 @@ from jaxrec.configs import (
     BaseEmbeddingConfig,
     DataType,
     EmbeddingBagConfig,
+    EmbeddingComputeKernel,
     EmbeddingConfig,
     PoolingType,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "EmbeddingBagCollection",
     "EmbeddingBagConfig",
     "EmbeddingCollection",
+    "EmbeddingComputeKernel",
     "EmbeddingConfig",
     "FeatureProcessedEmbeddingBagCollection",
     "JaggedTensor",

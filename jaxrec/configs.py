@@ -58,6 +58,21 @@ class PoolingType(enum.Enum):
     NONE = "NONE"
 
 
+class EmbeddingComputeKernel(enum.Enum):
+    """Where a table lives and how it is looked up (TorchRec's names and values).
+
+    ``FUSED``: in device memory (the collections' only kernel). ``FUSED_UVM``: in host
+    memory, read through the device (FBGEMM's ``MANAGED``). ``FUSED_UVM_CACHING``: in host
+    memory behind a device cache (``MANAGED_CACHING``). Tables of the two host kernels are
+    trained through :func:`jaxrec.tbe.collection_tbe`, which builds FBGEMM's operator for a
+    collection's tables; the collections refuse them.
+    """
+
+    FUSED = "fused"
+    FUSED_UVM = "fused_uvm"
+    FUSED_UVM_CACHING = "fused_uvm_caching"
+
+
 #: The data types that can be trained and looked up; the integer ones are
 #: TorchRec's inference-only quantised types.
 TRAINABLE_DATA_TYPES: dict[DataType, jnp.dtype] = {
@@ -153,6 +168,8 @@ class BaseEmbeddingConfig:
       init_fn: ``init_fn(key, (num_embeddings, embedding_dim), dtype) -> array``;
         replaces the uniform initialiser when given.
       need_pos: kept for TorchRec compatibility (positional weights; unused).
+      compute_kernel: where the table lives (:class:`EmbeddingComputeKernel`; TorchRec
+        chooses it in the sharding plan): ``FUSED`` (device memory) or a host kernel.
     """
 
     num_embeddings: int
@@ -165,9 +182,15 @@ class BaseEmbeddingConfig:
     num_embeddings_post_pruning: int | None = None
     init_fn: InitFn | None = None
     need_pos: bool = False
+    compute_kernel: EmbeddingComputeKernel = EmbeddingComputeKernel.FUSED
 
     def __post_init__(self) -> None:
         label = f"table {self.name!r}" if self.name else "table config"
+        if not isinstance(self.compute_kernel, EmbeddingComputeKernel):
+            raise ValueError(
+                f"{label}: compute_kernel must be a jaxrec.EmbeddingComputeKernel, got "
+                f"{self.compute_kernel!r}"
+            )
         for arg in ("num_embeddings", "embedding_dim"):
             value = getattr(self, arg)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -289,6 +312,11 @@ def validate_table_set(tables: Sequence[BaseEmbeddingConfig]) -> None:
         seen_tables.add(table.name)
         if not table.feature_names:
             raise ValueError(f"table {table.name!r} has no feature_names: nothing looks it up")
+        if table.compute_kernel is not EmbeddingComputeKernel.FUSED:
+            raise ValueError(
+                f"table {table.name!r} has compute_kernel {table.compute_kernel.name}: host "
+                "tables are trained through jaxrec.tbe.collection_tbe(tables), not a collection"
+            )
         data_type_to_dtype(table.data_type)
 
 

@@ -9,6 +9,7 @@
 (0.05000000074505806, [(10, 4)])
 """
 
+from jaxrec.tbe.collection import collection_tbe, tbe_inputs
 from jaxrec.tbe.enums import (
     BoundsCheckMode,
     CacheAlgorithm,
@@ -38,7 +39,9 @@ __all__ = [
     "SplitTableBatchedEmbeddingBagsCodegen",
     "TBEState",
     "WeightDecayMode",
+    "collection_tbe",
     "dequantize_output",
     "prefetch_pipeline",
     "quantize_output",
+    "tbe_inputs",
 ]

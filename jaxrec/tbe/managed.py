@@ -314,6 +314,36 @@ class CachedTBE:
                 )
                 host.scatter(np.asarray(tags[start : start + size]), np.asarray(records))
 
+    def set_split_embedding_weights(
+        self, state: TBEState, caches: dict[str, CacheState], arrays: list[Any]
+    ) -> TBEState:
+        """``state`` with each table's weights set to ``arrays[t]`` (``[rows, dim]``): host
+        tables written in host memory, device tables in ``state``. Only before the first
+        prefetch (or after an empty cache's ``init``): cached rows would go stale."""
+        if len(arrays) != len(self.op.table_names):
+            raise ValueError(f"expected {len(self.op.table_names)} arrays, got {len(arrays)}")
+        held = [n for n in self.layouts if bool(jnp.any(caches[n].tags >= 0))]
+        if held:
+            raise ValueError(f"the caches of {held} hold rows; set weights before prefetching")
+        groups = dict(state.groups)
+        for t, array in enumerate(arrays):
+            placement = self.op.plan.table(self.op.table_names[t])
+            name = self.op.plan.groups[placement.group].name
+            shape = (placement.num_rows, self.op.embedding_specs[t][1])
+            if np.shape(array) != shape:
+                raise ValueError(
+                    f"table {self.op.table_names[t]!r}: weights of shape {np.shape(array)}, "
+                    f"expected {shape}"
+                )
+            start = placement.row_offset
+            if name in self.hosts:
+                self.hosts[name].weight[start : start + shape[0]] = np.asarray(array)
+            else:
+                param = groups[name]
+                weight = param.weight.at[start : start + shape[0]].set(jnp.asarray(array))
+                groups[name] = dataclasses.replace(param, weight=weight)
+        return dataclasses.replace(state, groups=groups)
+
     def split_embedding_weights(
         self, state: TBEState, caches: dict[str, CacheState]
     ) -> list[np.ndarray | jax.Array]:
