@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxrec.configs import BaseEmbeddingConfig
 from jaxrec.modules.callable_flag import CallableFlag
-from jaxrec.modules.input_checks import report_invalid_ids
+from jaxrec.modules.input_checks import report_invalid_ids, report_nonfinite_rows
 from jaxrec.modules.stacked_tables import init_groups, optimizer_state_views, table_views
 from jaxrec.modules.state_dict import (
     IncompatibleKeys,
@@ -146,6 +146,7 @@ class EmbeddingCollectionBase(nn.Module):
             weights,
         )
         report_invalid_ids(self, options.bounds_check_mode, bad)
+        report_nonfinite_rows(self, options.bounds_check_mode, groups)
         return out
 
     def _groups(self, variables: Any, what: str = "variables") -> Mapping[str, Any]:

@@ -20,6 +20,7 @@ ValueError: feature 'f1' (table 't1', 4 rows): id 7 at position 1 is outside [0,
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,7 @@ import numpy as np
 
 from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.ops.plan import LookupPlan
+from jaxrec.optim.fused import nonfinite_rows
 from jaxrec.sparse import KeyedJaggedTensor, validate_kjt
 from jaxrec.sparse.arrays import is_traced
 
@@ -94,6 +96,21 @@ def check_features(plan: LookupPlan, kjt: KeyedJaggedTensor, *, weighted: bool) 
     if not is_traced(kjt.values(), kjt.lengths(), kjt.weights_or_none()):
         validate_kjt(kjt)
         check_ids(plan, kjt)
+
+
+def report_nonfinite_rows(module: nn.Module, mode: BoundsCheckMode, groups: Any) -> None:
+    """Under WARNING, sow the rows the fused update's non-finite guard has skipped so far.
+
+    The total over the fused groups of ``groups`` (``jaxrec.optim.nonfinite_rows``: every
+    step applied to these params by ``jaxrec.optim.apply_updates``), as
+    ``"nonfinite_gradient_rows"`` in the ``"bounds_check"`` collection, beside
+    ``"invalid_ids"``. Sown only when some group is fused.
+    """
+    if mode is not BoundsCheckMode.WARNING or module.is_initializing():
+        return
+    counts = list(nonfinite_rows(groups).values())
+    if counts:
+        module.sow("bounds_check", "nonfinite_gradient_rows", jax.lax.stop_gradient(sum(counts)))
 
 
 def report_invalid_ids(module: nn.Module, mode: BoundsCheckMode, count: jax.Array) -> None:

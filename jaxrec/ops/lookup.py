@@ -192,10 +192,13 @@ def _group_cotangent(spec: LookupSpec, group: GroupSpec, param, grad_out, ids, o
             return_nonfinite=True,
             **_backward_arguments(spec, group),
         )
+    counted = None
     if skips_nonfinite(group.optimizer):
+        if spec.row_shards > 1:  # each device skipped rows of its own block
+            nonfinite = jax.lax.psum(nonfinite, spec.row_shard_axis)
         name = f"{group.pooling}_{jnp.dtype(param.weight.dtype).name}_d{group.dim}"
-        report_nonfinite_rows(spec.bounds_check, nonfinite, name)
-    return lookup_cotangent(param, new_weight, new_state, step)
+        counted = report_nonfinite_rows(spec.bounds_check, nonfinite, name)
+    return lookup_cotangent(param, new_weight, new_state, step, counted)
 
 
 def _data_parallel_update(spec, group, param, step, grad_out, ids, offsets, weights):
@@ -254,6 +257,23 @@ def _zero_after(result) -> jax.Array:
     return zero
 
 
+def _zero_after_all(x: jax.Array) -> jax.Array:
+    """An int32 zero that XLA cannot compute before every element of ``x`` exists.
+
+    As :func:`_zero_after`, but over all of ``x`` (the largest population count of its
+    elements, at most 64, shifted right by 7): no slice of ``x`` can stand in for it, so
+    nothing that reads a table to compute ``x`` can move after what depends on the zero.
+    An optimization barrier does not order them on the CPU (the compiler drops it first).
+
+    >>> int(_zero_after_all(jnp.array([jnp.nan, -jnp.inf, 1.0])))
+    0
+    """
+    if x.size == 0:
+        return jnp.zeros((), jnp.int32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jnp.max(jax.lax.population_count(bits)).astype(jnp.int32) >> 7
+
+
 def _weights_cotangent(spec: LookupSpec, params: tuple, views, grad_out, offsets, weights):
     """The gradient of a pooled lookup w.r.t. its per-sample weights, every group summed.
 
@@ -280,12 +300,11 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     weights_grad = None
     if weights is not None:
         weights_grad = _weights_cotangent(spec, params, views, grad_out, offsets, weights)
-        # The weight gradient reads the tables before the fused updates overwrite them in
-        # place: order it first (XLA drops both when the weights are not differentiated).
-        # The CPU compiler drops the barrier before it places copies, so there a step that
-        # differentiates the weights of a fused lookup copies the fused tables (correct,
-        # not in place); a step that does not is unaffected.
-        weights_grad, params = jax.lax.optimization_barrier((weights_grad, params))
+        if any(isinstance(param, FusedTableParams) for param in params):
+            # The weight gradient reads the tables the fused updates then overwrite in
+            # place: the updates' ids depend on all of it, so every read comes first.
+            zero = _zero_after_all(weights_grad)
+            views = [(group, group_ids + zero, rest) for group, group_ids, rest in views]
     grads = []
     for g, ((group, group_ids, _), param) in enumerate(zip(views, params, strict=True)):
         group_grad_out = grad_out if spec.pooled else grad_out[g]

@@ -7,7 +7,13 @@
 
 from jaxrec_kernels.stochastic_rounding import random_bits, seed_for_step, stochastic_round
 
-from jaxrec.optim.fused import FusedTableParams, apply_updates, fused, init_fused_table
+from jaxrec.optim.fused import (
+    FusedTableParams,
+    apply_updates,
+    fused,
+    init_fused_table,
+    nonfinite_rows,
+)
 from jaxrec.optim.sparse_optimizers import (
     SparseOptimizer,
     WeightDecayMode,
@@ -34,6 +40,7 @@ __all__ = [
     "init_fused_table",
     "lamb",
     "lars_sgd",
+    "nonfinite_rows",
     "partial_rowwise_adam",
     "partial_rowwise_lamb",
     "random_bits",

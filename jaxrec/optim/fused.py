@@ -19,17 +19,20 @@ adds the dense updates and swaps the fused entries in::
 
 A fused entry is a finished table, not a gradient, so no optax code may add,
 scale, average or decay it. ``uses`` is the float32[5] marker that tells a
-genuine update of this step from anything else:
+genuine update of this step from anything else, and carries the count of
+rows that the non-finite guard left unchanged:
 
-========  =================  ==========================================
-index     params (at rest)   gradient of one fused lookup
-========  =================  ==========================================
-0 count   0                  1 (JAX sums it: n lookups give n)
-1 a       skips since apply  a = params' a + 1
-2 a*a     0                  a * a (float32)
-3 rest    1                  0 (a multiple of params added shows here)
-4 stale   0                  1 if the params' marker was not at rest
-========  =================  ==========================================
+===========  =================  ==========================================
+index        params (at rest)   gradient of one fused lookup
+===========  =================  ==========================================
+0 count      0                  1 (JAX sums it: n lookups give n)
+1 a          skips since apply  a = params' a + 1
+2 a*a        0                  a * a (float32)
+3 rest       1                  0 (a multiple of params added shows here)
+4 stale      0                  1 if the params' marker was not at rest
+5 nonfinite  rows skipped so    rows skipped in this step
+             far (all steps)
+===========  =================  ==========================================
 
 Any linear combination other than "one genuine entry" breaks a relation:
 a sum of n lookups has count n; scaling by c has count c; a mean over steps
@@ -56,6 +59,16 @@ device predicate for all tables and a host callback only on misuse):
   :func:`fused` as ``jax.grad`` returned it: the marker is the lookup's own
   output but the weight is not. Behind a ``jit``/``remat``/``scan`` boundary
   inside the loss, or a wrapper around ``fused``, this is not detected.
+
+Rows skipped by the non-finite guard (a row whose summed gradient holds a NaN
+or an infinity keeps its weights and state, ``jaxrec.ops.nonfinite``) are
+counted under ``bounds_check_mode`` WARNING (and FATAL, which also raises):
+the backward puts this step's count in slot 5 of the gradient's marker and
+:func:`apply_updates` adds it to the params' running total. Read it with
+:func:`nonfinite_rows` (per fused entry) or ``FusedTableParams.nonfinite_rows``;
+the collections also sow the total of their params into the ``"bounds_check"``
+collection as ``"nonfinite_gradient_rows"``, beside ``"invalid_ids"``. The
+count is a float32 slot: exact up to 2**24 skipped rows.
 """
 
 from __future__ import annotations
@@ -80,11 +93,12 @@ __all__ = [
     "init_fused_table",
     "is_fused_table",
     "lookup_cotangent",
+    "nonfinite_rows",
 ]
 
 _TABLE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
-_COUNT, _A, _SQUARE, _REST, _STALE = range(5)
-MARKER_SIZE = 5
+_COUNT, _A, _SQUARE, _REST, _STALE, _NONFINITE = range(6)
+MARKER_SIZE = 6
 
 
 @functools.partial(
@@ -102,8 +116,10 @@ class FusedTableParams:
       step: float32 scalar, fused steps applied so far; the optimizer's ``t``
         of the next step is ``step + 1``. float32 counts exactly up to 2**24
         (16.7M) steps; beyond, increments round and the count drifts.
-      uses: float32[5] marker (module docstring): ``[0, skips, 0, 1, 0]`` in
-        params, ``[1, a, a*a, 0, 0]`` in the gradient of one fused lookup.
+      uses: float32[6] marker (module docstring): ``[0, skips, 0, 1, 0, n]`` in
+        params, ``[1, a, a*a, 0, 0, k]`` in the gradient of one fused lookup, where
+        ``n`` counts the rows the non-finite guard has skipped so far and ``k`` those
+        it skipped in this step.
     """
 
     weight: jax.Array
@@ -111,10 +127,18 @@ class FusedTableParams:
     step: jax.Array
     uses: jax.Array
 
+    @property
+    def nonfinite_rows(self) -> jax.Array:
+        """int32: rows the non-finite guard left unchanged (params: so far; gradient: this step).
 
-def _rest_marker(skips: Any = 0.0) -> jax.Array:
+        Counted under ``bounds_check_mode`` WARNING and FATAL; 0 under IGNORE and NONE.
+        """
+        return jnp.asarray(self.uses, jnp.float32)[_NONFINITE].astype(jnp.int32)
+
+
+def _rest_marker(skips: Any = 0.0, nonfinite: Any = 0.0) -> jax.Array:
     zero = jnp.zeros((), jnp.float32)
-    return jnp.stack([zero, zero + skips, zero, zero + 1, zero])
+    return jnp.stack([zero, zero + skips, zero, zero + 1, zero, zero + nonfinite])
 
 
 def init_fused_table(weight: jax.Array, optimizer: SparseOptimizer) -> FusedTableParams:
@@ -124,7 +148,7 @@ def init_fused_table(weight: jax.Array, optimizer: SparseOptimizer) -> FusedTabl
     >>> from jaxrec.optim.sparse_optimizers import exact_rowwise_adagrad
     >>> p = init_fused_table(jnp.zeros((4, 8)), exact_rowwise_adagrad())
     >>> p.state["momentum1"].shape, float(p.step), p.uses.tolist()
-    ((4,), 0.0, [0.0, 0.0, 0.0, 1.0, 0.0])
+    ((4,), 0.0, [0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
     """
     if not isinstance(optimizer, SparseOptimizer):
         raise ValueError(
@@ -176,24 +200,36 @@ _HANDED_OVER = _Seen()  # marker of an entry `fused` passed on -> every leaf of 
 
 
 def lookup_cotangent(
-    param: FusedTableParams, weight: jax.Array, state: dict[str, jax.Array], step: jax.Array
+    param: FusedTableParams,
+    weight: jax.Array,
+    state: dict[str, jax.Array],
+    step: jax.Array,
+    nonfinite: jax.Array | None = None,
 ) -> FusedTableParams:
     """The cotangent a fused lookup returns for ``param``: the updated table and its marker.
 
-    ``step`` is ``param.step + 1``. The marker is ``[1, a, a*a, 0, stale]`` with
-    ``a = param.uses[1] + 1`` and ``stale = 1`` when ``param``'s marker is not at rest.
+    ``step`` is ``param.step + 1``; ``nonfinite`` the rows the non-finite guard skipped in
+    this step (counted ones only; None: 0). The marker is ``[1, a, a*a, 0, stale,
+    nonfinite]`` with ``a = param.uses[1] + 1`` and ``stale = 1`` when ``param``'s marker
+    is not at rest.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec.optim.sparse_optimizers import exact_sgd
     >>> p = init_fused_table(jnp.zeros((2, 2)), exact_sgd())
-    >>> lookup_cotangent(p, p.weight + 1, p.state, p.step + 1).uses.tolist()
-    [1.0, 1.0, 1.0, 0.0, 0.0]
+    >>> lookup_cotangent(p, p.weight + 1, p.state, p.step + 1, jnp.int32(2)).uses.tolist()
+    [1.0, 1.0, 1.0, 0.0, 0.0, 2.0]
     """
+    if jnp.shape(param.uses) != (MARKER_SIZE,):
+        raise ValueError(
+            f"a fused table's marker (uses) has shape {jnp.shape(param.uses)}; expected "
+            f"({MARKER_SIZE},): initialise the table with init_fused_table (or the collection)"
+        )
     uses = jnp.asarray(param.uses, jnp.float32)
     a = uses[_A] + 1
     stale = (uses[_COUNT] != 0) | (uses[_SQUARE] != 0) | (uses[_REST] != 1) | (uses[_STALE] != 0)
     one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-    marker = jnp.stack([one, a, a * a, zero, stale.astype(jnp.float32)])
+    skipped = zero if nonfinite is None else jnp.asarray(nonfinite).astype(jnp.float32)
+    marker = jnp.stack([one, a, a * a, zero, stale.astype(jnp.float32), skipped])
     _LOOKUP_OUTPUTS.add(marker, weight)
     return FusedTableParams(weight=weight, state=state, step=step, uses=marker)
 
@@ -238,7 +274,7 @@ def _misuse_message(
     if uses.shape != (MARKER_SIZE,):
         return f"{where} has a marker of shape {uses.shape}; expected ({MARKER_SIZE},)"
     shown = f"uses={uses.tolist()}"
-    count, a, square, rest, stale = (np.float32(v) for v in uses)
+    count, a, square, rest, stale, _ = (np.float32(v) for v in uses)
     if not uses.any():
         if in_apply:
             return None  # optax skipped the step: the caller keeps the table
@@ -424,19 +460,24 @@ def fused(
 
 
 def _taken(param: FusedTableParams, update: FusedTableParams) -> FusedTableParams:
-    """The update swapped in, in the param's dtypes, with the marker at rest."""
+    """The update swapped in, in the param's dtypes, with the marker at rest.
+
+    The update's non-finite rows of this step add to the param's running count.
+    """
+    nonfinite = jnp.asarray(param.uses, jnp.float32)[_NONFINITE]
+    nonfinite = nonfinite + jnp.asarray(update.uses, jnp.float32)[_NONFINITE]
     return FusedTableParams(
         weight=jnp.asarray(update.weight).astype(jnp.result_type(param.weight)),
         state=jax.tree.map(lambda p, u: jnp.asarray(u).astype(p.dtype), param.state, update.state),
         step=jnp.asarray(update.step).astype(jnp.result_type(param.step)),
-        uses=_rest_marker(),
+        uses=_rest_marker(nonfinite=nonfinite),
     )
 
 
 def _kept(param: FusedTableParams) -> FusedTableParams:
     """The param unchanged after a skipped step; the marker counts the skip."""
     uses = jnp.asarray(param.uses, jnp.float32)
-    return dataclasses.replace(param, uses=_rest_marker(uses[_A] + 1))
+    return dataclasses.replace(param, uses=_rest_marker(uses[_A] + 1, uses[_NONFINITE]))
 
 
 def _from_lookup(entry: FusedTableParams) -> bool:
@@ -467,7 +508,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     >>> u = {"b": jnp.ones(2), "t": lookup_cotangent(t, jnp.full((2, 2), 7.0), {}, t.step + 1)}
     >>> out = apply_updates(p, u)
     >>> out["b"].tolist(), out["t"].weight.tolist(), out["t"].uses.tolist()
-    ([1.0, 1.0], [[7.0, 7.0], [7.0, 7.0]], [0.0, 0.0, 0.0, 1.0, 0.0])
+    ([1.0, 1.0], [[7.0, 7.0], [7.0, 7.0]], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
     """
     checks = []
 
@@ -500,6 +541,24 @@ def apply_updates(params: Any, updates: Any) -> Any:
     )
     _check_on_device(checks, in_apply=True)
     return out
+
+
+def nonfinite_rows(tree: Any) -> dict[str, jax.Array]:
+    """The rows the non-finite guard left unchanged, per fused entry of ``tree``.
+
+    ``{path: int32 count}`` for every :class:`FusedTableParams` in ``tree`` (params,
+    a collection's variables, a TBE state): in params, the running total of every step
+    applied by :func:`apply_updates`; in a gradient, this step's rows. Counted under
+    ``bounds_check_mode`` WARNING and FATAL (module docstring).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrec.optim.sparse_optimizers import exact_sgd
+    >>> p = {"t": init_fused_table(jnp.zeros((2, 2)), exact_sgd())}
+    >>> g = {"t": lookup_cotangent(p["t"], p["t"].weight, {}, p["t"].step + 1, jnp.int32(1))}
+    >>> {k: int(v) for k, v in nonfinite_rows(apply_updates(p, g)).items()}
+    {"['t']": 1}
+    """
+    return {path: entry.nonfinite_rows for path, entry in _fused_entries(tree).items()}
 
 
 def _to_state_dict(node: FusedTableParams) -> dict[str, Any]:

@@ -245,11 +245,12 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
             param.weight, param.state, step, rows, row_grads,
             dim=group.dim, optimizer=group.optimizer,
         )  # fmt: skip
+        counted = None
         if skips_nonfinite(group.optimizer):
-            report_nonfinite_rows(
+            counted = report_nonfinite_rows(
                 spec.bounds_check, nonfinite, f"{group.pooling}_int8_d{group.dim}"
             )
-        grads.append(lookup_cotangent(param, table, state, step))
+        grads.append(lookup_cotangent(param, table, state, step, counted))
     return tuple(grads), None, None, weights_grad
 
 

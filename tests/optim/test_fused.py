@@ -74,7 +74,7 @@ def test_init_fused_table_holds_table_zero_state_and_counters(make, dtype):
     chex.assert_type(node.step, jnp.float32)
     assert float(node.step) == 0.0
     chex.assert_type(node.uses, jnp.float32)
-    assert node.uses.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]  # the marker at rest
+    assert node.uses.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # the marker at rest
 
 
 def test_fused_table_params_is_a_pytree_that_crosses_jit():
@@ -286,7 +286,7 @@ def test_grad_of_a_fused_lookup_is_the_updated_table_and_the_step_trains():
     tx = fused(optax.sgd(0.1))
     grads = jax.grad(loss)(params)
     node = grads["ebc"]["group_0"]
-    assert node.uses.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0] and float(node.step) == 1.0
+    assert node.uses.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0] and float(node.step) == 1.0
     cotangent = np.zeros(DIM)
     cotangent[:2] = np.asarray(params["dense"]["kernel"][:2]).sum(axis=0)
     expected = np.asarray(params["ebc"]["group_0"].weight).copy()
