@@ -1,7 +1,9 @@
 """jaxrec.tbe.collection_tbe: a collection's tables on FBGEMM's operator, placed per table by
 their compute_kernel; a cached table trains bit for bit as in an EmbeddingBagCollection."""
 
+import contextlib
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +113,14 @@ def test_bad_configs_are_refused():
         dataclasses.replace(TABLES[0], compute_kernel="fused_uvm")
     with pytest.raises(ValueError, match="no feature \\['x'\\]"):
         tbe.tbe_inputs(_kjts()[0], ["x"])
+
+
+def test_readme_section_runs_as_written():
+    from test_readme import python_block_after
+
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(python_block_after("## Where tables live"), namespace)  # noqa: S102
+    assert "hits, misses, evictions, unique rows: [" in printed.getvalue()
+    big, small = namespace["weights"]
+    assert big.shape == (1000, 8) and small.shape == (10, 4)
