@@ -58,8 +58,10 @@ class SparseOptimizer(NamedTuple):
       hyperparams: the constructor's arguments.
       skip_nonfinite: the fused update's non-finite guard (default on): a row whose
         summed gradient holds a NaN or an infinity keeps its weights and state bit
-        for bit and is reported (a checkify error under ``bounds_check_mode`` FATAL,
-        a runtime warning under WARNING). ``opt._replace(skip_nonfinite=False)``
+        for bit and is counted under ``bounds_check_mode`` WARNING and FATAL
+        (:func:`jaxrec.optim.nonfinite_rows`; the collections' ``"bounds_check"``
+        collection, ``"nonfinite_gradient_rows"``), with a runtime warning under
+        WARNING and a checkify error under FATAL. ``opt._replace(skip_nonfinite=False)``
         turns it off, e.g. to measure its cost.
     """
 
