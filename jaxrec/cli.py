@@ -26,10 +26,12 @@ from jaxrec.cli_options import (
 )
 from jaxrec.train import (
     BACKENDS,
+    DATA_DEFAULTS,
     DATA_TYPES,
     DATASETS,
     EMBEDDING_OPTIMIZERS,
     HELP,
+    LR_SCHEDULES,
     MODELS,
     TrainConfig,
     run_training,
@@ -50,10 +52,23 @@ _SIZES = (
 )
 _EPILOG = """examples:
   jaxrec train                                   DLRM on the built-in synthetic clicks
-  jaxrec train --data movielens --model dcn      DCN-v2 on MovieLens-100K
+  jaxrec train --data movielens                  DCN-v2 on MovieLens-100K (its defaults)
   jaxrec train --data criteo train.txt --num-rows 100000
   jaxrec train --out run --checkpoint-dir run/ckpt --checkpoint-every 200
   jaxrec train --checkpoint-dir run/ckpt --resume   continue where it stopped"""
+
+
+def _epilog() -> str:
+    """The examples, then the defaults each data set brings (flags given still win)."""
+    lines = [_EPILOG, "", "defaults that --data KIND brings (a flag given wins):"]
+    for kind, values in DATA_DEFAULTS.items():
+        flags = " ".join(
+            _flag(k) if v is True else f"--no-{k.replace('_', '-')}" if v is False
+            else f"{_flag(k)} {v}"
+            for k, v in values.items()
+        )  # fmt: skip
+        lines.append(f"  {kind}: {flags}")
+    return "\n".join(lines)
 
 
 def _flag(name: str) -> str:
@@ -69,7 +84,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "train",
         help="train a DLRM, DCN-v2 or two-tower model on synthetic, MovieLens or Criteo data",
         description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""),
-        epilog=_EPILOG,
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = TrainConfig()
@@ -122,6 +137,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ("embedding_optimizer", sorted(EMBEDDING_OPTIMIZERS)),
         ("data_type", DATA_TYPES),
         ("backend", BACKENDS),
+        ("lr_schedule", LR_SCHEDULES),
     ):
         parser.add_argument(
             _flag(name),
@@ -129,6 +145,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             default=getattr(defaults, name),
             help=_help(name, getattr(defaults, name)),
         )
+    parser.add_argument(
+        "--rating-stats",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.rating_stats,
+        help=_help("rating_stats", defaults.rating_stats),
+    )
     parser.add_argument("--out", metavar="DIR", default=None, help=HELP["out"])
     parser.add_argument(
         "--checkpoint-dir", metavar="DIR", default=None, help=HELP["checkpoint_dir"]
@@ -238,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench.main(rest)
     if rest:
         train_parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    kind = args.data[0] if args.data else None
+    if kind in DATA_DEFAULTS:  # the data's defaults; flags given on the command line win
+        train_parser.set_defaults(
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in DATA_DEFAULTS[kind].items()}
+        )
+        args = parser.parse_args(argv)
     return train_main(_train_config(train_parser, args))
 
 

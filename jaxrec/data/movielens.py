@@ -77,6 +77,7 @@ class MovieLens100K:
     genre_offsets: np.ndarray
     genre_ids: np.ndarray
     num_embeddings: dict[str, int]
+    extra_dense: np.ndarray | None = None  # [N, k] per example, after the 2 dense features
 
     def __len__(self) -> int:
         return len(self.user)
@@ -95,6 +96,7 @@ class MovieLens100K:
             item=self.item[rows],
             rating=self.rating[rows],
             timestamp=self.timestamp[rows],
+            extra_dense=None if self.extra_dense is None else self.extra_dense[rows],
         )
 
     def split(
@@ -126,6 +128,8 @@ class MovieLens100K:
         genre_lengths, genre_values = ragged_gather(self.genre_offsets, self.genre_ids, item)
         ones = np.ones(n, np.int32)
         dense = np.stack([self.user_age[user] / 100.0, self.item_year_value[item]], axis=1)
+        if self.extra_dense is not None:
+            dense = np.concatenate([dense, self.extra_dense[rows]], axis=1)
         return make_batch(
             FEATURES,
             [ones] * len(single) + [genre_lengths],
@@ -154,6 +158,47 @@ class MovieLens100K:
         for start in range(0, stop, batch_size):
             rows = np.arange(start, min(start + batch_size, len(self)))
             yield self.batch(rows if order is None else order[rows], batch_size, to_device)
+
+
+def add_rating_statistics(
+    train: MovieLens100K, test: MovieLens100K, prior_count: float = 10.0
+) -> tuple[MovieLens100K, MovieLens100K]:
+    """``(train, test)`` with four dense features read from the training split alone.
+
+    For the user and for the item of each example: the share of their *other* training
+    ratings that are >= 4, smoothed towards the training split's share by ``prior_count``
+    pseudo-ratings (the share, too, without the example's own rating), and ``log1p`` of how many other training ratings they have over
+    ``log(1000)``. "Other" leaves a training example's own rating out (its label never feeds
+    its features); a test example sees all the training ratings and nothing of the test split.
+
+    >>> data = load_movielens_100k()
+    >>> train, test = add_rating_statistics(*data.split("random", seed=0))
+    >>> train.batch(np.arange(4)).dense.shape, test.extra_dense.shape
+    ((4, 6), (20000, 4))
+    """
+    if prior_count <= 0:
+        raise ValueError(f"prior_count must be > 0, got {prior_count}")
+    labels = train.labels.astype(np.float64)
+    columns: list[tuple[np.ndarray, np.ndarray]] = []
+    for key in ("user", "item"):
+        rows = max(int(getattr(train, key).max()), int(getattr(test, key).max())) + 1
+        sums = np.bincount(getattr(train, key), labels, minlength=rows)
+        counts = np.bincount(getattr(train, key), minlength=rows).astype(np.float64)
+        own = (labels, 1.0), (0.0, 0.0)  # the rating left out: train's own, none for test
+        for split, (own_label, own_count) in zip((train, test), own, strict=True):
+            ids = getattr(split, key)
+            n = counts[ids] - own_count
+            prior = (labels.sum() - own_label) / (len(labels) - own_count) * prior_count
+            rate = (sums[ids] - own_label + prior) / (n + prior_count)
+            columns.append((rate, np.log1p(n) / np.log(1000.0)))
+    extra = [
+        np.stack([c for pair in columns[i::2] for c in pair], axis=1).astype(np.float32)
+        for i in range(2)
+    ]
+    return (
+        dataclasses.replace(train, extra_dense=extra[0]),
+        dataclasses.replace(test, extra_dense=extra[1]),
+    )
 
 
 def recbole_ml100k_path() -> Path:

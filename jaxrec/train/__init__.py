@@ -14,10 +14,12 @@ included; ``curves.png`` and ``metrics.json`` in ``out``.
 
 from jaxrec.train.config import (
     BACKENDS,
+    DATA_DEFAULTS,
     DATA_TYPES,
     DATASETS,
     EMBEDDING_OPTIMIZERS,
     HELP,
+    LR_SCHEDULES,
     MODELS,
     TrainConfig,
 )
@@ -29,9 +31,11 @@ from jaxrec.train.sources import Source, make_source
 __all__ = [
     "BACKENDS",
     "DATASETS",
+    "DATA_DEFAULTS",
     "DATA_TYPES",
     "EMBEDDING_OPTIMIZERS",
     "HELP",
+    "LR_SCHEDULES",
     "MODELS",
     "Source",
     "TrainConfig",

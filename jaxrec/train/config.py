@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import optax
 
 from jaxrec import optim
 from jaxrec.data.synthetic import SyntheticClickData
@@ -21,6 +24,7 @@ MODELS = ("dlrm", "dcn", "two-tower")
 DATASETS = ("synthetic", "movielens", "criteo")
 DATA_TYPES = ("FP32", "FP16", "BF16")
 BACKENDS = ("auto", "pallas", "xla")
+LR_SCHEDULES = ("constant", "cosine")
 EMBEDDING_OPTIMIZERS: dict[str, Callable[..., optim.SparseOptimizer]] = {
     "exact_sgd": optim.exact_sgd,
     "exact_adagrad": optim.exact_adagrad,
@@ -30,6 +34,18 @@ EMBEDDING_OPTIMIZERS: dict[str, Callable[..., optim.SparseOptimizer]] = {
     "lamb": optim.lamb,
     "partial_rowwise_lamb": optim.partial_rowwise_lamb,
     "lars_sgd": optim.lars_sgd,
+}
+
+# The defaults ``data`` brings (``jaxrec train --data KIND`` and :meth:`TrainConfig.for_data`;
+# a value given explicitly wins). MovieLens: chosen on a tuning split carved from the training
+# split (BENCHMARKS.md, "Main job"); 785 steps are 5 epochs of the 80% split at batch 512.
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "movielens": {
+        "model": "dcn",
+        "steps": 785,
+        "eval_every": 157,
+        "embedding_weight_decay": 1e-4,
+    },
 }
 
 # What each field means; ``jaxrec train --help`` prints these.
@@ -52,6 +68,10 @@ HELP: dict[str, str] = {
     "embedding_weight_decay": "L2 weight decay of the embedding optimizer (FBGEMM's L2 mode; "
     "0: none)",
     "dense_lr": "learning rate of Adam on the dense layers",
+    "lr_schedule": "constant, or cosine: both learning rates decay along a half cosine from "
+    "their value to 0 at the last step",
+    "rating_stats": "movielens: four more dense features read from the training split alone "
+    "(each user's and item's smoothed share of other training ratings >= 4, and their count)",
     "backend": "lookup backend: auto (Pallas on GPU, XLA elsewhere), pallas or xla",
     "eval_batches": "held-out batches per evaluation (synthetic, criteo); movielens "
     "evaluates on the whole 20%% split",
@@ -88,6 +108,8 @@ class TrainConfig:
     embedding_lr: float = 0.05
     embedding_weight_decay: float = 0.0
     dense_lr: float = 3e-3
+    lr_schedule: str = "constant"
+    rating_stats: bool = False
     backend: str = "auto"
     eval_batches: int = 16
     eval_every: int = 200
@@ -113,6 +135,7 @@ class TrainConfig:
         for name, allowed in (
             ("data_type", DATA_TYPES),
             ("backend", BACKENDS),
+            ("lr_schedule", LR_SCHEDULES),
             ("model", MODELS),
             ("data", DATASETS),
         ):
@@ -148,6 +171,26 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one or more sizes >= 1, got {sizes}")
         if self.top_mlp[-1] != 1:
             raise ValueError(f"top_mlp must end in 1 (the click logit), got {self.top_mlp}")
+
+    @classmethod
+    def for_data(cls, data: str, **values: Any) -> TrainConfig:
+        """A config for ``data`` with its :data:`DATA_DEFAULTS` under ``values``.
+
+        >>> config = TrainConfig.for_data("movielens", seed=1)
+        >>> config.model, config.steps, config.embedding_weight_decay, config.seed
+        ('dcn', 785, 0.0001, 1)
+        """
+        return cls(data=data, **{**DATA_DEFAULTS.get(data, {}), **values})
+
+    def learning_rate(self, value: float) -> float | optax.Schedule:
+        """``value`` under ``lr_schedule``: the float, or a cosine decay to 0 at ``steps``.
+
+        >>> TrainConfig(steps=100, lr_schedule="cosine").learning_rate(0.1)(50)
+        Array(0.05, dtype=float32, weak_type=True)
+        """
+        if self.lr_schedule == "cosine":
+            return optax.cosine_decay_schedule(value, decay_steps=self.steps)
+        return value
 
     def estimated_bytes(self) -> int:
         """About how much memory a synthetic run takes: tables, their optimizer state, the

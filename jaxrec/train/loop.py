@@ -73,7 +73,7 @@ def initial_state(config: TrainConfig, source: Source) -> tuple[Any, dict[str, A
     model = build_model(config, source)
     first = source.train_batch(0)
     params = model.init(jax.random.key(config.seed), first.dense, first.sparse)["params"]
-    tx = optim.fused(optax.adam(config.dense_lr))
+    tx = optim.fused(optax.adam(config.learning_rate(config.dense_lr)))
     return model, {"params": params, "opt_state": tx.init(params)}, tx
 
 

@@ -24,13 +24,14 @@ from jaxrec.train.sources import Source
 def sparse_optimizer(config: TrainConfig) -> optim.SparseOptimizer:
     """The fused embedding optimizer of ``config`` (L2 weight decay when it is > 0)."""
     make = EMBEDDING_OPTIMIZERS[config.embedding_optimizer]
+    lr = config.learning_rate(config.embedding_lr)
     if config.embedding_weight_decay > 0:
         return make(
-            learning_rate=config.embedding_lr,
+            learning_rate=lr,
             weight_decay=config.embedding_weight_decay,
             weight_decay_mode="L2",
         )
-    return make(learning_rate=config.embedding_lr)
+    return make(learning_rate=lr)
 
 
 def build_model(config: TrainConfig, source: Source) -> Any:

@@ -104,10 +104,12 @@ class MovieLensSource(Source):
     """MovieLens-100K, random 80/20 split (seed 0); each epoch reshuffled by (seed, epoch)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from jaxrec.data.movielens import load_movielens_100k
+        from jaxrec.data.movielens import add_rating_statistics, load_movielens_100k
 
         data = load_movielens_100k(config.data_path)
         self.train, self.test = data.split("random", train_fraction=0.8, seed=0)
+        if config.rating_stats:
+            self.train, self.test = add_rating_statistics(self.train, self.test)
         self.config = config
         self.steps_per_epoch = -(-len(self.train) // config.batch_size)
         super().__init__(

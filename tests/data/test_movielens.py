@@ -1,9 +1,11 @@
 """MovieLens-100K: both file layouts, the click label, features, splits and batches."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from jaxrec.data.movielens import FEATURES, GENRES, load_movielens_100k
+from jaxrec.data.movielens import FEATURES, GENRES, add_rating_statistics, load_movielens_100k
 
 # (user, item, rating, timestamp)
 RATINGS = [(1, 10, 5, 300), (2, 10, 3, 100), (1, 20, 4, 200), (3, 30, 1, 400), (2, 30, 4, 500)]
@@ -149,3 +151,30 @@ def test_the_recbole_wheel_copy():
     ids = _rows_by_key(batch)
     for key, bags in ids.items():
         assert max(max(b) for b in bags if b) < data.num_embeddings[key], key
+
+
+def test_rating_statistics_read_the_training_split_and_leave_each_own_rating_out(data):
+    train, test = data.subset(np.arange(4)), data.subset(np.array([4]))
+    stats_train, stats_test = add_rating_statistics(train, test, prior_count=10.0)
+    one = np.log1p(1.0) / np.log(1000.0)
+    # train labels [1, 0, 1, 0]; example 0: the others' share 1/3, user 1's other rating
+    # (example 2) is a 4, item 10's other rating (example 1) a 3
+    np.testing.assert_allclose(stats_train.extra_dense[0], [13 / 33, one, 10 / 33, one], rtol=1e-6)
+    # the test example (user 2, item 30) sees every training rating (share 1/2): one 3 each
+    np.testing.assert_allclose(stats_test.extra_dense[0], [5 / 11, one, 5 / 11, one], rtol=1e-6)
+    # an example's own rating never feeds its features; a test rating feeds nothing
+    flipped = dataclasses.replace(train, rating=np.where(np.arange(4) == 0, 1, train.rating))
+    again_train, again_test = add_rating_statistics(flipped, test)
+    np.testing.assert_array_equal(again_train.extra_dense[0], stats_train.extra_dense[0])
+    assert again_train.extra_dense[2, 0] < stats_train.extra_dense[2, 0]  # user 1's other
+    other_test = dataclasses.replace(test, rating=np.array([1]))
+    np.testing.assert_array_equal(add_rating_statistics(train, other_test)[1].extra_dense,
+                                  stats_test.extra_dense)  # fmt: skip
+    batch = stats_train.batch(np.array([0, 2]), batch_size=4)
+    assert batch.dense.shape == (4, 6)
+    np.testing.assert_array_equal(batch.dense[:2, 2:], stats_train.extra_dense[[0, 2]])
+    assert stats_train.subset(np.array([2])).extra_dense.tolist() == [
+        stats_train.extra_dense[2].tolist()
+    ]
+    with pytest.raises(ValueError, match="prior_count must be > 0"):
+        add_rating_statistics(train, test, prior_count=0.0)
