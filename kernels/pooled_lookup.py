@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, Required, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,7 @@ __all__ = [
     "POOLING_MODES",
     "FloatRows",
     "PooledConfig",
+    "PooledOptions",
     "RowDecoder",
     "check_pooled_args",
     "decoded_pooled_lookup",
@@ -217,19 +218,47 @@ def check_pooled_args(weights, features, num_columns, pooling, out, out_dtype, b
     return float_dtype(weights.dtype if out_dtype is None else out_dtype)
 
 
-def _static_arguments(
-    weights, ids, offsets, per_sample_weights, features, out, *, out_dtype, **static
-) -> dict:
-    """Check the arguments every entry point shares; returns the static arguments of the
-    jitted implementations (``features`` as :class:`FeatureLayout` values, the output dtype)."""
+class PooledOptions(TypedDict, total=False):
+    """The options every pooled entry point takes beside its table (see :func:`pooled_lookup`):
+    ``batch_size`` and ``num_columns`` (required), ``pooling`` ("sum"), ``bounds_check``
+    ("warning"), ``out`` (None), ``out_dtype`` (None: the table's float dtype) and
+    ``fill_uncovered`` (True)."""
+
+    batch_size: Required[int]
+    num_columns: Required[int]
+    pooling: str
+    bounds_check: BoundsCheck
+    out: jax.Array | None
+    out_dtype: Any
+    fill_uncovered: bool
+
+
+_OPTION_DEFAULTS = dict(
+    pooling="sum", bounds_check="warning", out=None, out_dtype=None, fill_uncovered=True
+)
+
+
+def _static_arguments(view, ids, offsets, per_sample_weights, features, options) -> tuple:
+    """Check the arguments every entry point shares (``view``: the float table the stored
+    one stands for); returns the static arguments of the jitted implementations
+    (``features`` as :class:`FeatureLayout` values, the output dtype), ``out`` and
+    ``fill_uncovered``."""
+    unknown = sorted(set(options) - set(PooledOptions.__annotations__))
+    missing = sorted({"batch_size", "num_columns"} - set(options))
+    if unknown or missing:
+        raise TypeError(f"pooled lookup options: unknown {unknown}, missing {missing}")
+    static = {**_OPTION_DEFAULTS, **options}
+    out, out_dtype = static.pop("out"), static.pop("out_dtype")
+    fill_uncovered = bool(static.pop("fill_uncovered"))
     batch_size, num_columns = static["batch_size"], static["num_columns"]
     validate_group(
-        weights, ids, offsets, per_sample_weights, features, batch_size, static["bounds_check"]
+        view, ids, offsets, per_sample_weights, features, batch_size, static["bounds_check"]
     )
     out_dt = check_pooled_args(
-        weights, features, num_columns, static["pooling"], out, out_dtype, batch_size
+        view, features, num_columns, static["pooling"], out, out_dtype, batch_size
     )
-    return {**static, "features": feature_layouts(features), "out_dtype": out_dt}
+    static.update(features=feature_layouts(features), out_dtype=out_dt)
+    return static, out, fill_uncovered
 
 
 # --------------------------------------------------------------------------- row decoders
@@ -406,7 +435,7 @@ def _pooled_kernel(
     for k, plane in enumerate(acc):
         if pooling == "mean":
             plane = mean_of_sums(plane, jnp.maximum(length, 1)[:, None], out_ref.dtype)
-        cols = lane * planes + k
+        cols = lane if planes == 1 else lane * planes + k
         masked_store(
             out_ref.at[b[:, None], (col_offset + cols)[None, :]],
             plane.astype(out_ref.dtype),
@@ -500,17 +529,12 @@ def decoded_pooled_lookup(
     decoder: RowDecoder,
     config: PooledConfig,
     interpret: bool = False,
-    out: jax.Array | None = None,
-    out_dtype=None,
-    fill_uncovered: bool = True,
-    **static,
+    **options: Unpack[PooledOptions],
 ) -> tuple[jax.Array, jax.Array]:
     """The pooled kernel reading ``table`` through ``decoder``: what :func:`pooled_lookup`
-    (:class:`FloatRows`) and the quantized lookup run. ``static`` holds ``batch_size``,
-    ``num_columns``, ``pooling`` and ``bounds_check``; see :func:`pooled_lookup`."""
-    view = decoder.check_table(table)
-    static = _static_arguments(
-        view, ids, offsets, per_sample_weights, features, out, out_dtype=out_dtype, **static
+    (:class:`FloatRows`) and the quantized lookup run; ``options`` as :func:`pooled_lookup`'s."""
+    static, out, fill_uncovered = _static_arguments(
+        decoder.check_table(table), ids, offsets, per_sample_weights, features, options
     )
     if config.strategy == "segmented" and decoder.layout(table.dtype.itemsize)[1] < 16:
         raise ValueError(
@@ -533,7 +557,7 @@ def decoded_pooled_lookup(
         decoder=decoder,
         interpret=interpret,
         config=config,
-        fill_uncovered=bool(fill_uncovered),
+        fill_uncovered=fill_uncovered,
         **static,
     )
 
@@ -573,20 +597,22 @@ def pooled_lookup(
     >>> out.tolist(), int(bad)
     ([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]], 1)
     """
-    static = _static_arguments(
-        weights,
-        ids,
-        offsets,
-        per_sample_weights,
-        features,
-        out,
-        out_dtype=out_dtype,
+    if weights.ndim != 2:
+        raise ValueError(f"weights must be 2-D [rows, dim], got shape {weights.shape}")
+    decoder = FloatRows(dim=weights.shape[1])
+    options = PooledOptions(
         batch_size=batch_size,
         num_columns=num_columns,
         pooling=pooling,
         bounds_check=bounds_check,
+        out=out,
+        out_dtype=out_dtype,
+        fill_uncovered=fill_uncovered,
     )
     if config is None:
+        static, _, _ = _static_arguments(
+            weights, ids, offsets, per_sample_weights, features, options
+        )
         config = default_pooled_config(
             weights.shape[1],
             weights.dtype,
@@ -600,16 +626,10 @@ def pooled_lookup(
         offsets,
         per_sample_weights,
         features,
-        decoder=FloatRows(dim=weights.shape[1]),
+        decoder=decoder,
         config=config,
         interpret=interpret,
-        out=out,
-        out_dtype=out_dtype,
-        fill_uncovered=fill_uncovered,
-        batch_size=batch_size,
-        num_columns=num_columns,
-        pooling=pooling,
-        bounds_check=bounds_check,
+        **options,
     )
 
 
@@ -707,18 +727,14 @@ def decoded_pooled_lookup_reference(
     features: tuple[FeatureLayout, ...],
     *,
     decoder: RowDecoder,
-    out: jax.Array | None = None,
-    out_dtype=None,
-    fill_uncovered: bool = True,
-    **static,
+    **options: Unpack[PooledOptions],
 ) -> tuple[jax.Array, jax.Array]:
     """The XLA reference reading ``table`` through ``decoder`` (gather, decode,
     ``segment_sum``): the oracle of :func:`decoded_pooled_lookup`, same arguments but the
     launch shape. Uncovered columns of a fresh output are always zeros here (XLA has no
     unwritten buffers), so ``fill_uncovered`` only keeps the signatures alike."""
-    view = decoder.check_table(table)
-    static = _static_arguments(
-        view, ids, offsets, per_sample_weights, features, out, out_dtype=out_dtype, **static
+    static, out, _ = _static_arguments(
+        decoder.check_table(table), ids, offsets, per_sample_weights, features, options
     )
     return _pooled_xla(table, ids, offsets, per_sample_weights, out, decoder=decoder, **static)
 
@@ -729,34 +745,18 @@ def pooled_lookup_reference(
     offsets: jax.Array,
     per_sample_weights: jax.Array | None,
     features: tuple[FeatureLayout, ...],
-    *,
-    batch_size: int,
-    num_columns: int,
-    pooling: str = "sum",
-    bounds_check: BoundsCheck = "warning",
-    out: jax.Array | None = None,
-    out_dtype=None,
-    fill_uncovered: bool = True,
+    **options: Unpack[PooledOptions],
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-XLA pooled lookup (gather + ``segment_sum``), same contract as :func:`pooled_lookup`.
+    """Pure-XLA pooled lookup (gather + ``segment_sum``), same contract as :func:`pooled_lookup`
+    (``options``: its keyword arguments but ``interpret`` and ``config``).
 
     The backend for CPU/TPU and the oracle the kernel is tested against. "none" reads the
     clamped stacked row of a bad id, as the kernel does. Uncovered columns of a fresh output
     are always zeros here, so ``fill_uncovered`` only keeps the signatures alike.
     """
-    if getattr(weights, "ndim", 2) != 2:
+    if weights.ndim != 2:
         raise ValueError(f"weights must be 2-D [rows, dim], got shape {weights.shape}")
+    decoder = FloatRows(dim=weights.shape[1])
     return decoded_pooled_lookup_reference(
-        weights,
-        ids,
-        offsets,
-        per_sample_weights,
-        features,
-        decoder=FloatRows(dim=weights.shape[1]),
-        out=out,
-        out_dtype=out_dtype,
-        batch_size=batch_size,
-        num_columns=num_columns,
-        pooling=pooling,
-        bounds_check=bounds_check,
+        weights, ids, offsets, per_sample_weights, features, decoder=decoder, **options
     )

@@ -43,15 +43,17 @@ the kernel, the reference and a lookup of the dequantized table agree to float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._pallas_compat import masked_load, next_power_of_2
-from .layout import BoundsCheck, FeatureLayout
+from .layout import FeatureLayout
 from .pooled_lookup import (
     PooledConfig,
+    PooledOptions,
     decoded_pooled_lookup,
     decoded_pooled_lookup_reference,
 )
@@ -81,20 +83,30 @@ _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 _OFFSETS_32_BIT = (2**31, 2**32)
 
 
-def default_quantized_config(dim: int, weight_type: str) -> PooledConfig:
-    """The launch shape used when none is given: one bag per program, 16 ids per step
-    (32 for rows of at most 64 bytes), one warp (two for rows over 256 bytes).
+#: Bytes of rows one warp gathers per loop step in the float kernel's measured defaults
+#: (fp32 rows of 512 B: 32 ids over 4 warps; fp16 rows of 256 B: 16 ids on one warp).
+ROW_BYTES_PER_WARP = 4096
 
-    >>> default_quantized_config(128, "int8")
-    PooledConfig(block_bags=1, block_len=16, num_warps=1, num_stages=2, strategy='bags', eviction_policy=None)
-    >>> default_quantized_config(128, "int4").block_len
-    16
-    >>> default_quantized_config(64, "int4").block_len
-    32
+
+def default_quantized_config(dim: int, weight_type: str) -> PooledConfig:
+    """The launch shape used when none is given: one bag per program on one warp (two for
+    rows over 256 bytes), with as many ids per step (16 to 64) as keep about
+    ``ROW_BYTES_PER_WARP`` bytes of rows in flight per warp, as the float defaults do: a
+    quantized row is a fraction of a float row's bytes, so it takes more rows per step to
+    hide the same memory latency.
+
+    >>> default_quantized_config(128, "int8")                  # rows of 136 bytes
+    PooledConfig(block_bags=1, block_len=32, num_warps=1, num_stages=2, strategy='bags', eviction_policy=None)
+    >>> default_quantized_config(128, "int4").block_len        # rows of 68 bytes
+    64
+    >>> default_quantized_config(512, "int8").num_warps, default_quantized_config(512, "int8").block_len
+    (2, 16)
     """
     nbytes = row_bytes(dim, weight_type)
-    block_len = 32 if nbytes <= 64 else 16
-    return PooledConfig(block_bags=1, block_len=block_len, num_warps=1 if nbytes <= 256 else 2)
+    num_warps = 1 if nbytes <= 256 else 2
+    rows = ROW_BYTES_PER_WARP * num_warps / nbytes
+    block_len = min(64, max(16, 1 << round(np.log2(rows))))
+    return PooledConfig(block_bags=1, block_len=block_len, num_warps=num_warps)
 
 
 def kernel_word_bytes(num_rows: int, width: int) -> int:
@@ -271,26 +283,21 @@ def quantized_pooled_lookup(
     *,
     dim: int,
     weight_type: str,
-    batch_size: int,
-    num_columns: int,
-    pooling: str = "sum",
-    bounds_check: BoundsCheck = "warning",
-    out: jax.Array | None = None,
-    out_dtype=None,
     interpret: bool = False,
     config: PooledConfig | None = None,
-    fill_uncovered: bool = True,
     word_bytes: int | None = None,
+    **options: Unpack[PooledOptions],
 ) -> tuple[jax.Array, jax.Array]:
     """Pooled lookup of one quantized stacked group with the Pallas (Triton) kernel.
 
     ``qweights [R, row_bytes(dim, weight_type)] uint8``, or the same rows as uint16/uint32
-    words (:func:`kernel_table`, read as they are); the rest as
-    :func:`jaxrec_kernels.pooled_lookup` (``out_dtype`` defaults to float32). Returns
-    ``(out [batch_size, num_columns], bad_id_count)``. ``config`` defaults to
-    :func:`default_quantized_config`. ``word_bytes`` (1, 2 or 4) is the element the kernel
-    reads a uint8 table in (default :func:`kernel_word_bytes`); every choice gives the same
-    result.
+    words (:func:`kernel_table`, read as they are); ``options`` (``batch_size``,
+    ``num_columns``, ``pooling``, ``bounds_check``, ``out``, ``out_dtype``,
+    ``fill_uncovered``) as :func:`jaxrec_kernels.pooled_lookup` (``out_dtype`` defaults to
+    float32). Returns ``(out [batch_size, num_columns], bad_id_count)``. ``config`` defaults
+    to :func:`default_quantized_config`. ``word_bytes`` (1, 2 or 4) is the element the
+    kernel reads a uint8 table in (default :func:`kernel_word_bytes`); every choice gives
+    the same result.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec_kernels.rowwise_quantization import quantize_rows
@@ -309,6 +316,8 @@ def quantized_pooled_lookup(
         if word_bytes is None:
             word_bytes = kernel_word_bytes(*qweights.shape)
         qweights = kernel_table(qweights, word_bytes)
+    if config is None:
+        config = default_quantized_config(dim, weight_type)
     return decoded_pooled_lookup(
         qweights,
         ids,
@@ -316,15 +325,9 @@ def quantized_pooled_lookup(
         per_sample_weights,
         features,
         decoder=decoder,
-        config=default_quantized_config(dim, weight_type) if config is None else config,
+        config=config,
         interpret=interpret,
-        out=out,
-        out_dtype=out_dtype,
-        fill_uncovered=fill_uncovered,
-        batch_size=batch_size,
-        num_columns=num_columns,
-        pooling=pooling,
-        bounds_check=bounds_check,
+        **options,
     )
 
 
@@ -337,31 +340,16 @@ def quantized_pooled_lookup_reference(
     *,
     dim: int,
     weight_type: str,
-    batch_size: int,
-    num_columns: int,
-    pooling: str = "sum",
-    bounds_check: BoundsCheck = "warning",
-    out: jax.Array | None = None,
-    out_dtype=None,
-    fill_uncovered: bool = True,
+    **options: Unpack[PooledOptions],
 ) -> tuple[jax.Array, jax.Array]:
     """Pure-XLA quantized pooled lookup (gather the bytes, dequantize, ``segment_sum``).
 
-    Same contract as :func:`quantized_pooled_lookup`; only the rows the ids read are
-    dequantized. The backend for CPU/TPU and the oracle of the kernel's tests.
-    ``fill_uncovered`` only keeps the signatures alike (uncovered columns are zeros).
+    Same contract as :func:`quantized_pooled_lookup` (but ``interpret``, ``config`` and
+    ``word_bytes``); only the rows the ids read are dequantized. The backend for CPU/TPU
+    and the oracle of the kernel's tests. ``fill_uncovered`` only keeps the signatures
+    alike (uncovered columns are zeros).
     """
+    decoder = _decoder(dim, weight_type)
     return decoded_pooled_lookup_reference(
-        qweights,
-        ids,
-        offsets,
-        per_sample_weights,
-        features,
-        decoder=_decoder(dim, weight_type),
-        out=out,
-        out_dtype=out_dtype,
-        batch_size=batch_size,
-        num_columns=num_columns,
-        pooling=pooling,
-        bounds_check=bounds_check,
+        qweights, ids, offsets, per_sample_weights, features, decoder=decoder, **options
     )

@@ -20,6 +20,7 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
         "fp16 jaxrec",
         "int8 jaxrec default",
         "int8 jaxrec bags_1x16_w1",
+        "int8 jaxrec default, fp16 output",
         "int4 jaxrec default",
         "int4 jaxrec bags_1x16_w1",
     ]
@@ -35,6 +36,7 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
     assert int8["bytes_read"] == shape["lookups"] * (shape["dim"] + 8)  # int8 row bytes
     assert int8["config"]["block_len"] == 64 and int8["pct_of_copy"] > 0
     precisions = ("fp32", "fp16", "int8", "int4", "int8 (uint8 table)", "int4 (uint8 table)")
+    precisions += ("int8 (fp16 output)",)
     assert set(written["best"]) == {f"{p} jaxrec pallas" for p in precisions}
     assert written["targets"]["int8_over_fp32_jaxrec"]["target"] == ">= 3"
     assert written["targets"]["int8_over_torch_fp16"]["met"] is None  # no GPU: not measured
