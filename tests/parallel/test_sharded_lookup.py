@@ -251,10 +251,13 @@ def test_forward_and_gradients_match_one_device(plan_name, weighted):
     )
 
 
-@pytest.mark.parametrize("plan_name", list(PLANS))
-def test_three_fused_steps_match_one_device(plan_name):
+@pytest.mark.parametrize(
+    ("plan_name", "backend"), [(p, "xla") for p in PLANS] + [("mixed", "pallas")]
+)
+def test_three_fused_steps_match_one_device(plan_name, backend):
+    """Pallas: the fused update's kernel runs inside shard_map (interpret mode here)."""
     rng = np.random.default_rng(1)
-    ebc, layout, spec = setup(plan_name, fused=True, weighted=True)
+    ebc, layout, spec = setup(plan_name, fused=True, weighted=True, backend=backend)
     batches = [device_batches(rng, True, empty_devices=(k,)) for k in range(3)]
     params = ebc.init(jax.random.key(1), batches[0][1])["params"]
     sharded = shard_params(layout, params["embedding_bags"])
