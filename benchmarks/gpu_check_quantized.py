@@ -205,6 +205,16 @@ def run_float(run: Run, w, ids, offsets, feats, kw, interpret: bool) -> dict:
     return outputs["fp32"]
 
 
+PALLAS = "jaxrec pallas"
+
+
+def quantized_forward(config=None, **opts):
+    """The jitted quantized kernel with ``opts`` bound, and its forward as timed (the
+    output alone)."""
+    kernel = jax.jit(functools.partial(quantized_pooled_lookup, config=config, **opts))
+    return kernel, lambda t, i, o: kernel(t, i, o, None)[0]
+
+
 def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: bool) -> None:
     """INT8 and INT4 tables held as the words the kernel reads: every launch shape of the
     sweep against the reference, then timed."""
@@ -221,83 +231,37 @@ def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: 
         )
         ref, _ = reference(table, ids, offsets, None)
         print(f"{wt}: table {table.nbytes / 1e9:.2f} GB read in {word_bytes}-byte words")
+        opts = dict(features=feats, dim=dim, weight_type=wt, interpret=interpret, **kw)
         for label, config in sweep_configs(dim, wt, small).items():
-            kernel = jax.jit(
-                functools.partial(
-                    quantized_pooled_lookup,
-                    features=feats,
-                    dim=dim,
-                    weight_type=wt,
-                    interpret=interpret,
-                    config=config,
-                    **kw,
-                )
-            )
+            kernel, fwd = quantized_forward(config=config, **opts)
             name = f"{wt} jaxrec {label}"
             got, bad = kernel(table, ids, offsets, None)
             if run.check(name, got, bad, ref, dim):
-                fwd = lambda t, i, o, k=kernel: k(t, i, o, None)[0]  # noqa: E731
-                run.time(
-                    name,
-                    fwd,
-                    (table, ids, offsets),
-                    row_bytes(dim, wt),
-                    wt,
-                    "jaxrec pallas",
-                    config,
-                )
+                run.time(name, fwd, (table, ids, offsets), row_bytes(dim, wt), wt, PALLAS, config)
             del got
         if wt == "int8":
             # float16 output: the output write is a sixth of INT8's traffic in float32
             # (see sector_bound); both sides round the same float32 sums once.
+            kernel, fwd = quantized_forward(**dict(opts, out_dtype=jnp.float16))
             half = dict(kw, out_dtype=jnp.float16)
-            opts = dict(features=feats, dim=dim, weight_type=wt, **half)
-            kernel = jax.jit(
-                functools.partial(quantized_pooled_lookup, interpret=interpret, **opts)
+            reference = functools.partial(
+                quantized_pooled_lookup_reference, features=feats, dim=dim, weight_type=wt, **half
             )
-            ref16, _ = jax.jit(functools.partial(quantized_pooled_lookup_reference, **opts))(
-                table, ids, offsets, None
-            )
+            ref16, _ = jax.jit(reference)(table, ids, offsets, None)
             name = "int8 jaxrec default, fp16 output"
             got, bad = kernel(table, ids, offsets, None)
             if run.check(name, got, bad, ref16, dim, rtol=2.0**-10):  # one fp16 ulp at the max
-                fwd = lambda t, i, o, k=kernel: k(t, i, o, None)[0]  # noqa: E731
                 other = run.other_bytes - 2 * kw["batch_size"] * kw["num_columns"]
-                args = (table, ids, offsets)
-                run.time(
-                    name,
-                    fwd,
-                    args,
-                    row_bytes(dim, wt),
-                    "int8 (fp16 output)",
-                    "jaxrec pallas",
-                    other=other,
-                )
+                args, precision = (table, ids, offsets), "int8 (fp16 output)"
+                run.time(name, fwd, args, row_bytes(dim, wt), precision, PALLAS, other=other)
             del got, ref16
         if word_bytes > 1 and any(t["name"] == f"{wt} jaxrec default" for t in run.timings):
             # The same kernel given the uint8 table: shows whether viewing it as words per
             # call is free (a bitcast) or a copy, for callers that keep uint8 tables.
             q = quantize_rows(w, wt)
-            kernel = jax.jit(
-                functools.partial(
-                    quantized_pooled_lookup,
-                    features=feats,
-                    dim=dim,
-                    weight_type=wt,
-                    interpret=interpret,
-                    **kw,
-                )
-            )
-            fwd = lambda t, i, o, k=kernel: k(t, i, o, None)[0]  # noqa: E731
-            name = f"{wt} jaxrec default, uint8 table"
-            run.time(
-                name,
-                fwd,
-                (q, ids, offsets),
-                row_bytes(dim, wt),
-                f"{wt} (uint8 table)",
-                "jaxrec pallas",
-            )
+            _, fwd = quantized_forward(**opts)
+            name, precision = f"{wt} jaxrec default, uint8 table", f"{wt} (uint8 table)"
+            run.time(name, fwd, (q, ids, offsets), row_bytes(dim, wt), precision, PALLAS)
             del q
         del table, ref
 
