@@ -238,7 +238,7 @@ def _torch_model(torch, tables, model, initial, device):
         for i, width in enumerate(widths):
             linear = nn.Linear(width_in, width)
             kernel = initial[prefix][f"Dense_{i}"]
-            linear.weight.data = torch.from_numpy(np.ascontiguousarray(kernel["kernel"].T))
+            linear.weight.data = torch.from_numpy(np.array(kernel["kernel"].T))
             linear.bias.data = torch.from_numpy(np.array(kernel["bias"]))
             layers.append(linear)
             if i + 1 < len(widths):
