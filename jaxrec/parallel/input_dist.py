@@ -288,7 +288,8 @@ def route(
             - counts[jnp.clip(bucket, 0, width - 1), feature_starts[kjt]]
         )
         place = slot_starts[rank, slot] + rank_in_slot
-        target = jnp.where(split & (place < cap), rank * cap + place, n * cap)
+        # unsent positions get distinct out-of-range targets (dropped): indices stay unique
+        target = jnp.where(split & (place < cap), rank * cap + place, n * cap + positions)
         inverse = (
             jnp.zeros(n * cap, jnp.int32)
             .at[target]
