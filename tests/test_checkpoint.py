@@ -79,7 +79,7 @@ def random_groups(ebc, seed):
     groups = jax.tree.unflatten(tree, new)
     for entry in groups.values():  # a step count and a marker at rest
         object.__setattr__(entry, "step", np.float32(seed + 3))
-        object.__setattr__(entry, "uses", np.array([0, seed, 0, 1, 0], np.float32))
+        object.__setattr__(entry, "uses", np.array([0, seed, 0, 1, 0, seed], np.float32))
     return jax.tree.map(jnp.asarray, groups)
 
 
