@@ -44,7 +44,6 @@ seed the rounding by slot rather than row, so only float32 tables are bitwise eq
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -56,13 +55,14 @@ import numpy as np
 
 from jaxrec.ops.bags import checked_offsets
 from jaxrec.ops.lookup import lookup as grouped_lookup
-from jaxrec.optim.fused import FusedTableParams, init_fused_table
+from jaxrec.optim.fused import init_fused_table
 from jaxrec.tbe.cache import METRICS, CacheLayout, CacheState, assign
 from jaxrec.tbe.enums import EmbeddingLocation, OptimType
 from jaxrec.tbe.host_table import HostTable
 from jaxrec.tbe.inputs import TBEInputs
 from jaxrec.tbe.operator import SplitTableBatchedEmbeddingBagsCodegen
 from jaxrec.tbe.optimizers import make_optimizer
+from jaxrec.tbe.records import gather_records, load_records
 from jaxrec.tbe.state import TBEState
 
 __all__ = ["CachedTBE", "Prefetched", "PendingPrefetch"]
@@ -100,40 +100,6 @@ class PendingPrefetch:
 def _bucket(count: int, capacity: int) -> int:
     """Rows moved for ``count`` misses: the next power of two (>= 16), at most ``capacity``."""
     return min(capacity, max(16, 1 << max(count - 1, 0).bit_length()))
-
-
-def _field(param: FusedTableParams, key: str) -> jax.Array:
-    return param.weight if key == "weight" else param.state[key]
-
-
-@functools.partial(jax.jit, static_argnames=("size", "fields", "row_bytes"))
-def _gather_records(param: FusedTableParams, slots: jax.Array, *, size, fields, row_bytes):
-    """The cache rows ``slots[:size]`` as host records ``[size, row_bytes]`` uint8
-    (:class:`~jaxrec.tbe.host_table.HostTable`'s layout), for one device-to-host copy."""
-    parts, at = [], 0
-    for key, start, stop, _, _ in fields:
-        rows = jnp.take(_field(param, key), slots[:size], axis=0, mode="clip")
-        parts.append(jnp.zeros((size, start - at), jnp.uint8))
-        parts.append(jax.lax.bitcast_convert_type(rows, jnp.uint8).reshape(size, stop - start))
-        at = stop
-    parts.append(jnp.zeros((size, row_bytes - at), jnp.uint8))
-    return jnp.concatenate(parts, axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("size", "fields"), donate_argnums=(0,))
-def _load_records(param: FusedTableParams, slots, records, *, size: int, fields):
-    """Scatter host records ``[size, row_bytes]`` into the cache rows ``slots[:size]``."""
-    target = slots[:size]
-    target = jnp.where(target < 0, param.weight.shape[0], target)  # -1 would wrap to the end
-    out = {}
-    for key, start, stop, dtype, tail in fields:
-        raw = records[:, start:stop]
-        if dtype.itemsize > 1:
-            raw = raw.reshape(size, -1, dtype.itemsize)
-        value = jax.lax.bitcast_convert_type(raw, dtype).reshape(size, *tail)
-        out[key] = _field(param, key).at[target].set(value, mode="drop")
-    weight = out.pop("weight")
-    return dataclasses.replace(param, weight=weight, state=out)
 
 
 @jax.jit
@@ -305,7 +271,7 @@ class CachedTBE:
             for start in range(0, layout.slots, _FLUSH_ROWS):
                 size = min(_FLUSH_ROWS, layout.slots - start)
                 slots = jnp.arange(start, start + size, dtype=jnp.int32)
-                records = _gather_records(
+                records = gather_records(
                     state.groups[name],
                     slots,
                     size=size,
@@ -436,7 +402,7 @@ class CachedTBE:
             size = _bucket(int(misses), inputs.indices.shape[0])
             sizes[name] = (int(misses), size)
             host = self.hosts[name]
-            evicted[name] = _gather_records(
+            evicted[name] = gather_records(
                 state.groups[name],
                 plans[name].miss_slots,
                 size=size,
@@ -469,7 +435,7 @@ class CachedTBE:
             start = time.perf_counter()
             records = self._to_device(staged, groups[name].weight.sharding)
             spent["h2d"] += time.perf_counter() - start
-            groups[name] = _load_records(
+            groups[name] = load_records(
                 groups[name], plan.miss_slots, records, size=size, fields=host.fields
             )
         for key, seconds in spent.items():

@@ -14,7 +14,7 @@ from hlo_copies import shape_strings, table_copies
 
 import jaxrec
 from jaxrec import tbe
-from jaxrec.tbe import managed
+from jaxrec.tbe import records
 
 ROWS, DIM, TABLES, B = 1031, 8, 2, 4
 OPTIMIZER = tbe.OptimType.EXACT_ROWWISE_ADAGRAD
@@ -72,7 +72,7 @@ def test_cache_loads_rows_in_place():
     (param,) = state.groups.values()
     (host,) = cached.hosts.values()
     rows = 64
-    compiled = managed._load_records.lower(
+    compiled = records.load_records.lower(
         param,
         jnp.zeros(rows, jnp.int32),
         jnp.zeros((rows, host.row_bytes), jnp.uint8),
