@@ -2,8 +2,10 @@
 
 The sender checks each id against its global table, routes it to its shard (row-split
 tables: bucketized by row range; column shards: one copy per shard), rewrites it to the
-owner's local row, and sorts the ids into one capacity-padded buffer per destination
-(:func:`route`). After ``jax.lax.all_to_all`` of lengths and ids, the owner packs the
+owner's local row, and gathers them into one capacity-padded buffer per destination
+(:func:`route`), without a sort: the KJT is feature-major, so a whole-row shard reads one
+contiguous feature range, and a row shard's ids are a stable partition of its feature's
+range (a cumulative sum of the range's mask). After ``jax.lax.all_to_all`` of lengths and ids, the owner packs the
 per-source buffers into one KJT whose features are (source device, slot) pairs
 (:func:`compact`). Everything static (which shard holds what) is numpy, computed once.
 

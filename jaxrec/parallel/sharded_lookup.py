@@ -5,8 +5,8 @@ block of every local group (:class:`~jaxrec.parallel.layout.ShardedLayout`). One
 
 1. **Input distribution.** On the sender every id is checked against its global table,
    routed to the shard that owns it (row-split tables: bucketized by row range; column
-   shards: one copy per shard) and rewritten to the owner's local row. The ids are sorted
-   into one capacity-padded buffer per destination; ``jax.lax.all_to_all`` moves the
+   shards: one copy per shard) and rewritten to the owner's local row. The ids are gathered
+   (no sort) into one capacity-padded buffer per destination; ``jax.lax.all_to_all`` moves the
    per-bag lengths, then the ids (and per-sample weights).
 2. **Local lookup.** Each owner runs the ordinary :func:`jaxrec.ops.lookup.lookup` (any
    backend, the fused optimizer of each local group) on its block, with one feature per
