@@ -43,7 +43,7 @@ the kernel, the reference and a lookup of the dequantized table agree to float32
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Unpack
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,8 @@ from .rowwise_quantization import (
 )
 
 __all__ = [
+    "DEFAULT_LAUNCH",
+    "QuantizedLaunch",
     "QuantizedRows",
     "default_quantized_config",
     "kernel_table",
@@ -83,17 +85,43 @@ _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 _OFFSETS_32_BIT = (2**31, 2**32)
 
 
-#: Bytes of rows one warp gathers per loop step in the float kernel's measured defaults
-#: (fp32 rows of 512 B: 32 ids over 4 warps; fp16 rows of 256 B: 16 ids on one warp).
-ROW_BYTES_PER_WARP = 4096
+class QuantizedLaunch(NamedTuple):
+    """How the quantized kernel is launched when no ``config`` is given.
+
+    ``row_bytes_per_warp``: bytes of stored rows one warp gathers per loop step (the ids
+    per step are the nearest power of two, 8 to 128, of this over the row's bytes);
+    ``num_warps``: warps per program for rows of at most 256 bytes (twice as many for wider
+    rows); ``block_bags``: bags per program; ``word_bytes``: the element (1, 2 or 4 bytes)
+    the table is read in when it is safe (:func:`kernel_word_bytes`);
+    ``one_scale_bias_read``: the scale and bias of a row come in one load of the elements
+    they span (else one load each).
+    """
+
+    row_bytes_per_warp: int = 4096
+    num_warps: int = 1
+    block_bags: int = 1
+    word_bytes: int = 4
+    one_scale_bias_read: bool = True
+
+
+#: The default launch per weight type: the line the GPU check
+#: (``python -m benchmarks.gpu_check_quantized``) prints its best measured shape as.
+#: INT8 and INT4 keep ~4 KB of rows in flight per warp and step (32 and 64 ids of dim 128)
+#: on one warp (a second warp splits a bag's ids and adds a cross-warp reduction), read in
+#: 4-byte words with the scale and bias in one load.
+DEFAULT_LAUNCH: dict[str, QuantizedLaunch] = {
+    "int8": QuantizedLaunch(row_bytes_per_warp=4096, num_warps=1, block_bags=1, word_bytes=4),
+    "int4": QuantizedLaunch(row_bytes_per_warp=4096, num_warps=1, block_bags=1, word_bytes=4),
+    "int2": QuantizedLaunch(row_bytes_per_warp=4096, num_warps=1, block_bags=1, word_bytes=4),
+}
 
 
 def default_quantized_config(dim: int, weight_type: str) -> PooledConfig:
-    """The launch shape used when none is given: one bag per program on one warp (two for
-    rows over 256 bytes), with as many ids per step (16 to 64) as keep about
-    ``ROW_BYTES_PER_WARP`` bytes of rows in flight per warp, as the float defaults do: a
-    quantized row is a fraction of a float row's bytes, so it takes more rows per step to
-    hide the same memory latency.
+    """The launch shape used when none is given, from :data:`DEFAULT_LAUNCH`: its bags and
+    warps (twice the warps for rows over 256 bytes), with as many ids per step (8 to 128) as
+    keep about ``row_bytes_per_warp`` bytes of rows in flight per warp: a quantized row is
+    a fraction of a float row's bytes, so it takes more rows per step to hide the same
+    memory latency.
 
     >>> default_quantized_config(128, "int8")                  # rows of 136 bytes
     PooledConfig(block_bags=1, block_len=32, num_warps=1, num_stages=2, strategy='bags', eviction_policy=None)
@@ -102,33 +130,45 @@ def default_quantized_config(dim: int, weight_type: str) -> PooledConfig:
     >>> default_quantized_config(512, "int8").num_warps, default_quantized_config(512, "int8").block_len
     (2, 16)
     """
+    if weight_type not in DEFAULT_LAUNCH:
+        raise ValueError(f"weight_type must be one of {tuple(DEFAULT_LAUNCH)}, got {weight_type!r}")
+    launch = DEFAULT_LAUNCH[weight_type]
     nbytes = row_bytes(dim, weight_type)
-    num_warps = 1 if nbytes <= 256 else 2
-    rows = ROW_BYTES_PER_WARP * num_warps / nbytes
-    block_len = min(64, max(16, 1 << round(np.log2(rows))))
-    return PooledConfig(block_bags=1, block_len=block_len, num_warps=num_warps)
+    num_warps = launch.num_warps * (1 if nbytes <= 256 else 2)
+    rows = launch.row_bytes_per_warp * num_warps / nbytes
+    block_len = min(128, max(8, 1 << round(np.log2(rows))))
+    return PooledConfig(block_bags=launch.block_bags, block_len=block_len, num_warps=num_warps)
 
 
-def kernel_word_bytes(num_rows: int, width: int) -> int:
+def _offsets_fit(num_rows: int, width: int, word_bytes: int) -> bool:
+    """Whether every element of the ``word_bytes`` view is addressable by the lowering."""
+    elements = num_rows * -(-width // word_bytes)
+    low, high = _OFFSETS_32_BIT
+    return elements * word_bytes > high or elements < low
+
+
+def kernel_word_bytes(num_rows: int, width: int, preferred: int = 4) -> int:
     """Bytes per element the kernel reads a ``[num_rows, width]`` uint8 table in.
 
-    4 when the rows are whole 4-byte words, else 2 when they are whole 2-byte words (the
-    view is a free bitcast), else bytes; except that a table of ``2**31`` to ``2**32``
-    bytes is never read in bytes (byte offsets would overflow the 32-bit signed offsets
-    JAX's Triton lowering uses up to ``2**32`` bytes): its rows are padded to whole
-    4-byte words (which copies the table).
+    ``preferred`` when the rows are whole elements of it, else the widest of 4 and 2 that
+    divides the row width (the view is a free bitcast), else bytes; except that no view
+    whose element offsets pass ``2**31`` in a table of at most ``2**32`` bytes is chosen
+    (JAX's Triton lowering addresses such an operand with 32-bit signed offsets, which
+    would wrap): when none fits, the rows are padded to whole 4-byte words (a copy).
 
     >>> kernel_word_bytes(1 << 25, 68), kernel_word_bytes(1 << 25, 136)   # INT4, INT8 "large"
     (4, 4)
+    >>> kernel_word_bytes(1 << 25, 136, 1), kernel_word_bytes(1 << 25, 68, 1)  # 4.6 GB, 2.3 GB
+    (1, 4)
     >>> kernel_word_bytes(1000, 14), kernel_word_bytes(1000, 7), kernel_word_bytes(1 << 28, 9)
     (2, 1, 4)
     """
-    if width % 4 == 0:
-        return 4
-    if width % 2 == 0:
-        return 2
-    low, high = _OFFSETS_32_BIT
-    return 4 if low <= num_rows * width <= high else 1
+    if preferred not in _WORD_DTYPES:
+        raise ValueError(f"word_bytes must be 1, 2 or 4, got {preferred!r}")
+    for word_bytes in dict.fromkeys((preferred, 4, 2, 1)):
+        if width % word_bytes == 0 and _offsets_fit(num_rows, width, word_bytes):
+            return word_bytes
+    return 4
 
 
 def kernel_table(qweights: jax.Array, word_bytes: int) -> jax.Array:
@@ -156,11 +196,41 @@ def _load_field(table_ref, rows, first: int, nbytes: int, valid, word_bytes: int
 
     Each table element the field overlaps is loaded once (a padded row's field may
     straddle two). Lanes where ``valid`` is false read nothing and give 0."""
+    elements = {
+        word: masked_load(table_ref.at[rows, word], valid, 0).astype(jnp.uint32)
+        for word in range(first // word_bytes, (first + nbytes - 1) // word_bytes + 1)
+    }
+    return _assemble(elements, first, nbytes, word_bytes)
+
+
+def _load_elements(table_ref, rows, first: int, nbytes: int, valid, word_bytes: int):
+    """The table elements bytes ``[first, first + nbytes)`` of each row span, ``{index:
+    uint32 values}``, from one load of a ``[*rows.shape, n]`` tile (one vector load a row
+    where the alignment allows): what reads a row's scale and bias at once."""
+    lo, hi = first // word_bytes, (first + nbytes - 1) // word_bytes
+    if lo == hi:
+        return {lo: masked_load(table_ref.at[rows, lo], valid, 0).astype(jnp.uint32)}
+    k = jnp.arange(next_power_of_2(hi - lo + 1), dtype=jnp.int32)
+    lead = tuple(range(valid.ndim))
+    tile = masked_load(
+        table_ref.at[jnp.expand_dims(rows, -1), jnp.expand_dims(lo + k, lead)],
+        jnp.expand_dims(valid, -1) & jnp.expand_dims(k <= hi - lo, lead),
+        0,
+    ).astype(jnp.uint32)
+    return {
+        lo + i: jnp.sum(jnp.where(k == i, tile, np.uint32(0)), axis=-1, dtype=jnp.uint32)
+        for i in range(hi - lo + 1)
+    }
+
+
+def _assemble(elements: dict, first: int, nbytes: int, word_bytes: int):
+    """The ``nbytes`` little-endian bytes at byte ``first``, as uint32, from the loaded
+    table elements that hold them (``{index: uint32 values}``)."""
     out = None
     for word in range(first // word_bytes, (first + nbytes - 1) // word_bytes + 1):
         lo = max(first, word * word_bytes)  # the field's bytes in this element
         hi = min(first + nbytes, (word + 1) * word_bytes)
-        part = masked_load(table_ref.at[rows, word], valid, 0).astype(jnp.uint32)
+        part = elements[word]
         if lo > word * word_bytes:
             part = part >> np.uint32(8 * (lo - word * word_bytes))
         if hi - lo < 4:
@@ -184,7 +254,9 @@ class QuantizedRows:
 
     Reads a table of uint8, uint16 or uint32 elements (:func:`kernel_table`). A word of
     ``word_bytes`` holds ``8 * word_bytes / bits`` values; value ``k`` of word ``w`` is
-    column ``w * planes + k``, so the kernel keeps one accumulator plane per ``k``.
+    column ``w * planes + k``, so the kernel keeps one accumulator plane per ``k``. A row's
+    scale and bias come from one load of the elements they span (``one_scale_bias_read``;
+    two 4-byte words of an INT8 row, one word of an INT4 row), else from one load each.
 
     >>> QuantizedRows(dim=128, weight_type="int8").layout(4)    # 32 words of 4 values
     (4, 32)
@@ -194,6 +266,7 @@ class QuantizedRows:
 
     dim: int
     weight_type: str
+    one_scale_bias_read: bool = True
 
     @property
     def name(self) -> str:
@@ -236,12 +309,18 @@ class QuantizedRows:
         ).astype(jnp.uint32)
         sb_first = packed_dim(self.dim, self.weight_type)
         sb_bytes = 4 if bits == 8 else 2
-        scale, bias = (
-            _field_as_float(
-                _load_field(table_ref, rows, first, sb_bytes, valid, word_bytes), sb_bytes
-            )[..., None]
-            for first in (sb_first, sb_first + sb_bytes)
-        )
+        if self.one_scale_bias_read:
+            elements = _load_elements(table_ref, rows, sb_first, 2 * sb_bytes, valid, word_bytes)
+            fields = (
+                _assemble(elements, f, sb_bytes, word_bytes)
+                for f in (sb_first, sb_first + sb_bytes)
+            )
+        else:
+            fields = (
+                _load_field(table_ref, rows, f, sb_bytes, valid, word_bytes)
+                for f in (sb_first, sb_first + sb_bytes)
+            )
+        scale, bias = (_field_as_float(bits_, sb_bytes)[..., None] for bits_ in fields)
         out = []
         for k in range(planes):
             q = packed if planes == 1 else packed >> np.uint32(k * bits)
@@ -266,12 +345,14 @@ class QuantizedRows:
         return values * scale[:, None] + bias[:, None]
 
 
-def _decoder(dim, weight_type) -> QuantizedRows:
+def _decoder(dim, weight_type, one_scale_bias_read: bool | None = None) -> QuantizedRows:
     if weight_type not in BITS:
         raise ValueError(f"weight_type must be one of {tuple(BITS)}, got {weight_type!r}")
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
-    return QuantizedRows(dim=dim, weight_type=weight_type)
+    if one_scale_bias_read is None:
+        one_scale_bias_read = DEFAULT_LAUNCH[weight_type].one_scale_bias_read
+    return QuantizedRows(dim=dim, weight_type=weight_type, one_scale_bias_read=one_scale_bias_read)
 
 
 def quantized_pooled_lookup(
@@ -286,6 +367,7 @@ def quantized_pooled_lookup(
     interpret: bool = False,
     config: PooledConfig | None = None,
     word_bytes: int | None = None,
+    one_scale_bias_read: bool | None = None,
     **options: Unpack[PooledOptions],
 ) -> tuple[jax.Array, jax.Array]:
     """Pooled lookup of one quantized stacked group with the Pallas (Triton) kernel.
@@ -296,8 +378,10 @@ def quantized_pooled_lookup(
     ``fill_uncovered``) as :func:`jaxrec_kernels.pooled_lookup` (``out_dtype`` defaults to
     float32). Returns ``(out [batch_size, num_columns], bad_id_count)``. ``config`` defaults
     to :func:`default_quantized_config`. ``word_bytes`` (1, 2 or 4) is the element the
-    kernel reads a uint8 table in (default :func:`kernel_word_bytes`); every choice gives
-    the same result.
+    kernel reads a uint8 table in (default :func:`kernel_word_bytes` of
+    :data:`DEFAULT_LAUNCH`'s; a view whose offsets the lowering cannot address is
+    refused), ``one_scale_bias_read`` how it reads a row's scale and bias (default
+    :data:`DEFAULT_LAUNCH`'s); every choice gives the same result.
 
     >>> import jax.numpy as jnp
     >>> from jaxrec_kernels.rowwise_quantization import quantize_rows
@@ -308,13 +392,20 @@ def quantized_pooled_lookup(
     >>> out.tolist(), int(bad)
     ([[0.0, 15.0], [2.0, 2.0]], 0)
     """
-    decoder = _decoder(dim, weight_type)
+    decoder = _decoder(dim, weight_type, one_scale_bias_read)
     decoder.check_table(qweights)
     if word_bytes is not None and word_bytes not in _WORD_DTYPES:
         raise ValueError(f"word_bytes must be 1, 2 or 4, got {word_bytes!r}")
     if qweights.dtype == jnp.uint8:
         if word_bytes is None:
-            word_bytes = kernel_word_bytes(*qweights.shape)
+            word_bytes = kernel_word_bytes(*qweights.shape, DEFAULT_LAUNCH[weight_type].word_bytes)
+        elif not _offsets_fit(*qweights.shape, word_bytes):
+            raise ValueError(
+                f"word_bytes={word_bytes}: a {qweights.shape} uint8 table read in "
+                f"{word_bytes}-byte elements has offsets past 2**31 in at most 2**32 bytes, "
+                f"which the lowering's 32-bit offsets cannot address; use "
+                f"kernel_word_bytes{qweights.shape}"
+            )
         qweights = kernel_table(qweights, word_bytes)
     if config is None:
         config = default_quantized_config(dim, weight_type)

@@ -296,6 +296,56 @@ def test_every_word_view_reads_the_same_bits():
         quantized_pooled_lookup(*args, word_bytes=3, **kw)
 
 
+@pytest.mark.parametrize("weight_type,dim,views", [("int8", 6, (2, 4)), ("int4", 9, (1, 4))])
+def test_one_scale_bias_read_equals_one_read_per_field_on_every_view(weight_type, dim, views):
+    # int8 rows of 6 + 8 bytes and int4 rows of 5 + 4 bytes: in 4-byte words the scale and
+    # bias straddle words, so the one-load tile and its split are exercised at every offset.
+    rng = np.random.default_rng(12)
+    batch, rows = 4, 7
+    q = quantized_table(2, rows, dim, weight_type)
+    ids, offsets = random_kjt(rng, 1, batch, 6, rows)
+    args = (q, jnp.asarray(ids), jnp.asarray(offsets), None, ((0, 0, rows, 0),))
+    kw = dict(dim=dim, weight_type=weight_type, batch_size=batch, num_columns=dim)
+    ref, _ = quantized_pooled_lookup_reference(*args, **kw)
+    for word_bytes in views:
+        one, two = (
+            quantized_pooled_lookup(
+                *args, word_bytes=word_bytes, one_scale_bias_read=once, interpret=True, **kw
+            )[0]
+            for once in (True, False)
+        )
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_allclose(one, ref, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(ref))) > 1
+
+
+def test_a_word_view_the_lowering_cannot_address_is_refused():
+    # INT4 "large": 2.28 GB of bytes has byte offsets past 2**31 under 32-bit addressing.
+    table = jax.ShapeDtypeStruct((32 << 20, row_bytes(128, "int4")), jnp.uint8)
+    ids, offsets = jnp.zeros((4,), jnp.int32), jnp.array([0, 2, 4], jnp.int32)
+
+    def lookup(q, word_bytes):
+        kw = dict(dim=128, weight_type="int4", batch_size=2, num_columns=128, interpret=True)
+        return quantized_pooled_lookup(
+            q, ids, offsets, None, ((0, 0, 32 << 20, 0),), word_bytes=word_bytes, **kw
+        )
+
+    with pytest.raises(ValueError, match="word_bytes=1: a .* 32-bit offsets"):
+        jax.eval_shape(lambda q: lookup(q, 1), table)
+    assert jax.eval_shape(lambda q: lookup(q, 2), table)[0].shape == (2, 128)
+
+
+def test_the_default_launch_is_one_table_entry_per_precision(monkeypatch):
+    from jaxrec_kernels import quantized_lookup as ql
+
+    assert ql.default_quantized_config(128, "int8").block_len == 32
+    launch = ql.QuantizedLaunch(row_bytes_per_warp=8 * 136, num_warps=2, block_bags=4)
+    monkeypatch.setitem(ql.DEFAULT_LAUNCH, "int8", launch._replace(word_bytes=1))
+    cfg = ql.default_quantized_config(128, "int8")
+    assert (cfg.block_bags, cfg.block_len, cfg.num_warps) == (4, 16, 2)
+    assert ql.kernel_word_bytes(1 << 25, 136, ql.DEFAULT_LAUNCH["int8"].word_bytes) == 1
+
+
 @pytest.mark.parametrize("width", [68, 136, 36, 7, 14])
 @pytest.mark.parametrize("delta", [-1, 0, 1])
 @pytest.mark.parametrize("edge", [2**31, 2**32])
