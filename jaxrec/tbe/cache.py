@@ -21,8 +21,9 @@ that maps one batch onto the cache (:func:`assign`):
    skips and the bounds check counts exactly as it counts them in a device table).
 
 Everything has a fixed shape (the capacity of ``indices``), so one compilation serves
-every batch. Misses come out compacted at the front of ``miss_rows`` / ``miss_slots`` /
-``evict_rows``, so the host moves only ``num_misses`` rows.
+every batch. Misses come out compacted at the front of ``miss_rows`` / ``miss_slots``, and evictions
+at the front of ``evict_rows`` / ``evict_slots``, so the host moves only ``num_misses``
+rows in and ``num_evictions`` rows out.
 
 >>> import jax.numpy as jnp
 >>> layout = CacheLayout(num_rows=10, sets=1, ways=2, features=((0, 0, 10),),
@@ -133,8 +134,10 @@ class Assignment(NamedTuple):
     in_group: jax.Array  # [N] bool: the position is a real id of a feature of this group
     miss_rows: jax.Array  # [N] group rows to load, compacted (-1 past num_misses)
     miss_slots: jax.Array  # [N] their slots
-    evict_rows: jax.Array  # [N] the row each miss slot held before (-1: empty), to write back
+    evict_rows: jax.Array  # [N] rows leaving the cache (they held a miss slot), compacted
+    evict_slots: jax.Array  # [N] their slots (-1 past num_evictions), to write back
     num_misses: jax.Array  # int32
+    num_evictions: jax.Array  # int32
     overflow: jax.Array  # int32: missing rows that found no free way in their set
     worst_set: jax.Array  # int32: a set that overflowed (0 if none)
 
@@ -169,16 +172,13 @@ def _group_rows(layout: CacheLayout, ids, offsets, batch_size):
 
 
 def _metrics(layout: CacheLayout, uniq, real, hit, miss, evicting):
-    table = jnp.searchsorted(jnp.asarray(layout.table_offsets), uniq, side="right") - 1
-    table = jnp.where(real, table, len(layout.table_offsets))
-    columns = [hit, miss, evicting, real]
-    return jnp.stack(
-        [
-            jax.ops.segment_sum(c.astype(jnp.int32), table, len(layout.table_offsets))
-            for c in columns
-        ],
-        axis=1,
-    )
+    # A one-hot reduction over the few tables: a segment sum would be a scatter-add of N
+    # updates onto a handful of counters (atomics all hitting the same addresses on a GPU).
+    offsets = jnp.asarray(layout.table_offsets)
+    table = jnp.searchsorted(offsets, uniq, side="right") - 1
+    one_hot = (table[:, None] == jnp.arange(len(layout.table_offsets))) & real[:, None]
+    columns = jnp.stack([hit, miss, evicting, real], axis=1).astype(jnp.int32)  # [N, 4]
+    return jnp.einsum("nt,nc->tc", one_hot.astype(jnp.int32), columns)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "batch_size"))
@@ -250,6 +250,12 @@ def assign(
 
     num_misses = jnp.sum(miss.astype(jnp.int32))
     compact = jnp.arange(n) < num_misses
+    # Evictions compacted on their own: a warm cache under skewed ids evicts far fewer rows
+    # than it loads, and only those records travel back to the host.
+    num_evictions = jnp.sum(evicting.astype(jnp.int32))
+    evict_at = jnp.where(evicting, jnp.cumsum(evicting.astype(jnp.int32)) - 1, n)
+    evict_rows = jnp.full((n,), -1, jnp.int32).at[evict_at].set(old_tag, mode="drop")
+    evict_slots = jnp.full((n,), -1, jnp.int32).at[evict_at].set(slot_u, mode="drop")
     last = _metrics(layout, uniq, real, hit, miss, evicting)
     new_state = CacheState(
         tags=tags,
@@ -264,8 +270,10 @@ def assign(
         in_group=member,
         miss_rows=jnp.where(compact, uniq[perm], -1),
         miss_slots=jnp.where(compact, slot_u[perm], -1),
-        evict_rows=jnp.where(compact & evicting[perm], old_tag[perm], -1),
+        evict_rows=evict_rows,
+        evict_slots=evict_slots,
         num_misses=num_misses,
+        num_evictions=num_evictions,
         overflow=jnp.sum(overflowing.astype(jnp.int32)),
         worst_set=jnp.max(jnp.where(overflowing, set_u, 0)),
     )

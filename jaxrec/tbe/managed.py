@@ -63,12 +63,28 @@ from jaxrec.tbe.inputs import TBEInputs
 from jaxrec.tbe.operator import SplitTableBatchedEmbeddingBagsCodegen
 from jaxrec.tbe.optimizers import make_optimizer
 from jaxrec.tbe.records import gather_records, load_records
+from jaxrec.tbe.staging import PinnedStaging, host_view, pinned_staging
 from jaxrec.tbe.state import TBEState
 
 __all__ = ["CachedTBE", "Prefetched", "PendingPrefetch"]
 
 DEFAULT_WAYS = 32  # FBGEMM's associativity on NVIDIA GPUs
-TIMED_PARTS = ("d2h", "write_back", "gather", "h2d")
+# Stages of a prefetch, in order (CachedTBE.timings): input checks, the cache assignment (up
+# to the miss counts reaching the host), the victims' records gathered on the device, their
+# copy to the host, the write-back, the host gather of the missing rows, their copy to the
+# device, the device load into the cache, and the index rewrite.
+TIMED_PARTS = (
+    "check",
+    "assign",
+    "victims",
+    "d2h",
+    "write_back",
+    "gather",
+    "h2d",
+    "load",
+    "rewrite",
+)
+_AUTO = "auto"
 _FLUSH_ROWS = 1 << 20  # cache rows per device-to-host copy of a flush
 
 
@@ -94,12 +110,18 @@ class PendingPrefetch:
     indices: jax.Array
     plans: dict[str, Any]
     evicted: dict[str, jax.Array]  # group -> the victims' records, copying to the host
-    sizes: dict[str, tuple[int, int]]  # group -> (misses, bucket)
+    sizes: dict[str, tuple[int, int, int]]  # group -> (misses, bucket, eviction bucket)
 
 
 def _bucket(count: int, capacity: int) -> int:
     """Rows moved for ``count`` misses: the next power of two (>= 16), at most ``capacity``."""
     return min(capacity, max(16, 1 << max(count - 1, 0).bit_length()))
+
+
+_checked = jax.jit(
+    lambda offsets, capacity: checked_offsets(offsets, capacity)[0], static_argnums=1
+)  # one launch rather than an eager scan per prefetch
+_NO_LOCK = np.full((1,), -1, np.int32)
 
 
 @jax.jit
@@ -124,16 +146,23 @@ class CachedTBE:
         FBGEMM's CUDA allocations; they have no counterpart here.
       ways: the associativity (FBGEMM's is 32), at most the cache's rows.
       staging: allocates the host staging buffers of the missing rows (``shape -> uint8
-        array``), e.g. page-locked memory, which the device copies from at full speed;
-        default NumPy's ``np.empty``.
-      staging_memory_kind: ``None`` sends the staged rows to the device directly;
-        ``"pinned_host"`` puts them in a JAX array of that memory kind first, then on the
-        device (JAX's own page-locked path: one more host copy, a faster transfer).
+        array``), e.g. page-locked memory from another library; overrides
+        ``staging_memory_kind``.
+      staging_memory_kind: where rows are staged between host tables and the device.
+        ``"pinned_host"``: page-locked JAX arrays written in place
+        (:mod:`jaxrec.tbe.staging`): the missing rows are gathered straight into them and
+        the victims' rows arrive in them, so both copies run at the link's speed (a
+        ValueError where that does not hold); ``None``: pageable NumPy memory (a few GB/s);
+        ``"auto"`` (default): ``"pinned_host"`` on a GPU where it holds, else ``None``.
+      profile: wait for the device after each stage of a prefetch, so ``timings``
+        attributes device time to its stage (slower: nothing overlaps).
 
     Cache metrics (hits, misses, evictions and unique rows, per table and batch) are always
     counted, as device arrays updated by the prefetch (:meth:`cache_metrics`). ``timings``
-    holds, per :meth:`finish_prefetch`, the host seconds of each part of the miss path:
-    ``d2h`` (waiting for the victims' records), ``write_back``, ``gather`` and ``h2d``.
+    holds, per prefetch, the host seconds of each stage in :data:`TIMED_PARTS`: ``check``,
+    ``assign`` (until the miss counts reach the host), ``victims``, ``d2h`` (waiting for the
+    victims' records), ``write_back``, ``gather``, ``h2d``, ``load`` and ``rewrite`` (device
+    stages are dispatch times unless ``profile``).
     """
 
     def __init__(
@@ -142,7 +171,8 @@ class CachedTBE:
         *,
         ways: int = DEFAULT_WAYS,
         staging: Callable[[tuple[int, int]], np.ndarray] | None = None,
-        staging_memory_kind: str | None = None,
+        staging_memory_kind: str | None = _AUTO,
+        profile: bool = False,
     ):
         if not isinstance(op, SplitTableBatchedEmbeddingBagsCodegen):
             raise ValueError(f"op must be a SplitTableBatchedEmbeddingBagsCodegen, got {op!r}")
@@ -158,14 +188,17 @@ class CachedTBE:
             )
         if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
             raise ValueError(f"ways must be an int >= 1, got {ways!r}")
-        if staging_memory_kind not in (None, "pinned_host"):
+        if staging_memory_kind not in (None, "pinned_host", _AUTO):
             raise ValueError(
-                f"staging_memory_kind must be None or 'pinned_host', got {staging_memory_kind!r}"
+                "staging_memory_kind must be None, 'pinned_host' or 'auto', got "
+                f"{staging_memory_kind!r}"
             )
         self.op = op
         self._allocate = staging or (lambda shape: np.empty(shape, np.uint8))
-        self._memory_kind = staging_memory_kind
-        self._staging: dict[str, list[np.ndarray]] = {}
+        self._memory_kind = None if staging is not None else staging_memory_kind
+        self._pinned: PinnedStaging | None = None
+        self.profile = bool(profile)
+        self._staging: dict[tuple[str, int], list[np.ndarray]] = {}
         self.timings: dict[str, list[float]] = {k: [] for k in TIMED_PARTS}
         plan = op.plan
         index = {name: t for t, name in enumerate(op.table_names)}
@@ -370,6 +403,8 @@ class CachedTBE:
         raises a ValueError before anything changes. ``locked``: slots per group that must
         not be evicted (a pipeline's previous batch).
         """
+        spent = dict.fromkeys(TIMED_PARTS[:3], 0.0)
+        start = time.perf_counter()
         rows = tuple(self.op.embedding_specs[t][0] for t in self.op.feature_table_map)
         inputs = TBEInputs.check(
             indices,
@@ -380,17 +415,24 @@ class CachedTBE:
             feature_rows=rows,
             feature_tables=self.op.feature_table_map,
         )
-        checked, _ = checked_offsets(inputs.offsets, inputs.indices.shape[0])
+        checked = _checked(inputs.offsets, inputs.indices.shape[0])
+        if self.profile:
+            jax.block_until_ready((inputs.indices, checked))
+        spent["check"] = time.perf_counter() - start
+        start = time.perf_counter()
         new_caches, plans, evicted, sizes = dict(caches), {}, {}, {}
         for name, layout in self.layouts.items():
-            lock = jnp.full((1,), -1, jnp.int32) if not locked else locked[name]
+            lock = _NO_LOCK if not locked else locked[name]
             new_caches[name], plans[name] = assign(
                 layout, caches[name], inputs.indices, checked, lock, batch_size=inputs.batch_size
             )
         counts = jax.device_get(
-            {n: (p.num_misses, p.overflow, p.worst_set) for n, p in plans.items()}
+            {n: (p.num_misses, p.num_evictions, p.overflow, p.worst_set) for n, p in plans.items()}
         )
-        for name, (misses, overflow, worst) in counts.items():
+        spent["assign"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pinned = self._pinned_staging(state)
+        for name, (misses, evictions, overflow, worst) in counts.items():
             layout = self.layouts[name]
             if overflow:
                 raise ValueError(
@@ -400,16 +442,27 @@ class CachedTBE:
                     "flight. Raise cache_load_factor or the ways, or split the batch"
                 )
             size = _bucket(int(misses), inputs.indices.shape[0])
-            sizes[name] = (int(misses), size)
+            out = _bucket(int(evictions), inputs.indices.shape[0])
+            sizes[name] = (int(misses), size, out)
             host = self.hosts[name]
-            evicted[name] = gather_records(
+            records = gather_records(
                 state.groups[name],
-                plans[name].miss_slots,
-                size=size,
+                plans[name].evict_slots,
+                size=out,
                 fields=host.fields,
                 row_bytes=host.row_bytes,
             )
-            evicted[name].copy_to_host_async()  # overlaps the step a pipeline dispatches next
+            # The copy to the host overlaps the step a pipeline dispatches next.
+            if pinned is not None:
+                evicted[name] = jax.device_put(records, pinned.host)
+            else:
+                evicted[name] = records
+                records.copy_to_host_async()
+        if self.profile:
+            jax.block_until_ready(evicted)
+        spent["victims"] = time.perf_counter() - start
+        for key, seconds in spent.items():
+            self.timings[key].append(seconds)
         return PendingPrefetch(new_caches, inputs.indices, plans, evicted, sizes)
 
     def finish_prefetch(self, state: TBEState, pending: PendingPrefetch) -> Prefetched:
@@ -417,13 +470,14 @@ class CachedTBE:
         caches, and rewrite the indices to slots. ``state`` may be a later step's (the
         victims are never rows of the batch in flight)."""
         groups = dict(state.groups)
-        spent = dict.fromkeys(TIMED_PARTS, 0.0)
-        for name, (_, size) in pending.sizes.items():
+        spent = dict.fromkeys(TIMED_PARTS[3:], 0.0)
+        pinned = self._pinned_staging(state)
+        for name, (_, size, out) in pending.sizes.items():
             plan, host = pending.plans[name], self.hosts[name]
             start = time.perf_counter()
-            miss_rows, evict_rows, evicted = jax.device_get(
-                (plan.miss_rows[:size], plan.evict_rows[:size], pending.evicted[name])
-            )
+            miss_rows, evict_rows = jax.device_get((plan.miss_rows[:size], plan.evict_rows[:out]))
+            evicted = jax.block_until_ready(pending.evicted[name])
+            evicted = host_view(evicted) if pinned is not None else np.asarray(evicted)
             spent["d2h"] += time.perf_counter() - start
             start = time.perf_counter()
             host.scatter(evict_rows, evicted)
@@ -435,29 +489,56 @@ class CachedTBE:
             start = time.perf_counter()
             records = self._to_device(staged, groups[name].weight.sharding)
             spent["h2d"] += time.perf_counter() - start
+            start = time.perf_counter()
             groups[name] = load_records(
                 groups[name], plan.miss_slots, records, size=size, fields=host.fields
             )
-        for key, seconds in spent.items():
-            self.timings[key].append(seconds)
+            if self.profile:
+                jax.block_until_ready(groups[name])
+            spent["load"] += time.perf_counter() - start
+        start = time.perf_counter()
         pairs = tuple((p.slots, p.in_group) for p in pending.plans.values())
         indices = _rewrite(pending.indices, pairs)
+        if self.profile:
+            jax.block_until_ready(indices)
+        spent["rewrite"] = time.perf_counter() - start
+        for key, seconds in spent.items():
+            self.timings[key].append(seconds)
         slots = {name: p.slots for name, p in pending.plans.items()}
         return Prefetched(dataclasses.replace(state, groups=groups), pending.caches, indices, slots)
 
+    def _pinned_staging(self, state: TBEState) -> PinnedStaging | None:
+        """The page-locked staging of the caches' device (``staging_memory_kind``), made once."""
+        if self._memory_kind is None or self._pinned is not None or not self.layouts:
+            return self._pinned
+        device = next(iter(state.groups[next(iter(self.layouts))].weight.devices()))
+        if self._memory_kind == _AUTO and device.platform != "gpu":
+            self._memory_kind = None
+            return None
+        self._pinned = pinned_staging(device)
+        if self._pinned is None:
+            if self._memory_kind == "pinned_host":
+                raise ValueError(
+                    f"staging_memory_kind='pinned_host': {device} has no pinned_host memory "
+                    "that can be written in place; use None (NumPy staging)"
+                )
+            self._memory_kind = None
+        return self._pinned
+
     def _staging_buffer(self, name: str, size: int, row_bytes: int) -> np.ndarray:
-        """``[size, row_bytes]`` of the group's two staging buffers, alternately (a buffer is
-        refilled only after the transfer from it, and the load that read it, are done)."""
-        buffers = self._staging.setdefault(name, [])
-        if len(buffers) < 2 or min(len(b) for b in buffers) < size:
-            buffers[:] = [self._allocate((size, row_bytes)) for _ in range(2)]
+        """``[size, row_bytes]``: the group's two staging buffers of this bucket size,
+        alternately (a buffer is refilled only after the transfer from it is done)."""
+        buffers = self._staging.setdefault((name, size), [])
+        if len(buffers) < 2:
+            allocate = self._pinned.allocate if self._pinned is not None else self._allocate
+            buffers[:] = [allocate((size, row_bytes)) for _ in range(2)]
         buffers.reverse()
-        return buffers[0][:size]
+        return buffers[0]
 
     def _to_device(self, staged: np.ndarray, sharding: Any) -> jax.Array:
         """One host-to-device copy of the staged records, waited for."""
-        if self._memory_kind is not None:
-            staged = jax.device_put(staged, sharding.with_memory_kind(self._memory_kind))
+        if self._pinned is not None:
+            return self._pinned.to_device(staged, sharding)
         return jax.block_until_ready(jax.device_put(staged, sharding))
 
     def prefetch(
