@@ -10,8 +10,9 @@ constant-folded):
    DLPack). A wrong case is reported with its first wrong bag, column and table and is
    not timed; the run exits non-zero at the end, after writing the JSON.
 2. timing (warmup, then the median of ``--reps`` runs, each after ``block_until_ready``):
-   the jaxrec forward on fp32, fp16, INT8 and INT4 tables (INT8 and INT4 at 4 launch
-   shapes each, so one run picks the best), torch's ``embedding_bag`` (sum, offsets) on
+   the jaxrec forward on fp32, fp16, INT8 and INT4 tables (INT8 and INT4 at ~11 forms
+   each: bags, ids per step, warps, words or bytes, so one run picks the defaults; the
+   best is printed with the line of ``DEFAULT_LAUNCH`` that makes it the default), torch's ``embedding_bag`` (sum, offsets) on
    fp32 and fp16 tables, and a JAX copy (``x * 2`` over 4 GiB) for the bandwidth they are
    measured against.
 3. ``--tbe``: the TBE operator against the EmbeddingBagCollection on the same tables and
@@ -50,6 +51,7 @@ from jaxrec_kernels.pooled_lookup import (  # noqa: E402
     pooled_lookup_reference,
 )
 from jaxrec_kernels.quantized_lookup import (  # noqa: E402
+    DEFAULT_LAUNCH,
     default_quantized_config,
     kernel_table,
     kernel_word_bytes,
@@ -89,6 +91,27 @@ ABOUT = {
         "output; torch: int64 ids/offsets, output of the table's dtype)"
     ),
     "best": "per precision, the fastest correct launch shape of the sweep",
+    "sweep": (
+        "INT8 and INT4 timings named '<precision> jaxrec <form>': 'default' is what "
+        "quantized_pooled_lookup runs with no config (kernels/quantized_lookup.py "
+        "DEFAULT_LAUNCH); the others read e{element bytes the table is read in: 4 words, 2 "
+        "half-words, 1 bytes}_{bags per program}x{ids per loop step}_w{warps}, '_2reads' "
+        "= the scale and bias read by two loads (run A's form; else one load of the "
+        "elements they span); word_bytes and one_scale_bias_read are in each timing. A form "
+        "whose byte offsets would pass 2**31 in a table of at most 2**32 bytes is read in "
+        "the widest safe element instead (the INT4 table of 2.28 GB is never read in bytes)"
+    ),
+    "uint8 table": (
+        "'<precision> jaxrec default, uint8 table': the default kernel given the uint8 "
+        "table, viewed as words inside the jitted call: the same kernel reading the same "
+        "words as 'default', so its gap to 'default' is the run-to-run spread of one kernel "
+        "(no byte loads are involved)"
+    ),
+    "suggested_defaults": (
+        "per quantized precision: the fastest correct form, its time and the default's, "
+        "and the one line of kernels/quantized_lookup.py (DEFAULT_LAUNCH) that makes it the "
+        "default"
+    ),
     "targets": (
         "issue 12's targets (int8_fp16_output_over_fp32_jaxrec: the INT8 lookup writing a "
         "float16 output, beside the target): value = measured ratio (lookups/s of the first over the second; "
@@ -104,16 +127,58 @@ ABOUT = {
 }
 
 
-def sweep_configs(dim: int, weight_type: str, small: bool) -> dict[str, PooledConfig]:
-    """The launch shapes timed for a quantized table: the default (about 4 KB of rows in
-    flight per warp and step), the former default (16 ids on one warp), 32 ids on two
-    warps, and the fp32 "large" default, the segmented strategy."""
-    configs = {"default": default_quantized_config(dim, weight_type)}
-    configs["bags_1x16_w1"] = PooledConfig(1, 16, num_warps=1)  # the former default
-    if not small:  # the CPU smoke run interprets two shapes only
-        configs["bags_1x32_w2"] = PooledConfig(1, 32, num_warps=2)
-        configs["segmented_16x32_w4"] = PooledConfig(16, 32, num_warps=4, strategy="segmented")
-    return configs
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One timed form of the quantized kernel: its launch shape, the element the table is
+    read in (``word_bytes``) and how a row's scale and bias are read."""
+
+    config: PooledConfig
+    word_bytes: int
+    one_scale_bias_read: bool = True
+
+    def fields(self) -> dict:
+        return {"word_bytes": self.word_bytes, "one_scale_bias_read": self.one_scale_bias_read}
+
+
+# (bags per program, ids per step, warps, element bytes) of the sweep beside the default;
+# the element falls back to what the table's size allows (kernel_word_bytes).
+SWEEP = {
+    "int8": [(1, 16, 1, 4), (1, 64, 1, 4), (2, 16, 1, 4), (2, 32, 1, 4), (4, 16, 1, 4)]
+    + [(1, 64, 2, 4), (1, 16, 1, 1), (1, 32, 1, 1), (2, 16, 1, 1)],
+    "int4": [(1, 16, 1, 4), (1, 32, 1, 4), (1, 128, 1, 4), (2, 32, 1, 4), (4, 16, 1, 4)]
+    + [(1, 128, 2, 4), (1, 32, 1, 2), (1, 64, 1, 2)],
+}
+
+
+def variant_label(v: Variant) -> str:
+    c = v.config
+    reads = "" if v.one_scale_bias_read else "_2reads"
+    return f"e{v.word_bytes}_{c.block_bags}x{c.block_len}_w{c.num_warps}{reads}"
+
+
+def sweep_variants(dim: int, weight_type: str, num_rows: int, small: bool) -> dict[str, Variant]:
+    """The forms timed for a quantized table: the default (:data:`DEFAULT_LAUNCH`), run A's
+    fastest form (1 bag x 16 ids, one warp, 4-byte words, scale and bias read separately),
+    then :data:`SWEEP`: bags, ids per step and warps, words or bytes. Labels read
+    ``e{element bytes}_{bags}x{ids}_w{warps}``; the CPU smoke run (``small``) interprets
+    three forms only."""
+    width = row_bytes(dim, weight_type)
+    launch = DEFAULT_LAUNCH[weight_type]
+    default = Variant(
+        default_quantized_config(dim, weight_type),
+        kernel_word_bytes(num_rows, width, launch.word_bytes),
+        launch.one_scale_bias_read,
+    )
+    variants = {"default": default}
+    run_a = Variant(PooledConfig(1, 16, num_warps=1), kernel_word_bytes(num_rows, width, 4), False)
+    shapes = SWEEP[weight_type][-1:] if small else SWEEP[weight_type]
+    for v in [run_a] + [
+        Variant(PooledConfig(bags, ids, num_warps=warps), kernel_word_bytes(num_rows, width, wb))
+        for bags, ids, warps, wb in shapes
+    ]:
+        if v != default and variant_label(v) not in variants:
+            variants[variant_label(v)] = v
+    return variants
 
 
 def config_fields(config: PooledConfig | None) -> dict | None:
@@ -147,9 +212,12 @@ class Run:
             self.failed.append(f"{name}: {report}")
         return report.ok
 
-    def time(self, name, fn, args, row_nbytes, precision, impl, config=None, other=0) -> None:
-        """Time ``fn(*args)``; ``other``: bytes it moves beside the rows (ids, offsets and
-        the output; jaxrec's default: ``self.other_bytes``)."""
+    def time(
+        self, name, fn, args, row_nbytes, precision, impl, config=None, variant=None, other=0
+    ) -> None:
+        """Time ``fn(*args)``; ``variant``: the quantized form (element bytes, scale/bias
+        read); ``other``: bytes it moves beside the rows (ids, offsets and the output;
+        jaxrec's default: ``self.other_bytes``)."""
         med, low = median_seconds(fn, args, self.reps)
         self.timings.append(
             {
@@ -157,6 +225,7 @@ class Run:
                 "precision": precision,
                 "impl": impl,
                 "config": config_fields(config),
+                **({} if variant is None else variant.fields()),
                 "median_ms": med * 1e3,
                 "min_ms": low * 1e3,
                 "glookups_per_s": self.lookups / med / 1e9,
@@ -215,30 +284,50 @@ def quantized_forward(config=None, **opts):
     return kernel, lambda t, i, o: kernel(t, i, o, None)[0]
 
 
+def run_variant(run: Run, name, variant: Variant, table, ids, offsets, ref, opts) -> None:
+    """One form of the kernel against the reference, then timed; an error (a form that
+    does not compile) is recorded as a failed case and the sweep goes on."""
+    wt, dim = opts["weight_type"], opts["dim"]
+    try:
+        kernel, fwd = quantized_forward(
+            config=variant.config, one_scale_bias_read=variant.one_scale_bias_read, **opts
+        )
+        got, bad = kernel(table, ids, offsets, None)
+    except Exception as err:  # noqa: BLE001 -- recorded, and the sweep goes on
+        print(f"{name} FAILED: {err!r}", flush=True)
+        run.correctness.append({"name": name, "ok": False, "error": repr(err)[:2000]})
+        run.failed.append(f"{name}: {err!r}"[:500])
+        return
+    if run.check(name, got, bad, ref, dim):
+        args = (table, ids, offsets)
+        run.time(name, fwd, args, row_bytes(dim, wt), wt, PALLAS, variant.config, variant)
+
+
 def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: bool) -> None:
-    """INT8 and INT4 tables held as the words the kernel reads: every launch shape of the
-    sweep against the reference, then timed."""
-    dim = w.shape[1]
+    """INT8 and INT4 tables held as the elements the kernel reads: every form of the sweep
+    against the reference, then timed."""
+    dim, num_rows = w.shape[1], w.shape[0]
     for wt in ("int8", "int4"):
         q = quantize_rows(w, wt)
-        word_bytes = kernel_word_bytes(*q.shape)
-        table = kernel_table(q, word_bytes)
+        variants = sweep_variants(dim, wt, num_rows, small)
+        views = {v.word_bytes for v in variants.values()}
+        tables = {wb: kernel_table(q, wb) for wb in sorted(views)}
+        default_view = variants["default"].word_bytes
         del q
         reference = jax.jit(
             functools.partial(
                 quantized_pooled_lookup_reference, features=feats, dim=dim, weight_type=wt, **kw
             )
         )
-        ref, _ = reference(table, ids, offsets, None)
-        print(f"{wt}: table {table.nbytes / 1e9:.2f} GB read in {word_bytes}-byte words")
+        ref, _ = reference(tables[default_view], ids, offsets, None)
+        for wb, table in tables.items():
+            print(f"{wt}: table {table.nbytes / 1e9:.2f} GB held in {wb}-byte elements")
         opts = dict(features=feats, dim=dim, weight_type=wt, interpret=interpret, **kw)
-        for label, config in sweep_configs(dim, wt, small).items():
-            kernel, fwd = quantized_forward(config=config, **opts)
+        for label, variant in variants.items():
             name = f"{wt} jaxrec {label}"
-            got, bad = kernel(table, ids, offsets, None)
-            if run.check(name, got, bad, ref, dim):
-                run.time(name, fwd, (table, ids, offsets), row_bytes(dim, wt), wt, PALLAS, config)
-            del got
+            table = tables[variant.word_bytes]
+            run_variant(run, name, variant, table, ids, offsets, ref, opts)
+        table = tables[default_view]
         if wt == "int8":
             # float16 output: the output write is a sixth of INT8's traffic in float32
             # (see sector_bound); both sides round the same float32 sums once.
@@ -255,9 +344,12 @@ def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: 
                 args, precision = (table, ids, offsets), "int8 (fp16 output)"
                 run.time(name, fwd, args, row_bytes(dim, wt), precision, PALLAS, other=other)
             del got, ref16
-        if word_bytes > 1 and any(t["name"] == f"{wt} jaxrec default" for t in run.timings):
-            # The same kernel given the uint8 table: shows whether viewing it as words per
-            # call is free (a bitcast) or a copy, for callers that keep uint8 tables.
+        del tables
+        if default_view > 1 and any(t["name"] == f"{wt} jaxrec default" for t in run.timings):
+            # The default kernel given the uint8 table: the word view is made inside the
+            # jitted call. It reads as the default does (the same kernel and words), so
+            # it shows whether the view is free (a bitcast) and how much two timings of
+            # one kernel differ (run A: 0.735 vs 0.847 ms, see "about").
             q = quantize_rows(w, wt)
             _, fwd = quantized_forward(**opts)
             name, precision = f"{wt} jaxrec default, uint8 table", f"{wt} (uint8 table)"
@@ -317,6 +409,38 @@ def run_torch(run: Run, w, ids, offsets, shape, fp32_out) -> dict:
     return info
 
 
+def suggested_defaults(result: dict) -> dict:
+    """Per quantized precision: the fastest correct form of the sweep as the one line of
+    ``kernels/quantized_lookup.py`` that makes it the default (``DEFAULT_LAUNCH``), with
+    its time beside the current default's."""
+    out = {}
+    dim = result["shape"]["dim"]
+    for wt in ("int8", "int4"):
+        swept = [t for t in result["timings"] if t["precision"] == wt and "word_bytes" in t]
+        if not swept:
+            continue
+        best = min(swept, key=lambda t: t["median_ms"])
+        default = next((t for t in swept if t["name"] == f"{wt} jaxrec default"), None)
+        c, nbytes = best["config"], row_bytes(dim, wt)
+        warps = c["num_warps"] // (1 if nbytes <= 256 else 2) or 1
+        line = (
+            f'DEFAULT_LAUNCH["{wt}"] = QuantizedLaunch(row_bytes_per_warp='
+            f"{c['block_len'] * nbytes // c['num_warps']}, num_warps={warps}, block_bags="
+            f"{c['block_bags']}, word_bytes={best['word_bytes']}, one_scale_bias_read="
+            f"{best['one_scale_bias_read']})"
+        )
+        out[wt] = {
+            "best": best["name"],
+            "best_ms": best["median_ms"],
+            "default_ms": None if default is None else default["median_ms"],
+            "default_over_best": None
+            if default is None
+            else default["median_ms"] / best["median_ms"],
+            "line": line,
+        }
+    return out
+
+
 def summarize(result: dict) -> None:
     """Add pct_of_copy to each timing, the best launch shape per precision and the
     targets with their measured values."""
@@ -333,6 +457,7 @@ def summarize(result: dict) -> None:
         if key not in best or t["median_ms"] < best[key]["median_ms"]:
             best[key] = t
     result["best"] = {k: v["name"] for k, v in best.items()}
+    result["suggested_defaults"] = suggested_defaults(result)
 
     def speed(key):
         return best[key]["glookups_per_s"] if key in best else None
@@ -443,6 +568,12 @@ def main(argv=None) -> dict:
             save()
     for name, t in result["targets"].items():
         print(f"target {name}: {t}", flush=True)
+    for wt, t in result["suggested_defaults"].items():
+        print(
+            f"best {wt}: {t['best']} {t['best_ms']:.3f} ms (default {t['default_ms']} ms); "
+            f"to make it the default, in kernels/quantized_lookup.py: {t['line']}",
+            flush=True,
+        )
     print(f"wrote {out / 'gpu_check_quantized.json'} after {result['seconds']:.0f} s", flush=True)
     if run.failed:
         raise SystemExit("FAILED: " + "; ".join(run.failed))

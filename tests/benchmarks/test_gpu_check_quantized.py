@@ -12,6 +12,7 @@ from benchmarks.gpu_check_quantized import main
 
 def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
     result = main(["--interpret", "--small", "--reps", "1", "--tbe", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
     written = json.loads((tmp_path / "gpu_check_quantized.json").read_text())
     assert written["targets"] == json.loads(json.dumps(result["targets"]))
     names = [c["name"] for c in written["correctness"]]
@@ -19,10 +20,12 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
         "fp32 jaxrec",
         "fp16 jaxrec",
         "int8 jaxrec default",
-        "int8 jaxrec bags_1x16_w1",
+        "int8 jaxrec e4_1x16_w1_2reads",
+        "int8 jaxrec e1_2x16_w1",
         "int8 jaxrec default, fp16 output",
         "int4 jaxrec default",
-        "int4 jaxrec bags_1x16_w1",
+        "int4 jaxrec e4_1x16_w1_2reads",
+        "int4 jaxrec e2_1x64_w1",
     ]
     assert all(c["ok"] and c["max_abs_diff"] <= c["tolerance"] for c in written["correctness"])
     timed = [t["name"] for t in written["timings"]]
@@ -34,7 +37,20 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
     int8 = next(t for t in written["timings"] if t["name"] == "int8 jaxrec default")
     shape = written["shape"]
     assert int8["bytes_read"] == shape["lookups"] * (shape["dim"] + 8)  # int8 row bytes
-    assert int8["config"]["block_len"] == 64 and int8["pct_of_copy"] > 0
+    assert int8["config"]["block_len"] == 128 and int8["pct_of_copy"] > 0  # 4 KB of 24 B rows
+    assert (int8["word_bytes"], int8["one_scale_bias_read"]) == (4, True)
+    swept = {t["name"]: t for t in written["timings"] if "word_bytes" in t}
+    assert swept["int8 jaxrec e1_2x16_w1"]["word_bytes"] == 1
+    assert swept["int4 jaxrec e4_1x16_w1_2reads"]["one_scale_bias_read"] is False
+    for wt in ("int8", "int4"):
+        suggested = written["suggested_defaults"][wt]
+        best = min(
+            (t for t in swept.values() if t["precision"] == wt), key=lambda t: t["median_ms"]
+        )
+        assert suggested["best"] == best["name"] and suggested["best_ms"] == best["median_ms"]
+        assert suggested["line"].startswith(f'DEFAULT_LAUNCH["{wt}"] = QuantizedLaunch(')
+        assert f"word_bytes={best['word_bytes']}," in suggested["line"]
+        assert f"best {wt}: {best['name']}" in printed and suggested["line"] in printed
     precisions = ("fp32", "fp16", "int8", "int4", "int8 (uint8 table)", "int4 (uint8 table)")
     precisions += ("int8 (fp16 output)",)
     assert set(written["best"]) == {f"{p} jaxrec pallas" for p in precisions}
@@ -46,7 +62,7 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
     assert {"shape", "copy", "correctness", "timings", "targets", "tbe_vs_ebc"} <= set(
         written["about"]
     )
-    assert written["failed"] == [] and "wrote" in capsys.readouterr().out
+    assert written["failed"] == [] and "wrote" in printed
 
 
 def test_a_wrong_case_is_reported_with_its_place_and_not_timed(tmp_path, capsys, monkeypatch):
@@ -58,12 +74,13 @@ def test_a_wrong_case_is_reported_with_its_place_and_not_timed(tmp_path, capsys,
             kw["weight_type"] == "int4"
             and kw.get("config") is not None
             and kw["config"].block_len == 16
+            and not kw["one_scale_bias_read"]
         ):
             out = out.at[3, kw["dim"] + 2].set(jnp.nan)  # bag 3, column 2 of table 1
         return out, bad
 
     monkeypatch.setattr(gpu_check_quantized, "quantized_pooled_lookup", nan_in_int4_table_1)
-    with pytest.raises(SystemExit, match="FAILED: int4 jaxrec bags_1x16_w1"):
+    with pytest.raises(SystemExit, match="FAILED: int4 jaxrec e4_1x16_w1_2reads"):
         main(["--interpret", "--small", "--reps", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "int4 jaxrec default: kernel vs reference" in out and "(ok)" in out
@@ -71,7 +88,9 @@ def test_a_wrong_case_is_reported_with_its_place_and_not_timed(tmp_path, capsys,
     assert "first wrong output bag 3 column 18 (table 1)" in out
     written = json.loads((tmp_path / "gpu_check_quantized.json").read_text())
     wrong = [c for c in written["correctness"] if not c["ok"]]
-    assert [(c["name"], c["first_wrong"]) for c in wrong] == [("int4 jaxrec bags_1x16_w1", [3, 18])]
+    assert [(c["name"], c["first_wrong"]) for c in wrong] == [
+        ("int4 jaxrec e4_1x16_w1_2reads", [3, 18])
+    ]
     timed = [t["name"] for t in written["timings"]]
-    assert "int4 jaxrec default" in timed and "int4 jaxrec bags_1x16_w1" not in timed
-    assert written["best"]["int4 jaxrec pallas"] == "int4 jaxrec default"
+    assert "int4 jaxrec default" in timed and "int4 jaxrec e4_1x16_w1_2reads" not in timed
+    assert written["best"]["int4 jaxrec pallas"] in timed  # the fastest of the correct forms
