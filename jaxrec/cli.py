@@ -145,11 +145,19 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             default=getattr(defaults, name),
             help=_help(name, getattr(defaults, name)),
         )
+    for name in ("rating_stats", "user_history"):
+        parser.add_argument(
+            _flag(name),
+            action=argparse.BooleanOptionalAction,
+            default=getattr(defaults, name),
+            help=_help(name, getattr(defaults, name)),
+        )
     parser.add_argument(
-        "--rating-stats",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.rating_stats,
-        help=_help("rating_stats", defaults.rating_stats),
+        "--ema-decay",
+        type=non_negative_float,
+        default=defaults.ema_decay,
+        metavar="DECAY",
+        help=_help("ema_decay", defaults.ema_decay),
     )
     parser.add_argument("--out", metavar="DIR", default=None, help=HELP["out"])
     parser.add_argument(

@@ -78,6 +78,14 @@ class MovieLens100K:
     genre_ids: np.ndarray
     num_embeddings: dict[str, int]
     extra_dense: np.ndarray | None = None  # [N, k] per example, after the 2 dense features
+    history_offsets: np.ndarray | None = None  # [U + 1]: CSR of the items each user rated
+    history_ids: np.ndarray | None = None
+    history_leave_out: bool = False  # drop the example's own item from its history bag
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The sparse features of a batch: :data:`FEATURES`, and ``history`` when added."""
+        return FEATURES if self.history_ids is None else (*FEATURES, "history")
 
     def __len__(self) -> int:
         return len(self.user)
@@ -130,15 +138,29 @@ class MovieLens100K:
         dense = np.stack([self.user_age[user] / 100.0, self.item_year_value[item]], axis=1)
         if self.extra_dense is not None:
             dense = np.concatenate([dense, self.extra_dense[rows]], axis=1)
+        lengths, values = [ones] * len(single) + [genre_lengths], [*single, genre_values]
+        if self.history_ids is not None:
+            history = self._history(user, item)
+            lengths, values = [*lengths, history[0]], [*values, history[1]]
         return make_batch(
-            FEATURES,
-            [ones] * len(single) + [genre_lengths],
-            [*single, genre_values],
+            self.feature_names,
+            lengths,
+            values,
             dense,
             self.labels[rows],
             batch_size=n if batch_size is None else batch_size,
             to_device=to_device,
         )
+
+    def _history(self, user: np.ndarray, item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The history bags of examples ``(user, item)``, without the own item if asked."""
+        assert self.history_offsets is not None and self.history_ids is not None
+        lengths, ids = ragged_gather(self.history_offsets, self.history_ids, user)
+        if not self.history_leave_out:
+            return lengths, ids
+        example = np.repeat(np.arange(len(user)), lengths)
+        keep = ids != item[example]
+        return np.bincount(example[keep], minlength=len(user)), ids[keep]
 
     def batches(
         self,
@@ -198,6 +220,43 @@ def add_rating_statistics(
     return (
         dataclasses.replace(train, extra_dense=extra[0]),
         dataclasses.replace(test, extra_dense=extra[1]),
+    )
+
+
+def add_user_history(
+    train: MovieLens100K, test: MovieLens100K
+) -> tuple[MovieLens100K, MovieLens100K]:
+    """``(train, test)`` with a sparse feature ``history``: the items the user rated in the
+    training split, a multi-hot bag over a table of the items' size (pool it with MEAN).
+
+    The bag holds every rated item whatever the rating (which movies a user chose to watch),
+    so it carries no label: a bag of the liked items alone would differ between a user's
+    positive examples (their own item left out) and negative ones, and give the label away.
+    A training example's own item is left out of its bag, so that a training bag looks like
+    a test bag (whose item the training split never saw for that user); the test split never
+    feeds the bags.
+
+    >>> data = load_movielens_100k()
+    >>> train, test = add_user_history(*data.split("random", seed=0))
+    >>> batch = train.batch(np.arange(2))
+    >>> batch.sparse.keys()[-1], train.num_embeddings["history"]
+    ('history', 1682)
+    >>> n = np.bincount(train.user, minlength=943)  # training ratings per user
+    >>> batch.sparse["history"].lengths().tolist() == (n[train.user[:2]] - 1).tolist()
+    True
+    """
+    users = len(train.user_sparse)
+    order = np.lexsort((train.item, train.user))
+    offsets = np.zeros(users + 1, np.int64)
+    offsets[1:] = np.cumsum(np.bincount(train.user, minlength=users))
+    sizes = {**train.num_embeddings, "history": train.num_embeddings["item"]}
+    common = dict(
+        history_offsets=offsets, history_ids=train.item[order].astype(np.int32),
+        num_embeddings=sizes,
+    )  # fmt: skip
+    return (
+        dataclasses.replace(train, history_leave_out=True, **common),
+        dataclasses.replace(test, history_leave_out=False, **common),
     )
 
 

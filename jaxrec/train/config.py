@@ -72,6 +72,10 @@ HELP: dict[str, str] = {
     "their value to 0 at the last step",
     "rating_stats": "movielens: four more dense features read from the training split alone "
     "(each user's and item's smoothed share of other training ratings >= 4, and their count)",
+    "user_history": "movielens: a sparse bag of the items the user rated in the training "
+    "split (the example's own item left out), mean-pooled over its own table",
+    "ema_decay": "evaluate an exponential moving average of the parameters, updated after "
+    "every step with this decay (0: evaluate the parameters themselves)",
     "backend": "lookup backend: auto (Pallas on GPU, XLA elsewhere), pallas or xla",
     "eval_batches": "held-out batches per evaluation (synthetic, criteo); movielens "
     "evaluates on the whole 20%% split",
@@ -110,6 +114,8 @@ class TrainConfig:
     dense_lr: float = 3e-3
     lr_schedule: str = "constant"
     rating_stats: bool = False
+    user_history: bool = False
+    ema_decay: float = 0.0
     backend: str = "auto"
     eval_batches: int = 16
     eval_every: int = 200
@@ -163,6 +169,8 @@ class TrainConfig:
                 f"embedding_weight_decay must be a finite number >= 0, got "
                 f"{self.embedding_weight_decay}"
             )
+        if not (math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("bottom_mlp", "top_mlp", "tower_mlp"):

@@ -69,20 +69,36 @@ def planted_auc(source: Source) -> float | None:
 
 
 def initial_state(config: TrainConfig, source: Source) -> tuple[Any, dict[str, Any], Any]:
-    """``(model, {"params", "opt_state"}, tx)`` before the first step (seeded by ``config``)."""
+    """``(model, {"params", "opt_state"}, tx)`` before the first step (seeded by ``config``);
+    with ``config.ema_decay`` the state also holds ``"ema"``, the averaged parameters."""
     model = build_model(config, source)
     first = source.train_batch(0)
     params = model.init(jax.random.key(config.seed), first.dense, first.sparse)["params"]
     tx = optim.fused(optax.adam(config.learning_rate(config.dense_lr)))
-    return model, {"params": params, "opt_state": tx.init(params)}, tx
+    state = {"params": params, "opt_state": tx.init(params)}
+    if config.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)  # params are donated to the step
+    return model, state, tx
+
+
+def make_ema_step(decay: float) -> Callable[[Any, Any], Any]:
+    """A jitted ``(ema, params) -> decay * ema + (1 - decay) * params`` (``ema`` donated).
+
+    >>> step = make_ema_step(0.75)
+    >>> step({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})["w"].tolist()
+    [0.25, 0.25]
+    """
+    return jax.jit(
+        lambda ema, params: optax.incremental_update(params, ema, step_size=1.0 - decay),
+        donate_argnums=(0,),
+    )
 
 
 def _run_key(config: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must match to resume (the data and the shapes of the state)."""
-    return {
-        k: getattr(config, k)
-        for k in ("model", "data", "batch_size", "num_tables", "num_rows", "dim", "seed")
-    }
+    keys = ("model", "data", "batch_size", "num_tables", "num_rows", "dim", "seed")
+    key = {k: getattr(config, k) for k in (*keys, "rating_stats", "user_history")}
+    return {**key, "ema": config.ema_decay > 0}
 
 
 def _layouts(config: TrainConfig, source: Source) -> list:
@@ -136,13 +152,15 @@ def run_training(
     result.start_step = start
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     train_step = make_train_step(model, tx)
+    ema_step = make_ema_step(config.ema_decay) if "ema" in state else None
     eval_batches = source.eval_batches()
     eval_init, eval_step, eval_finish = make_eval_step(model, config, len(eval_batches))
 
     def evaluate(step: int) -> None:
         metric_state = eval_init
+        evaluated = state.get("ema", state["params"])
         for batch in eval_batches:
-            metric_state = eval_step(state["params"], metric_state, batch)
+            metric_state = eval_step(evaluated, metric_state, batch)
         result.eval_steps.append(step)
         result.evals.append(eval_finish(metric_state))
         if progress is not None:
@@ -152,13 +170,15 @@ def run_training(
         extra = {"run": _run_key(config), "data": source.position(step)}
         manager.save(step, state, _layouts(config, source), extra=extra)
 
-    params, opt_state = state["params"], state["opt_state"]
+    params, opt_state, ema = state["params"], state["opt_state"], state.get("ema")
     window_loss, window = jnp.zeros(()), 0
     window_began = time.perf_counter()
     timed_steps, timed_seconds = 0, 0.0  # after the first window (which compiles)
     with prefetch(source.train_batches(start), size=2) as batches:
         for step in range(start + 1, end + 1):
             params, opt_state, loss = train_step(params, opt_state, next(batches))
+            if ema_step is not None:
+                ema = ema_step(ema, params)
             window_loss, window = window_loss + loss, window + 1  # read back once per window
             if step % config.log_every == 0 or step == end:
                 result.loss_steps.append(step)
@@ -171,6 +191,8 @@ def run_training(
                     progress(step, {"loss": result.losses[-1], "examples_per_s": rate})
                 window_loss, window = jnp.zeros(()), 0
             state = {"params": params, "opt_state": opt_state}
+            if ema is not None:
+                state["ema"] = ema
             if step % config.eval_every == 0 or step == end:
                 evaluate(step)
             if manager is not None and (

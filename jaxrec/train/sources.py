@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ class Source:
     query_features: tuple[str, ...]
     candidate_features: tuple[str, ...]
     pooling: PoolingType = PoolingType.SUM
+    poolings: dict[str, PoolingType] = field(default_factory=dict)  # per feature, over pooling
 
     def tables(self, config: TrainConfig) -> list[EmbeddingBagConfig]:
         from jaxrec.configs import DataType
@@ -44,7 +45,7 @@ class Source:
                 embedding_dim=config.dim,
                 num_embeddings=rows,
                 feature_names=[name],
-                pooling=self.pooling,
+                pooling=self.poolings.get(name, self.pooling),
                 data_type=DataType[config.data_type],
             )
             for name, rows in self.feature_sizes.items()
@@ -100,24 +101,40 @@ class SyntheticSource(Source):
         )
 
 
+def movielens_features(train: Any, test: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """``(train, test)`` MovieLens splits with the features ``config`` adds, read from
+    ``train`` alone: rating statistics (``rating_stats``), the user-history bag
+    (``user_history``)."""
+    from jaxrec.data.movielens import add_rating_statistics, add_user_history
+
+    if config.rating_stats:
+        train, test = add_rating_statistics(train, test)
+    if config.user_history:
+        train, test = add_user_history(train, test)
+    return train, test
+
+
 class MovieLensSource(Source):
     """MovieLens-100K, random 80/20 split (seed 0); each epoch reshuffled by (seed, epoch)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from jaxrec.data.movielens import add_rating_statistics, load_movielens_100k
+        from jaxrec.data.movielens import load_movielens_100k
 
         data = load_movielens_100k(config.data_path)
-        self.train, self.test = data.split("random", train_fraction=0.8, seed=0)
-        if config.rating_stats:
-            self.train, self.test = add_rating_statistics(self.train, self.test)
+        self.train, self.test = movielens_features(
+            *data.split("random", train_fraction=0.8, seed=0), config
+        )
         self.config = config
         self.steps_per_epoch = -(-len(self.train) // config.batch_size)
+        features = self.train.feature_names
+        history = ("history",) if "history" in features else ()
         super().__init__(
             description=f"MovieLens-100K ({len(self.train):,} train / {len(self.test):,} "
             "held-out ratings, label rating >= 4)",
-            feature_sizes=dict(data.num_embeddings),
-            query_features=("user", "age", "gender", "occupation", "zip"),
+            feature_sizes={name: self.train.num_embeddings[name] for name in features},
+            query_features=("user", "age", "gender", "occupation", "zip", *history),
             candidate_features=("item", "year", "genre"),
+            poolings={"history": PoolingType.MEAN},  # bags of 1 to ~600 rated items
         )
 
     def position(self, step: int) -> dict[str, int]:

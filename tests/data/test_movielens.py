@@ -5,7 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jaxrec.data.movielens import FEATURES, GENRES, add_rating_statistics, load_movielens_100k
+from jaxrec.data.movielens import (
+    FEATURES,
+    GENRES,
+    add_rating_statistics,
+    add_user_history,
+    load_movielens_100k,
+)
 
 # (user, item, rating, timestamp)
 RATINGS = [(1, 10, 5, 300), (2, 10, 3, 100), (1, 20, 4, 200), (3, 30, 1, 400), (2, 30, 4, 500)]
@@ -178,3 +184,25 @@ def test_rating_statistics_read_the_training_split_and_leave_each_own_rating_out
     ]
     with pytest.raises(ValueError, match="prior_count must be > 0"):
         add_rating_statistics(train, test, prior_count=0.0)
+
+
+def test_user_history_bags_hold_the_training_items_and_leave_each_own_item_out(data):
+    train, test = data.subset(np.arange(4)), data.subset(np.array([4]))
+    with_train, with_test = add_user_history(train, test)
+    assert with_train.num_embeddings["history"] == data.num_embeddings["item"] == 3
+    assert with_train.feature_names == (*FEATURES, "history")
+    # training (user, item): (1, 10), (2, 10), (1, 20), (3, 30); items 10, 20, 30 are rows 0-2
+    bags = _rows_by_key(with_train.batch(np.arange(4), batch_size=6))
+    assert bags["history"] == [[1], [], [0], []]
+    assert _rows_by_key(with_test.batch(np.array([0])))["history"] == [[0]]  # user 2 saw 10
+    # the bags carry no label (ratings do not enter), and test ratings never feed them
+    relabelled = dataclasses.replace(train, rating=5 - train.rating)
+    assert _rows_by_key(add_user_history(relabelled, test)[0].batch(np.arange(4)))["history"] == [
+        [1], [], [0], []
+    ]  # fmt: skip
+    other_test = data.subset(np.array([1]))  # user 2 again, now in the test split
+    assert _rows_by_key(add_user_history(train, other_test)[1].batch(np.array([0])))["history"] == [
+        [0]
+    ]
+    # the subsets of a split keep its bags
+    assert _rows_by_key(with_train.subset(np.array([2])).batch(np.array([0])))["history"] == [[0]]
