@@ -62,6 +62,9 @@ VARIANTS = [
 ]
 
 
+ZIPF_ALPHA = 1.05  # skewed ids as real recommendation ids are: a few hot rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     check_tables: int = 4
@@ -87,11 +90,23 @@ class Batch:
     lookups: int
 
 
-def make_batch(rng, tables, rows, batch_size, max_len, dim, padding=0, weighted=False):
-    """``tables`` tables of ``rows`` rows; KJT feature t reads table t into columns t*dim..."""
+def zipf_ids(rng, rows: int, n: int, alpha: float = ZIPF_ALPHA) -> np.ndarray:
+    """``n`` ids in ``[0, rows)`` with ``P(k) ~ (k + 1)^-alpha`` (row 0 the hottest)."""
+    cdf = np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -alpha)
+    return np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(n)), rows - 1)
+
+
+def make_batch(
+    rng, tables, rows, batch_size, max_len, dim, padding=0, weighted=False, dist="uniform"
+):
+    """``tables`` tables of ``rows`` rows; KJT feature t reads table t into columns t*dim...
+
+    ``dist``: ids uniform over each table, or ``"zipf"`` (:func:`zipf_ids`, every table).
+    """
     lengths = rng.integers(0, max_len + 1, tables * batch_size)
     n = int(lengths.sum())
-    ids = np.concatenate([rng.integers(0, rows, n), np.full(padding, 2**31 - 1)])
+    real = zipf_ids(rng, rows, n) if dist == "zipf" else rng.integers(0, rows, n)
+    ids = np.concatenate([real, np.full(padding, 2**31 - 1)])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     psw = jnp.asarray(rng.uniform(0.5, 1.5, ids.size), jnp.float32) if weighted else None
     features = tuple((t, t * rows, rows, t * dim) for t in range(tables))
@@ -104,6 +119,15 @@ def make_batch(rng, tables, rows, batch_size, max_len, dim, padding=0, weighted=
         tables * rows,
         n,
     )
+
+
+def hottest_row_occurrences(batch: Batch) -> int:
+    """How many of the batch's lookups hit its most frequent row (the longest run)."""
+    ids = np.asarray(batch.ids[: batch.lookups]).astype(np.int64)
+    lengths = np.diff(np.asarray(batch.offsets))
+    table = np.repeat(np.arange(lengths.size) // batch.batch_size, lengths)
+    rows = ids + table * (batch.num_rows // len(batch.features))
+    return int(np.unique(rows, return_counts=True)[1].max(initial=0))
 
 
 def _median_ms(fn, carry, iters=20, reps=5):
@@ -128,7 +152,9 @@ def _error(err) -> str:
 # --------------------------------------------------------------------------- correctness
 
 
-def check_case(rng, sizes, opt, *, dim, pooling, dtype, weighted, config, interpret):
+def check_case(
+    rng, sizes, opt, *, dim, pooling, dtype, weighted, config, interpret, dist="uniform"
+):
     batch = make_batch(
         rng,
         sizes.check_tables,
@@ -138,6 +164,7 @@ def check_case(rng, sizes, opt, *, dim, pooling, dtype, weighted, config, interp
         0 if pooling == "none" else dim,
         1000,
         weighted,
+        dist,
     )
     num_rows, key = batch.num_rows, jax.random.key(int(rng.integers(2**31)))
     w = (jax.random.normal(key, (num_rows, dim)) * 0.1).astype(dtype)
@@ -170,8 +197,10 @@ def check_case(rng, sizes, opt, *, dim, pooling, dtype, weighted, config, interp
         "pooling": pooling,
         "dtype": jnp.dtype(dtype).name,
         "weighted": weighted,
+        "dist": dist,
         "config": dataclasses.asdict(config),
         "touched": int(touched.sum()),
+        "hottest_row_occurrences": hottest_row_occurrences(batch),
         "rel_dw": relative_error(wg[touched] - w0[touched], ww[touched] - w0[touched]),
         "rel_state": max([relative_error(got[1][k], want[1][k]) for k in state] or [0.0]),
         "untouched_bit_identical": same(got[0], w, ~touched)
@@ -197,17 +226,19 @@ def check_case(rng, sizes, opt, *, dim, pooling, dtype, weighted, config, interp
 def correctness(rng, sizes, interpret, limit=None):
     rowwise = so.exact_rowwise_adagrad(0.05)
     default = SparseUpdateConfig()
+    zipf = "zipf"
     cases = [
-        (rowwise, 128, "sum", jnp.float32, False, default),
-        (rowwise, 96, "mean", jnp.float32, True, SparseUpdateConfig(4, 2, 2, 1)),
-        (so.exact_sgd(0.05), 128, "sum", jnp.float32, True, SparseUpdateConfig(1, 4, 1, 1)),
-        (so.adam(0.05), 64, "mean", jnp.float32, False, SparseUpdateConfig(16, 1, 4, 1)),
-        (so.partial_rowwise_adam(0.05), 128, "none", jnp.float32, False, default),
-        (rowwise, 128, "sum", jnp.bfloat16, False, default),
-        (rowwise, 128, "sum", jnp.float16, True, default),
-    ] + [(rowwise, 128, "sum", jnp.float32, False, v) for v in VARIANTS[1:4]]
+        (rowwise, 128, "sum", jnp.float32, False, default, zipf),
+        (rowwise, 128, "sum", jnp.float32, False, default, "uniform"),
+        (rowwise, 96, "mean", jnp.float32, True, SparseUpdateConfig(4, 2, 2, 1), "uniform"),
+        (so.exact_sgd(0.05), 128, "sum", jnp.float32, True, SparseUpdateConfig(1, 4, 1, 1), zipf),
+        (so.adam(0.05), 64, "mean", jnp.float32, False, SparseUpdateConfig(16, 1, 4, 1), zipf),
+        (so.partial_rowwise_adam(0.05), 128, "none", jnp.float32, False, default, zipf),
+        (rowwise, 128, "sum", jnp.bfloat16, False, default, zipf),
+        (rowwise, 128, "sum", jnp.float16, True, default, "uniform"),
+    ] + [(rowwise, 128, "sum", jnp.float32, False, v, "uniform") for v in VARIANTS[1:4]]
     out = []
-    for opt, dim, pooling, dtype, weighted, cfg in cases[:limit]:
+    for opt, dim, pooling, dtype, weighted, cfg, dist in cases[:limit]:
         try:
             r = check_case(
                 rng,
@@ -219,12 +250,14 @@ def correctness(rng, sizes, interpret, limit=None):
                 weighted=weighted,
                 config=cfg,
                 interpret=interpret,
+                dist=dist,
             )
         except Exception as err:  # report every case
             r = {
                 "opt": opt.name,
                 "dim": dim,
                 "pooling": pooling,
+                "dist": dist,
                 "ok": False,
                 "config": dataclasses.asdict(cfg),
                 "error": _error(err),
@@ -239,8 +272,8 @@ def correctness(rng, sizes, interpret, limit=None):
 # the preprocessing into constants at compile time.
 
 
-def _train_inputs(rng, sizes, rows, dtype, dim=128):
-    batch = make_batch(rng, sizes.tables, rows, sizes.batch, sizes.max_len, dim)
+def _train_inputs(rng, sizes, rows, dtype, dim=128, dist="uniform"):
+    batch = make_batch(rng, sizes.tables, rows, sizes.batch, sizes.max_len, dim, dist=dist)
     key = jax.random.key(int(rng.integers(2**31)))
     w = (jax.random.normal(key, (batch.num_rows, dim), jnp.float32) * 0.01).astype(dtype)
     g = jax.random.normal(jax.random.fold_in(key, 1), (sizes.batch, sizes.tables * dim))
@@ -515,24 +548,78 @@ def stages(rng, sizes):
     return out
 
 
+# name -> (path, change of the launch shape): the step's variants timed side by side.
+STEP_IMPLS = {
+    "pallas": ("pallas", {}),
+    # Hot rows walked by one program, as before runs were cut into chunks.
+    "pallas_unchunked": ("pallas", {"chunk_occ": 2**30}),
+    "pallas_chunk256": ("pallas", {"chunk_occ": 256}),
+    "xla": ("xla", {}),
+    "xla_handwritten": ("xla_handwritten", {}),
+}
+
+
+@jax.jit
+def _relative_change(new, ref, old):
+    """``|(new - old) - (ref - old)| / |ref - old|`` on the device (float32 sums)."""
+    d = new.astype(jnp.float32) - old.astype(jnp.float32)
+    e = ref.astype(jnp.float32) - old.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(d - e))) / jnp.sqrt(jnp.sum(jnp.square(e)))
+
+
+def check_step(fns, batch, w, g, opt, dim) -> dict:
+    """One step of the Pallas path and of the XLA reference from the same tables and inputs:
+    relative errors of the weight change and the new state (at most 1e-5), and of the loss."""
+    outs = {}
+    for impl in ("pallas", "xla"):
+        carry = (jnp.copy(w), opt.init(batch.num_rows, dim), jnp.int32(1), jnp.zeros(()))
+        outs[impl] = fns[impl](carry, g, batch.ids, batch.offsets)
+    (wp, sp, _, lp), (wx, sx, _, lx) = outs["pallas"], outs["xla"]
+    zero = {k: jnp.zeros_like(v) for k, v in sx.items()}
+    r = {
+        "rel_dw": float(_relative_change(wp, wx, w)),
+        "rel_state": max(float(_relative_change(sp[k], sx[k], zero[k])) for k in sx),
+        "rel_loss": abs(float(lp) - float(lx)) / max(abs(float(lx)), 1e-30),
+    }
+    r["ok"] = r["rel_dw"] <= 1e-5 and r["rel_state"] <= 1e-5 and r["rel_loss"] <= 1e-5
+    return r
+
+
 def train_steps(rng, sizes, deadline, config, interpret, limit=None):
     opt, dim = so.exact_rowwise_adagrad(0.01, eps=1e-8), 128
     first, small, large = sizes.step_rows
+    f32 = jnp.float32
     cases = [
-        (first, jnp.float32, ["pallas", "xla", "xla_handwritten"]),
-        (small, jnp.float32, ["pallas", "xla_handwritten"]),
-        (large, jnp.float32, ["pallas", "xla_handwritten"]),
-        (first, jnp.bfloat16, ["pallas"]),
+        (first, f32, "uniform", ["pallas", "pallas_unchunked", "xla", "xla_handwritten"]),
+        (first, f32, "zipf", ["pallas", "pallas_unchunked", "pallas_chunk256", "xla"]),
+        (small, f32, "uniform", ["pallas", "xla_handwritten"]),
+        (large, f32, "uniform", ["pallas", "xla_handwritten"]),
+        (first, jnp.bfloat16, "uniform", ["pallas"]),
     ]
     out = []
-    for rows, dtype, impls in cases[:limit]:
+    for rows, dtype, dist, impls in cases[:limit]:
         if time.time() > deadline:
             break
-        batch, w, g = _train_inputs(rng, sizes, rows, dtype)
+        batch, w, g = _train_inputs(rng, sizes, rows, dtype, dist=dist)
         args = (g, batch.ids, batch.offsets)
-        r = {"rows_per_table": rows, "dtype": jnp.dtype(dtype).name, "lookups": batch.lookups}
+        r = {
+            "rows_per_table": rows,
+            "dtype": jnp.dtype(dtype).name,
+            "dist": dist,
+            "lookups": batch.lookups,
+            "hottest_row_occurrences": hottest_row_occurrences(batch),
+        }
+        fns = {}
         for impl in impls:
-            fn = step_fn(batch, opt, dim, impl, config, interpret)
+            path, change = STEP_IMPLS[impl]
+            cfg = dataclasses.replace(config, **change)
+            fns[impl] = step_fn(batch, opt, dim, path, cfg, interpret)
+        if "xla" in fns:
+            try:
+                r["check"] = check_step(fns, batch, w, g, opt, dim)
+            except Exception as err:
+                r["check"] = {"ok": False, "error": _error(err)}
+        for impl, fn in fns.items():
             carry = (w, opt.init(batch.num_rows, dim), jnp.int32(1), jnp.zeros(()))
             try:
                 r[f"{impl}_ms"], carry = _median_ms(
@@ -546,7 +633,7 @@ def train_steps(rng, sizes, deadline, config, interpret, limit=None):
             w = carry[0]
         print(json.dumps(r), flush=True)
         out.append(r)
-        del w, g, carry, args
+        del w, g, carry, args, fns
     return out
 
 
@@ -590,11 +677,13 @@ def weight_gradients(rng, sizes, interpret, limit=None):
         "xla_reference_ms": weight_gradient_reference,
     }
     for name, impl in impls.items():
+        # The table (4 GB here) and the cotangent are arguments: closed over, XLA would embed
+        # them in the program as constants (it did, and timed out).
+        def op(ids, table, offsets, g, impl=impl):
+            return impl(table, ids, offsets, g, **kw)
 
-        def op(ids, impl=impl):
-            return impl(table, ids, batch.offsets, g, **kw)
-
-        timing[name] = _loop_ms(op, batch.ids, iters=3 if interpret else 20)
+        iters = 3 if interpret else 20
+        timing[name] = _loop_ms(op, batch.ids, table, batch.offsets, g, iters=iters)
     timing["pallas_gb_s"] = timing["bytes"] / timing["pallas_ms"] / 1e6
     return {"checks": checks, "ok": all(c["ok"] for c in checks), "timing": timing}
 

@@ -10,7 +10,10 @@ applies the group's sparse optimizer to the touched rows only, in place
 The Pallas kernel runs one program per block of ``block_rows`` sorted slots; a slot that
 starts the run of a touched row (a "head") owns that row. Each program sums the gradients of
 its rows' occurrences (``block_occ`` occurrences of every row per loop step, masked past a
-run's end), loads the rows and their optimizer state, calls ``optimizer.update`` on the
+run's end); a row with more than ``chunk_occ`` occurrences (a hot id) is summed instead from
+the partial sums of its chunks of ``chunk_occ`` occurrences, which a first pass computes
+with many programs (:mod:`~jaxrec_kernels.run_chunks`), so no program walks a hot row's
+whole run alone. Each program then loads the rows and their optimizer state, calls ``optimizer.update`` on the
 ``[block_rows, Dp]`` block (``Dp`` = ``D`` rounded up to a power of two, padded lanes zero)
 and stores rows and state back through ``input_output_aliases``: under ``jit`` with donated
 buffers no table is copied, and the work grows with the batch, not with ``R``. Every sum runs
@@ -73,6 +76,7 @@ from .row_update import (
     skips_nonfinite,
     store_rows,
 )
+from .run_chunks import chunk_partials, split_runs, sum_occurrences, sum_partials
 from .stochastic_rounding import seed_for_step
 
 __all__ = [
@@ -94,7 +98,10 @@ class SparseUpdateConfig:
     ``block_rows`` sorted slots per program (each slot that starts a row's run owns that row);
     ``block_occ`` occurrences of each row gathered per loop step; ``num_warps`` / ``num_stages``
     as in Triton; ``evict_first``: load and store table rows and state with an evict-first
-    cache hint (they are touched once), leaving the L2 cache to ``grad_out``.
+    cache hint (they are touched once), leaving the L2 cache to ``grad_out``; ``chunk_occ``:
+    a row with more occurrences than this is summed in chunks of ``chunk_occ`` by a first
+    pass (:mod:`~jaxrec_kernels.run_chunks`), so the longest serial walk of one program is
+    about ``chunk_occ + occurrences / chunk_occ`` steps rather than ``occurrences``.
 
     >>> SparseUpdateConfig(block_rows=8).block_occ
     1
@@ -105,9 +112,12 @@ class SparseUpdateConfig:
     num_warps: int = 1
     num_stages: int = 1
     evict_first: bool = False
+    chunk_occ: int = 64
 
     def __post_init__(self):
-        check_launch_shape(self, ("block_rows", "block_occ", "num_warps"), ("num_stages",))
+        check_launch_shape(
+            self, ("block_rows", "block_occ", "num_warps", "chunk_occ"), ("num_stages",)
+        )
 
 
 def default_update_config(dim: int) -> SparseUpdateConfig:
@@ -116,8 +126,9 @@ def default_update_config(dim: int) -> SparseUpdateConfig:
     Small programs keep many rows in flight: the backward waits on memory (an H100 ran
     ``(4, 1, 1, 1)`` fastest at D=128, 2026-11-23).
 
-    >>> default_update_config(128)
-    SparseUpdateConfig(block_rows=4, block_occ=1, num_warps=1, num_stages=1, evict_first=False)
+    >>> c = default_update_config(128)
+    >>> c.block_rows, c.block_occ, c.num_warps, c.num_stages, c.evict_first, c.chunk_occ
+    (4, 1, 1, 1, False, 64)
     """
     dim_pad = next_power_of_2(dim)
     block_rows = max(1, min(32, 512 // dim_pad))
@@ -201,7 +212,10 @@ def _table_store(view, value, mask, evict_first):
 
 
 def _update_kernel(
-    run_ref,
+    count_ref,
+    num_chunks_ref,
+    first_chunk_ref,
+    partial_ref,
     rows_ref,
     src_row_ref,
     src_col_ref,
@@ -230,39 +244,37 @@ def _update_kernel(
     program = pl.program_id(0)
     nonfinite_ref[program] = jnp.int32(0)
 
-    # This program owns the runs that start in its sorted slots [k0, k0 + block_rows).
+    # This program owns the runs that start in its sorted slots [k0, k0 + block_rows): short
+    # runs summed over their occurrences, long ones over their chunk partials (run_chunks).
     k = program * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
     in_range = k < num_slots
     k = jnp.where(in_range, k, 0)
-    count = masked_load(run_ref.at[k], in_range, 0)
-    num_steps = (jnp.max(count) + (block_occ - 1)) // block_occ
+    count = masked_load(count_ref.at[k], in_range, 0)
+    num_chunks = masked_load(num_chunks_ref.at[k], in_range, 0)
 
-    @pl.when(num_steps > 0)
+    @pl.when(jnp.max(count + num_chunks) > 0)
     def _():
         cols = jnp.arange(dim_pad, dtype=jnp.int32)
         col_ok = cols < dim
-        occ = jnp.arange(block_occ, dtype=jnp.int32)
-
-        def accumulate(j, acc):
-            offset = j * block_occ + occ
-            live = offset[None, :] < count[:, None]
-            slot = jnp.where(live, k[:, None] + offset[None, :], 0)
-            src_row = masked_load(src_row_ref.at[slot], live, 0)
-            src_col = masked_load(src_col_ref.at[slot], live, 0)
-            scale = masked_load(scale_ref.at[slot], live, 0.0)
-            g = masked_load(
-                grad_ref.at[src_row[:, :, None], src_col[:, :, None] + cols[None, None, :]],
-                live[:, :, None] & col_ok[None, None, :],
-                0,
-            ).astype(jnp.float32)
-            return acc + jnp.sum(g * scale[:, :, None], axis=1)
-
-        grads = jax.lax.fori_loop(
-            0, num_steps, accumulate, jnp.zeros((block_rows, dim_pad), jnp.float32)
+        grads = sum_occurrences(
+            k,
+            count,
+            src_row_ref,
+            src_col_ref,
+            scale_ref,
+            grad_ref,
+            dim=dim,
+            dim_pad=dim_pad,
+            block_occ=block_occ,
+            acc=jnp.zeros((block_rows, dim_pad), jnp.float32),
+        )
+        first_chunk = masked_load(first_chunk_ref.at[k], num_chunks > 0, 0)
+        grads = sum_partials(
+            first_chunk, num_chunks, partial_ref, dim_pad=dim_pad, block_occ=block_occ, acc=grads
         )
         # Lanes that own no row get the out-of-range row R: never written on a GPU (masked),
         # and dropped by the interpreter's scatter rather than colliding with a real row.
-        touched = count > 0
+        touched = (count > 0) | (num_chunks > 0)
         if skip_nonfinite:
             # A row whose summed gradient is not finite is neither read nor written.
             # x * 0 is NaN exactly for a NaN or infinite x (padded lanes hold zeros); a sum
@@ -336,12 +348,26 @@ def _update_pallas(
     step = jnp.asarray(step)
     update = _trace_update(optimizer, names, rowwise, block_rows, dim_pad, dim, step)
     consts = [jnp.reshape(jnp.asarray(c), (1,)) for c in update.consts]
+    plan = split_runs(run_lengths(srt), config.chunk_occ)
+    sorted_occ = (occ.src_row[srt.order], occ.src_col[srt.order], occ.scale[srt.order])
+    partials = chunk_partials(
+        plan,
+        *sorted_occ,
+        grad_out,
+        dim=dim,
+        dim_pad=dim_pad,
+        block=block_rows,
+        block_occ=config.block_occ,
+        num_warps=config.num_warps,
+        interpret=interpret,
+    )
     inputs = [
-        run_lengths(srt),
+        plan.count,
+        plan.num_chunks,
+        plan.first_chunk,
+        partials,
         srt.rows,
-        occ.src_row[srt.order],
-        occ.src_col[srt.order],
-        occ.scale[srt.order],
+        *sorted_occ,
         grad_out,
         jnp.reshape(step, (1,)),
         jnp.reshape(seed_for_step(step), (1,)),
