@@ -48,3 +48,15 @@ def test_cosine_schedule_takes_both_learning_rates_to_zero_at_the_last_step():
     np.testing.assert_allclose(constant.update(w, constant.init(2, 4), g, 11, 4)[0], 0.5)
     with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_user_history_and_ema_decay_flags(parsed, capsys):
+    config = parsed(["train", "--data", "movielens", "--user-history", "--ema-decay", "0.9"])
+    assert config.user_history and config.ema_decay == 0.9
+    assert not parsed(["train", "--data", "movielens", "--no-user-history"]).user_history
+    for bad, message in (("1", "ema_decay must be in [0, 1), got 1.0"), ("nan", "--ema-decay")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "--ema-decay", bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
+        TrainConfig(ema_decay=1.0)
