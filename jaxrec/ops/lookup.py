@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import checkify
 from jaxrec_kernels.layout import counts_bad_ids, covered_columns
 from jaxrec_kernels.sparse_update import (
@@ -225,10 +226,14 @@ def _lookup(spec: LookupSpec, params: tuple, ids, offsets, weights):
 
 
 def _lookup_fwd(spec: LookupSpec, params: tuple, ids, offsets, weights):
+    # symbolic_zeros: every leaf arrives as a CustomVJPPrimal telling whether JAX
+    # differentiates it; only weights that are differentiated get a gradient.
+    wanted = weights is not None and weights.perturbed
+    params, ids, offsets, weights = custom_vjp_primal_tree_values((params, ids, offsets, weights))
     result = _forward(spec, params, ids, offsets, weights)
     if any(isinstance(param, FusedTableParams) for param in params):
         ids = ids + _zero_after(result).astype(ids.dtype)
-    return result, (params, ids, offsets, weights)
+    return result, (params, ids, offsets, weights, weights if wanted else None)
 
 
 def _zero_after(result) -> jax.Array:
@@ -293,12 +298,19 @@ def _weights_cotangent(spec: LookupSpec, params: tuple, views, grad_out, offsets
     return total.astype(weights.dtype)
 
 
+def _instantiate(cotangent):
+    """``cotangent`` with every symbolic zero made an array of zeros."""
+    return jax.tree.map(
+        lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c, cotangent
+    )
+
+
 def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
-    params, ids, offsets, weights = residuals
-    grad_out, _ = cotangents
+    params, ids, offsets, weights, differentiated = residuals
+    grad_out = _instantiate(cotangents[0])
     views = group_views(spec, params, ids, offsets)
     weights_grad = None
-    if weights is not None:
+    if differentiated is not None:
         weights_grad = _weights_cotangent(spec, params, views, grad_out, offsets, weights)
         if any(isinstance(param, FusedTableParams) for param in params):
             # The weight gradient reads the tables the fused updates then overwrite in
@@ -314,7 +326,7 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     return tuple(grads), None, None, weights_grad
 
 
-_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+_lookup.defvjp(_lookup_fwd, _lookup_bwd, symbolic_zeros=True)
 
 
 def lookup(
