@@ -122,7 +122,9 @@ ABOUT = {
     ),
     "tbe_vs_ebc": (
         "seconds per forward and per fused EXACT_ROWWISE_ADAGRAD step of the TBE operator "
-        "and of the EmbeddingBagCollection on the same tables and ids, and their ratios"
+        "and of the EmbeddingBagCollection on the same tables and ids, and their ratios; "
+        "the steps are timed in ABBA order (step_medians_s), each side the mean of its two "
+        "medians"
     ),
 }
 

@@ -59,6 +59,9 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
     tbe = written["tbe_vs_ebc"]
     assert tbe["forward_ok"] and tbe["forward_max_abs_diff"] <= tbe["forward_tolerance"]
     assert written["targets"]["tbe_step_over_ebc"]["value"] == tbe["step_ratio"]
+    medians = tbe["step_medians_s"]
+    assert [len(medians["ebc"]), len(medians["tbe"])] == [2, 2]
+    assert tbe["step_tbe_s"] == sum(medians["tbe"]) / 2
     assert {"shape", "copy", "correctness", "timings", "targets", "tbe_vs_ebc"} <= set(
         written["about"]
     )
