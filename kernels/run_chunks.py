@@ -187,8 +187,8 @@ def _partials_kernel(
             acc=jnp.zeros((block, dim_pad), jnp.float32),
         )
         cols = jnp.arange(dim_pad, dtype=jnp.int32)
-        used = count > 0
-        masked_store(out_ref.at[c[:, None], cols[None, :]], acc, used[:, None])
+        used = jnp.broadcast_to((count > 0)[:, None], acc.shape)
+        masked_store(out_ref.at[c[:, None], cols[None, :]], acc, used)
 
 
 @functools.partial(
