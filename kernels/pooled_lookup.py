@@ -288,7 +288,8 @@ class RowDecoder(Protocol):
 
     def decode(self, table_ref, rows, valid, eviction_policy):
         """In the kernel: the rows ``rows`` (any leading shape) as ``planes`` float32 arrays
-        ``[*rows.shape, lanes]``, exact zeros where ``valid`` is false or past ``dim``."""
+        ``[*rows.shape, lanes]``, exact zeros where ``valid`` is false (lanes past ``dim``
+        are never stored: they may hold anything)."""
         ...
 
     def gather(self, table: jax.Array, rows: jax.Array) -> jax.Array:

@@ -20,8 +20,9 @@ offsets below 2**31 on tables of 2 to 4 GiB, past which JAX's Triton lowering's 
 offsets would wrap. A table can be held as words already (:func:`kernel_table`) so that no
 call converts it. The float16 scale and bias are decoded with integer operations
 (:func:`~jaxrec_kernels.rowwise_quantization.float16_bits_to_float32`). A position that
-reads no row (a bad id, padding, a lane past a bag's end) adds an exact zero (a select,
-not a product with a zero mask), so no byte it was pointed at can turn the sum into NaN.
+reads no row (a bad id, padding, a lane past a bag's end) adds an exact zero: its values,
+scale and bias are masked loads that read nothing and give 0, so it adds ``0 * 0 + 0``
+and no byte it was pointed at can turn the sum into NaN; no select is spent per value.
 
 The product and the bias may be rounded once (an FMA, as the GPU contracts it and as
 FBGEMM's dequantization does) or twice (XLA on the CPU, interpret mode): the results of
@@ -301,9 +302,12 @@ class QuantizedRows:
         planes, lanes = self.layout(word_bytes)
         words = jnp.arange(lanes, dtype=jnp.int32)
         lead = tuple(range(valid.ndim))
+        mask = jnp.expand_dims(valid, -1)
+        if (lanes - 1) * planes >= self.dim:  # some lanes hold no column: not read
+            mask = mask & jnp.expand_dims(words * planes < self.dim, lead)
         packed = masked_load(
             table_ref.at[jnp.expand_dims(rows, -1), jnp.expand_dims(words, lead)],
-            jnp.expand_dims(valid, -1) & jnp.expand_dims(words * planes < self.dim, lead),
+            mask,
             0,
             eviction_policy=eviction_policy,
         ).astype(jnp.uint32)
@@ -326,11 +330,10 @@ class QuantizedRows:
             q = packed if planes == 1 else packed >> np.uint32(k * bits)
             if bits < 8 * word_bytes:
                 q = q & np.uint32((1 << bits) - 1)
-            lanes_ok = jnp.expand_dims(valid, -1) & jnp.expand_dims(
-                words * planes + k < self.dim, lead
-            )
-            # Lanes that read nothing add an exact zero, whatever their (zero) loads decode to.
-            out.append(jnp.where(lanes_ok, q.astype(jnp.float32) * scale + bias, 0.0))
+            # A row that is not read has zero values, scale and bias (its loads read
+            # nothing): exactly 0 * 0 + 0, with no select. Lanes past dim decode to the
+            # row's bias and are never stored.
+            out.append(q.astype(jnp.float32) * scale + bias)
         return tuple(out)
 
     def gather(self, table, rows):
