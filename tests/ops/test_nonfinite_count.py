@@ -235,3 +235,63 @@ def test_row_sharded_count_is_summed_over_the_devices_once():
     step = jax.shard_map(grads, mesh=mesh, in_specs=(specs,), out_specs=specs, check_vma=False)
     out = jax.jit(step)(shard_rows(params, mesh, "rows"))
     assert sum(int(c) for c in nonfinite_rows(out).values()) == _skipped_rows()
+
+
+# Weighted collections: the weights' gradient is computed only when asked for; the count and
+# FATAL do not depend on it.
+
+
+def _weighted(backend: str, mode: str):
+    """A weighted twin of ``_ebc``, its params, its KJT's weights and ``loss(params, w)``."""
+    ebc = _ebc(backend, mode).clone(is_weighted=True)
+    kjt = _kjt()
+    weights = jnp.linspace(0.5, 1.5, kjt.values().shape[0], dtype=jnp.float32)
+
+    def weighted_kjt(w):
+        return KeyedJaggedTensor(
+            keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=w
+        )
+
+    params = ebc.init(jax.random.key(0), weighted_kjt(weights))["params"]  # eager: FATAL checks
+    g = _cotangent([d for _, d, _ in TABLES])
+
+    def loss(params, w):
+        return jnp.sum(ebc.apply({"params": params}, weighted_kjt(w)).values() * g)
+
+    return ebc, params, weights, loss
+
+
+def _expected_weight_gradient(ebc, params, g) -> np.ndarray:
+    """``<table row of id i, cotangent of i's bag>`` per position i (SUM pooling)."""
+    tables = ebc.state_dict({"params": params})
+    starts = np.cumsum([0, *[d for _, d, _ in TABLES]])
+    out = []
+    for k, (t, _, f) in enumerate(TABLES):
+        rows = np.asarray(tables[f"embedding_bags.{t}.weight"])
+        for b, bag in enumerate(IDS[f]):
+            out += [rows[i] @ np.asarray(g)[b, starts[k] : starts[k + 1]] for i in bag]
+    return np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize(
+    ("backend", "argnums"),
+    [("xla", 0), ("xla", (0, 1)), ("pallas", (0, 1))],
+    ids=["xla-params", "xla-params-and-weights", "pallas-params-and-weights"],
+)
+def test_weighted_fatal_raises_whether_or_not_the_weights_are_differentiated(backend, argnums):
+    _, params, weights, loss = _weighted(backend, "fatal")
+    err, _ = jax.jit(checkify.checkify(jax.grad(loss, argnums=argnums)))(params, weights)
+    with pytest.raises(checkify.JaxRuntimeError, match="non-finite gradient"):
+        err.throw()
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_weighted_warning_counts_and_gives_the_weights_gradient(backend):
+    ebc, params, weights, loss = _weighted(backend, "warning")
+    grads, weights_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, weights)
+    assert sum(int(c) for c in nonfinite_rows(grads).values()) == _skipped_rows()
+    expected = _expected_weight_gradient(ebc, params, _cotangent([d for _, d, _ in TABLES]))
+    assert np.isnan(expected).sum() == 6  # the positions of the two NaN bags
+    np.testing.assert_allclose(np.asarray(weights_grad), expected, rtol=1e-6, atol=1e-6)
+    only_params = jax.jit(jax.grad(loss))(params, weights)
+    assert nonfinite_rows(only_params) == nonfinite_rows(grads)
