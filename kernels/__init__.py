@@ -9,8 +9,9 @@
 - :mod:`~jaxrec_kernels.sequence_lookup`: one row per id (EmbeddingCollection).
 - :mod:`~jaxrec_kernels.sparse_update`: the fused backward — duplicate-id reduction and a
   sparse optimizer applied to the touched rows in place; its steps:
-  :mod:`~jaxrec_kernels.row_gradients` (ids to sorted rows, the true sparse gradient) and
-  :mod:`~jaxrec_kernels.row_update` (the optimizer step on the touched rows).
+  :mod:`~jaxrec_kernels.row_gradients` (ids to sorted rows, the true sparse gradient),
+  :mod:`~jaxrec_kernels.run_chunks` (hot rows' long runs summed in chunks by many programs)
+  and :mod:`~jaxrec_kernels.row_update` (the optimizer step on the touched rows).
 - :mod:`~jaxrec_kernels.weight_gradient`: the gradient of a pooled lookup w.r.t. its
   per-sample weights.
 """
