@@ -330,7 +330,9 @@ def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: 
             table = tables[variant.word_bytes]
             run_variant(run, name, variant, table, ids, offsets, ref, opts)
         table = tables[default_view]
-        if wt == "int8":
+        # The cases below run the default form: only when it compiled and was right.
+        default_ok = any(t["name"] == f"{wt} jaxrec default" for t in run.timings)
+        if wt == "int8" and default_ok:
             # float16 output: the output write is a sixth of INT8's traffic in float32
             # (see sector_bound); both sides round the same float32 sums once.
             kernel, fwd = quantized_forward(**dict(opts, out_dtype=jnp.float16))
@@ -347,7 +349,7 @@ def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: 
                 run.time(name, fwd, args, row_bytes(dim, wt), precision, PALLAS, other=other)
             del got, ref16
         del tables
-        if default_view > 1 and any(t["name"] == f"{wt} jaxrec default" for t in run.timings):
+        if default_view > 1 and default_ok:
             # The default kernel given the uint8 table: the word view is made inside the
             # jitted call. It reads as the default does (the same kernel and words), so
             # it shows whether the view is free (a bitcast) and how much two timings of

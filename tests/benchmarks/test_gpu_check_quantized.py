@@ -72,6 +72,9 @@ def test_a_wrong_case_is_reported_with_its_place_and_not_timed(tmp_path, capsys,
     real = gpu_check_quantized.quantized_pooled_lookup
 
     def nan_in_int4_table_1(*args, **kw):
+        config = kw.get("config")
+        if kw["weight_type"] == "int8" and config is not None and config.block_bags == 2:
+            raise RuntimeError("no lowering for this form")  # a form that does not compile
         out, bad = real(*args, **kw)
         if (
             kw["weight_type"] == "int4"
@@ -83,17 +86,21 @@ def test_a_wrong_case_is_reported_with_its_place_and_not_timed(tmp_path, capsys,
         return out, bad
 
     monkeypatch.setattr(gpu_check_quantized, "quantized_pooled_lookup", nan_in_int4_table_1)
-    with pytest.raises(SystemExit, match="FAILED: int4 jaxrec e4_1x16_w1_2reads"):
+    with pytest.raises(SystemExit, match="FAILED: int8 jaxrec e1_2x16_w1: .*no lowering") as err:
         main(["--interpret", "--small", "--reps", "1", "--out", str(tmp_path)])
+    assert "int4 jaxrec e4_1x16_w1_2reads: max abs diff" in str(err.value)
     out = capsys.readouterr().out
     assert "int4 jaxrec default: kernel vs reference" in out and "(ok)" in out
     assert "non-finite outputs kernel 1, reference 0" in out
     assert "first wrong output bag 3 column 18 (table 1)" in out
     written = json.loads((tmp_path / "gpu_check_quantized.json").read_text())
     wrong = [c for c in written["correctness"] if not c["ok"]]
-    assert [(c["name"], c["first_wrong"]) for c in wrong] == [
-        ("int4 jaxrec e4_1x16_w1_2reads", [3, 18])
+    assert [(c["name"], c.get("first_wrong")) for c in wrong] == [
+        ("int8 jaxrec e1_2x16_w1", None),
+        ("int4 jaxrec e4_1x16_w1_2reads", [3, 18]),
     ]
+    assert "no lowering" in wrong[0]["error"]
     timed = [t["name"] for t in written["timings"]]
+    assert "int8 jaxrec default, fp16 output" in timed and "int8 jaxrec e1_2x16_w1" not in timed
     assert "int4 jaxrec default" in timed and "int4 jaxrec e4_1x16_w1_2reads" not in timed
     assert written["best"]["int4 jaxrec pallas"] in timed  # the fastest of the correct forms
