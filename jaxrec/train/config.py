@@ -45,6 +45,7 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 785,
         "eval_every": 157,
         "embedding_weight_decay": 1e-4,
+        "ema_decay": 0.99,
     },
 }
 
@@ -185,8 +186,8 @@ class TrainConfig:
         """A config for ``data`` with its :data:`DATA_DEFAULTS` under ``values``.
 
         >>> config = TrainConfig.for_data("movielens", seed=1)
-        >>> config.model, config.steps, config.embedding_weight_decay, config.seed
-        ('dcn', 785, 0.0001, 1)
+        >>> config.model, config.steps, config.embedding_weight_decay, config.ema_decay
+        ('dcn', 785, 0.0001, 0.99)
         """
         return cls(data=data, **{**DATA_DEFAULTS.get(data, {}), **values})
 

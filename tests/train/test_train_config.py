@@ -29,6 +29,8 @@ def test_movielens_brings_its_defaults_and_given_flags_win(parsed):
     assert config == TrainConfig.for_data("movielens", seed=2)
     assert (config.model, config.steps, config.eval_every) == ("dcn", 785, 157)
     assert config.embedding_weight_decay == DATA_DEFAULTS["movielens"]["embedding_weight_decay"]
+    assert config.ema_decay == DATA_DEFAULTS["movielens"]["ema_decay"] == 0.99
+    assert parsed(["train", "--data", "movielens", "--ema-decay", "0"]).ema_decay == 0.0
     given = parsed(["train", "--data", "movielens", "--model", "dlrm", "--steps", "10"])
     assert (given.model, given.steps, given.eval_every) == ("dlrm", 10, 157)
     assert parsed(["train"]) == TrainConfig()  # synthetic keeps the plain defaults
