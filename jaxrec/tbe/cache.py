@@ -230,11 +230,12 @@ def assign(
     )
     first = jnp.searchsorted(sorted_set, sorted_set, side="left").astype(jnp.int32)
     rank = jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32) - first)
-    set_priority = priority[set_u]  # [n, ways]
-    order = jnp.argsort(set_priority, axis=1, stable=True).astype(jnp.int32)
-    free = jnp.sum(set_priority < _BIG, axis=1)
+    # Victim order per set, sorted once over the sets ([sets, ways]) rather than once per
+    # unique row of the batch ([N, ways], N the padded batch capacity: several times more).
+    order = jnp.argsort(priority, axis=1, stable=True).astype(jnp.int32)
+    free = jnp.sum(priority < _BIG, axis=1)[set_u]
     overflowing = miss & (rank >= free)
-    victim_way = jnp.take_along_axis(order, jnp.minimum(rank, ways - 1)[:, None], axis=1)[:, 0]
+    victim_way = order[set_u, jnp.minimum(rank, ways - 1)]
     way = jnp.where(hit, hit_way, victim_way)
     slot_u = jnp.where(real, set_u * ways + way, -1)
     old_tag = state.tags[set_u, victim_way]

@@ -130,3 +130,14 @@ def test_rows_spread_over_sets_and_stay_in_their_set():
 def test_layout_refuses_an_unknown_algorithm():
     with pytest.raises(ValueError, match="'lru' or 'lfu'"):
         _layout("fifo")
+
+
+def test_evictions_are_compacted_apart_from_the_misses():
+    layout = _layout("lru")
+    # 1 and 2 leave a way free: of the misses 3 and 4, 3 takes the empty way and only 4
+    # evicts (row 1, the lowest of the two oldest ways).
+    state, (first,) = _run(layout, [[1, 2]])
+    state, plan = _batch(state, layout, [3, 4])
+    assert (int(plan.num_misses), int(plan.num_evictions)) == (2, 1)
+    assert plan.evict_rows[:2].tolist() == [1, -1]
+    assert plan.evict_slots[:2].tolist() == [int(first.slots[0]), -1]

@@ -8,6 +8,7 @@ import pytest
 import jaxrec
 from jaxrec import tbe
 from jaxrec.tbe import CacheAlgorithm, EmbeddingLocation, OptimType
+from jaxrec.tbe.managed import TIMED_PARTS
 
 CPU = tbe.ComputeDevice.CPU
 DEV, CACHED = EmbeddingLocation.DEVICE, EmbeddingLocation.MANAGED_CACHING
@@ -197,3 +198,41 @@ def test_placements_are_checked():
             [(8, 4, location, CPU)], optimizer=OptimType.EXACT_SGD, cache_load_factor=0.5
         )
         assert tbe.CachedTBE(op).layouts["sum_float32_d4"].slots == 4
+
+
+def test_pinned_host_staging_trains_as_numpy_staging_with_every_stage_timed():
+    host_op, _ = _ops(OptimType.EXACT_ROWWISE_ADAGRAD, cache_load_factor=0.25)
+    batches, targets = _batches(4), _targets(host_op, 4)
+    results = []
+    for kind in (None, "pinned_host"):
+        cached = tbe.CachedTBE(host_op, ways=5, staging_memory_kind=kind, profile=True)
+        state, caches = cached.init(seed=1)
+        step = _grad_step(cached)
+        for (ids, offsets), g in zip(batches, targets, strict=True):
+            ready = cached.prefetch(state, caches, ids, offsets)
+            state, caches = step(ready.state, ready.indices, offsets, g), ready.caches
+        assert (cached._pinned is not None) == (kind == "pinned_host")  # staged in place
+        assert tuple(cached.timings) == TIMED_PARTS
+        assert all(len(v) == 4 and min(v) >= 0 for v in cached.timings.values())
+        assert int(cached.cache_metrics(caches)["total"][2]) > 0  # rows went back too
+        results.append(cached.split_embedding_weights(state, caches))
+    _assert_tables_equal(*results)
+
+
+def test_only_evicted_rows_are_copied_back_to_the_host():
+    op = tbe.SplitTableBatchedEmbeddingBagsCodegen(
+        [(400, 4, CACHED, CPU)], optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, cache_load_factor=0.25
+    )
+    cached = tbe.CachedTBE(op, ways=100)  # one set of 100 ways
+    state, caches = cached.init(seed=0)
+    offsets = np.array([0, 64], np.int32)
+    sent = []
+    for ids in (np.arange(64), np.arange(64, 128)):  # 64 misses, then 64 more: 28 evict
+        pending = cached.begin_prefetch(state, caches, ids.astype(np.int32), offsets)
+        (name,) = pending.sizes
+        misses, size, out = pending.sizes[name]
+        evictions = int(pending.plans[name].num_evictions)
+        sent.append((misses, evictions, size, pending.evicted[name].shape[0]))
+        ready = cached.finish_prefetch(state, pending)
+        state, caches = ready.state, ready.caches
+    assert sent == [(64, 0, 64, 16), (64, 28, 64, 32)]  # records of the evictions' bucket
