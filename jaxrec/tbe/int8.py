@@ -58,7 +58,7 @@ from jaxrec_kernels.sparse_update import (
 
 from jaxrec.ops.backend import BoundsCheckMode
 from jaxrec.ops.bags import checked_offsets
-from jaxrec.ops.lookup import _zero_after
+from jaxrec.ops.lookup import _zero_after, _zero_after_all
 from jaxrec.ops.nonfinite import report_nonfinite_rows
 from jaxrec.ops.spec import GroupSpec, LookupSpec
 from jaxrec.optim.fused import FusedTableParams, init_fused_table, lookup_cotangent
@@ -232,8 +232,9 @@ def _lookup_bwd(spec: LookupSpec, residuals, cotangents):
     weights_grad = None
     if weights is not None:
         weights_grad = _weights_cotangent(spec, params, ids, offsets, weights, grad_out)
-        # Read the tables for the weights' gradient before the updates overwrite them.
-        weights_grad, params = jax.lax.optimization_barrier((weights_grad, params))
+        # Read the tables for the weights' gradient before the updates overwrite them: the
+        # updates' ids depend on all of it (a barrier is dropped by the CPU compiler).
+        ids = ids + _zero_after_all(weights_grad).astype(ids.dtype)
     grads = []
     for group, param in zip(spec.groups, params, strict=True):
         rows, row_grads = sparse_row_gradients(
