@@ -9,19 +9,23 @@ the same jitted train step (loss = sum(out * G), ``jax.grad`` + ``apply_updates`
 
 - ``hbm``: every table ``EmbeddingLocation.DEVICE`` (the baseline of the same run);
 - for each ``--variants`` entry, every table ``MANAGED_CACHING`` with ``--load-factor``
-  (0.2) through ``jaxrec.tbe.CachedTBE``: ``numpy`` (staging in NumPy memory), ``pinned_host``
-  (staged rows put in a JAX ``pinned_host`` array, then on the device), ``torch_pinned``
-  (staging buffers in page-locked memory from torch; skipped without CUDA). Each variant
-  warms a fresh cache for ``--warmup`` steps (uniform ids: at most 20, enough to fill it) through ``jaxrec.tbe.prefetch_pipeline``, then
-  times ``--steps`` steps sequentially (prefetch, then the step, each waited for: the
-  split of a step into device-to-host wait, write-back, host gather, host-to-device copy and
-  device step) and ``--steps`` more through the pipeline (next batch's misses fetched while
-  the step runs; wall time between step dispatches).
+  (0.2) through ``jaxrec.tbe.CachedTBE``: ``numpy`` (staging in pageable NumPy memory),
+  ``pinned_host`` (the library's default on a GPU: JAX ``pinned_host`` arrays written in
+  place, ``jaxrec.tbe.staging``), ``torch_pinned`` (staging buffers in page-locked memory
+  from torch; skipped without CUDA). Each variant warms a fresh cache for ``--warmup``
+  steps (uniform ids: at most 20, 14 with ``--quick``, enough to fill it) through
+  ``jaxrec.tbe.prefetch_pipeline``, then times ``--steps`` steps sequentially (prefetch,
+  then the step, each waited for, with ``CachedTBE(profile=True)``: every stage of the
+  prefetch waited for in turn, ``stages_ms``, and what no stage holds, ``unaccounted_ms``)
+  and ``--steps`` more through the pipeline (next batch's misses fetched while the step
+  runs; wall time between step dispatches).
 
-It also times raw host-to-device copies of one step's miss records (pageable NumPy, JAX
-``pinned_host``, torch page-locked), reports per-step hits, misses, evictions and unique
-rows, the hit rate (hits / unique rows, steady state) and every median, to
-``gpu_check_cache.json`` in ``--out`` (default ``$OUT``).
+It also times raw copies of one step's miss records (to the device from pageable NumPy,
+through a NumPy-to-``pinned_host`` put, from a ``pinned_host`` array written in place, from
+torch page-locked memory; back to the host into NumPy and into ``pinned_host``), reports
+per-step hits, misses, evictions and unique rows, the hit rate (hits / unique rows, steady
+state) and every median, to ``gpu_check_cache.json`` in ``--out`` (default ``$OUT``).
+``--dists zipf`` re-runs the skewed case alone (about a minute less).
 
 ``--capacity-gb G`` instead trains tables totalling at least G GB of fp32 weights (tables of
 ``--rows x --dim``; 30 x 10M x 128 = 154 GB for G = 150) for ``--steps`` steps through the
@@ -49,12 +53,14 @@ import numpy as np
 
 import jaxrec
 from jaxrec import tbe
+from jaxrec.tbe.staging import pinned_staging
 
 _CLOCK = {"start": time.perf_counter()}
 VARIANTS = ("numpy", "pinned_host", "torch_pinned")
 # Uniform ids fill a 0.2 cache in ~0.2 * rows / (unique ids per batch) = 13 steps of the
 # issue's model; after that every step evicts as many rows as it loads (the steady state).
 UNIFORM_WARMUP = 20
+UNIFORM_WARMUP_QUICK = 14
 
 
 def log(message: str) -> None:
@@ -145,6 +151,15 @@ def _cached_tbe(op, variant):
     return tbe.CachedTBE(op, staging_memory_kind=kind)
 
 
+def stage_times(cached, prefetch_s: list[float]) -> dict:
+    """Median ms of each prefetch stage, and the median of what no stage of a prefetch
+    holds (its wall time less the sum of its stages)."""
+    stages = {k: _ms(v) for k, v in cached.timings.items()}
+    per_step = zip(*cached.timings.values(), strict=True)
+    rest = [total - sum(parts) for total, parts in zip(prefetch_s, per_step, strict=True)]
+    return {"stages_ms": stages, "unaccounted_ms": _ms(rest)}
+
+
 def run_hbm(hbm_step, box, batches, g, dist, warmup) -> float:
     times = []
     for ids, offsets in batches:
@@ -176,6 +191,7 @@ def run_variant(cached, hosts, step, batches, g, warmup, steps, name) -> dict:
     for parts in cached.timings.values():
         parts.clear()
     rows, prefetch_s, step_s = [], [], []
+    cached.profile = True  # each stage waited for: device time lands in its stage
     for ids, offsets in batches[warmup : warmup + steps]:
         start = time.perf_counter()
         ready = cached.prefetch(state, caches, ids, offsets)
@@ -186,11 +202,13 @@ def run_variant(cached, hosts, step, batches, g, warmup, steps, name) -> dict:
         state = jax.block_until_ready(step(ready.state, ready.indices, offsets, g))
         step_s.append(time.perf_counter() - start)
         rows.append(_last(cached, caches))
+    cached.profile = False
     result = {
         "sequential_ms": _ms([a + b for a, b in zip(prefetch_s, step_s, strict=True)]),
         "prefetch_ms": _ms(prefetch_s),
         "device_step_ms": _ms(step_s),
-        **{f"{k}_ms": _ms(v) for k, v in cached.timings.items()},
+        **{f"{k}_ms": _ms(cached.timings[k]) for k in ("d2h", "write_back", "gather", "h2d")},
+        **stage_times(cached, prefetch_s),
         "per_step": rows,
     }
     hits = sum(r["hits"] for r in rows)
@@ -214,8 +232,10 @@ def run_variant(cached, hosts, step, batches, g, warmup, steps, name) -> dict:
 
 
 def transfer_bench(nbytes: int, repeats: int = 5) -> dict:
-    """Median ms of host-to-device copies of ``nbytes``: pageable NumPy, JAX pinned_host
-    (host copy into it, then the copy to the device), torch page-locked memory."""
+    """Median ms of copies of ``nbytes``. To the device: from pageable NumPy, NumPy into a
+    ``pinned_host`` array (a host copy), a ``pinned_host`` array to the device, one written
+    in place (``jaxrec.tbe.staging``), torch page-locked memory; back: into NumPy and into a
+    ``pinned_host`` array."""
     device = jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     pageable = np.ones(nbytes, np.uint8)
@@ -234,11 +254,21 @@ def transfer_bench(nbytes: int, repeats: int = 5) -> dict:
     out["to_pinned_host_ms"] = timed(lambda: jax.device_put(pageable, pinned_sharding))
     pinned = jax.device_put(pageable, pinned_sharding)
     out["pinned_host_to_device_ms"] = timed(lambda: jax.device_put(pinned, sharding))
+    staging = pinned_staging(device)
+    if staging is not None:
+        view = staging.allocate((nbytes, 1))
+        view[:] = 1
+        out["pinned_in_place_ms"] = timed(lambda: staging.to_device(view))
+        staging.release(view)
     allocate = torch_pinned_allocator()
     if allocate is not None:
         locked = allocate((nbytes,))
         locked[:] = 1
         out["torch_pinned_ms"] = timed(lambda: jax.device_put(locked, sharding))
+    on_device = jax.device_put(pageable, sharding)  # "+ 0": a fresh array (no cached copy)
+    out["d2h_pageable_ms"] = timed(lambda: np.asarray(on_device + 0))
+    out["d2h_pinned_host_ms"] = timed(lambda: jax.device_put(on_device + 0, pinned_sharding))
+    out["device_copy_ms"] = timed(lambda: on_device + 0)  # the "+ 0" alone
     for key in [k for k in out if k.endswith("_ms")]:
         out[key.replace("_ms", "_GBps")] = nbytes / out[key] / 1e6
     return out
@@ -293,7 +323,8 @@ def run(args) -> dict:
                 continue
             name = f"{dist} {variant}"
             step = _step(cached)
-            warmup = args.warmup if dist == "zipf" else min(args.warmup, UNIFORM_WARMUP)
+            cap = UNIFORM_WARMUP_QUICK if args.quick else UNIFORM_WARMUP
+            warmup = args.warmup if dist == "zipf" else min(args.warmup, cap)
             out = run_variant(cached, hosts, step, batches[dist], g, warmup, args.steps, name)
             out["ratio_sequential"] = out["sequential_ms"] / result["hbm_ms"]
             out["ratio_pipelined"] = out["pipelined_ms"] / result["hbm_ms"]
@@ -399,7 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8)")
     parser.add_argument("--warmup", type=int, default=None, help="cache warm-up (default 150)")
-    parser.add_argument("--quick", action="store_true", help="50 warm-up and 4 timed steps")
+    parser.add_argument("--quick", action="store_true", help="40 warm-up and 4 timed steps")
     parser.add_argument("--capacity-gb", type=float, default=0.0)
     parser.add_argument("--checkpoint-dir", default="/tmp/jaxrec_capacity_ckpt")
     parser.add_argument("--checkpoint-gb", type=float, default=40.0)
@@ -411,7 +442,7 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             raise ValueError(f"--variants takes {', '.join(VARIANTS)}, got {variant!r}")
-    quick_or_default = (50, 4) if args.quick else (150, 8)
+    quick_or_default = (40, 4) if args.quick else (150, 8)
     args.warmup = quick_or_default[0] if args.warmup is None else args.warmup
     args.steps = quick_or_default[1] if args.steps is None else args.steps
     if args.steps < 2:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import gpu_check_cache
+from jaxrec.tbe.managed import TIMED_PARTS
 
 TINY = "--tables 2 --rows 300 --dim 4 --batch 4 --mean-len 2 --warmup 3 --steps 2"
 
@@ -25,9 +26,13 @@ def test_cache_timing_script_reports_the_split_hit_rate_and_progress(tmp_path, c
             for key in ("sequential", "prefetch", "device_step", "gather", "h2d", "pipelined"):
                 assert out[f"{key}_ms"] > 0, (variant, key)
             assert out["d2h_ms"] >= 0 and out["write_back_ms"] >= 0
+            stages = out["stages_ms"]
+            assert set(stages) == set(TIMED_PARTS) and min(stages.values()) >= 0
+            assert 0 <= out["unaccounted_ms"] < out["prefetch_ms"]
             assert 0 <= out["hit_rate"] <= 1 and len(out["per_step"]) == 2
             assert all(step["unique"] > 0 for step in out["per_step"])
-        assert result["transfer"]["pageable_ms"] > 0
+        for key in ("pageable", "pinned_in_place", "d2h_pageable", "d2h_pinned_host"):
+            assert result["transfer"][f"{key}_ms"] > 0, key
     printed = capsys.readouterr().out
     for phase in (
         "drew 7 batches",
