@@ -51,6 +51,7 @@ import argparse
 import functools
 import json
 import os
+import re
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -209,16 +210,51 @@ def _fused_backward_rule():
     raise RuntimeError("no custom-VJP _lookup with a backward rule in jaxrec.ops")
 
 
+def _run_backward(rule, spec, primals: tuple, cotangent):
+    """``rule(spec, residuals, (cotangent, None))`` for a forward that saw ``primals``
+    (params, ids, offsets, no weights): the residuals are those inputs, followed by ``None``
+    for each optional residual (e.g. a weight gradient not asked for) the rule's version
+    keeps after them."""
+    for extra in range(3):
+        try:
+            return rule(spec, (*primals, *(None,) * extra), (cotangent, None))[0]
+        except ValueError as error:  # too few residuals for this version of the rule
+            if "not enough values to unpack" not in str(error):
+                raise
+    raise RuntimeError("the lookup's backward rule takes an unknown residual layout")
+
+
 def _copy(tree):
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+
+
+def _collective_bytes(jitted, *args) -> int:
+    """Bytes one device hands to collectives (all-to-all, reduce-scatter, all-reduce,
+    all-gather) in the compiled program of ``jitted(*args)``: the sum of their operands'
+    sizes, read from the optimized HLO."""
+    text = jitted.lower(*args).compile().as_text()
+    ops = ("all-to-all", "reduce-scatter", "all-reduce", "all-gather", "all-reduce-start")
+    total = 0
+    for shape, op in re.findall(r"= (\S+(?: \S+)*?) ([a-z][\w-]*)\(", text):
+        if op in ops:
+            for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", shape):
+                count = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+                total += count * _HLO_BYTES.get(dtype, 4)
+    return total
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+              "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
 
 
 def _breakdown(dmp, spec, params, kjt, iters) -> dict:
     """Each part of the sharded step timed on its own (ms), jitted over the mesh on one
     batch, each on the outputs of the part before: input distribution (route, all-to-alls,
     compact), the owners' forward lookups, the output distribution, the gradient
-    distribution (its transpose), the owners' backward with the fused update (in place,
-    tables donated). None is derived from another."""
+    distribution (its backward: ``jax.vjp`` of the output distribution, whose forward XLA
+    drops), the owners' backward with the fused update (in place, tables donated). None is
+    derived from another. Beside each distribution part: the bytes one device hands to its
+    collectives (from the compiled program)."""
     from jaxrec.parallel.sharded_lookup import _local_spec
 
     layout, axis, mesh = spec.layout, dmp.axis, dmp.mesh
@@ -241,9 +277,6 @@ def _breakdown(dmp, spec, params, kjt, iters) -> dict:
         )
     )
     owner_out = own(emb, values, local_offsets)
-    local_shape = jax.ShapeDtypeStruct(
-        (owner_out.shape[0] // dmp.num_devices, *owner_out.shape[1:]), owner_out.dtype
-    )
     outd = jax.jit(
         smap(
             lambda x, kjt: distribute_output(spec, x, kjt.offsets()),
@@ -254,18 +287,17 @@ def _breakdown(dmp, spec, params, kjt, iters) -> dict:
     pooled = outd(owner_out, kjt)
     g = jnp.ones_like(pooled) * 1e-3
 
-    def grad_dist(g, kjt):
+    def grad_dist(g, x, kjt):
         offsets = kjt.offsets()
-        transpose = jax.linear_transpose(lambda x: distribute_output(spec, x, offsets), local_shape)
-        return transpose(g)[0]
+        return jax.vjp(lambda x: distribute_output(spec, x, offsets), x)[1](g)[0]
 
-    gd = jax.jit(smap(grad_dist, in_specs=(ax, ax), out_specs=ax))
-    owner_grad = gd(g, kjt)
+    gd = jax.jit(smap(grad_dist, in_specs=(ax, ax, ax), out_specs=ax))
+    owner_grad = gd(g, owner_out, kjt)
     rule, local = _fused_backward_rule(), _local_spec(spec)
 
     def backward(p, v, o, gx):
         groups = tuple(p["shards"][grp.name] for grp in layout.groups)
-        new = rule(local, (groups, v, o, None), (gx, None))[0]
+        new = _run_backward(rule, local, (groups, v, o, None), gx)
         shards = {grp.name: x for grp, x in zip(layout.groups, new, strict=True)}
         return ({"shards": shards, "replicated": p["replicated"]},)
 
@@ -273,16 +305,69 @@ def _breakdown(dmp, spec, params, kjt, iters) -> dict:
         smap(backward, in_specs=(emb_specs, ax, ax, ax), out_specs=(emb_specs,)),
         donate_argnums=(0,),
     )
+    n = dmp.num_devices
+    live = np.asarray(local_offsets).reshape(n, -1)[:, -1]
     return {
         "input_dist_ms": bench.time_op(ind, [(kjt,)], iters=iters),
         "owner_lookup_forward_ms": bench.time_op(own, [(emb, values, local_offsets)], iters=iters),
         "output_dist_ms": bench.time_op(outd, [(owner_out, kjt)], iters=iters),
-        "gradient_dist_ms": bench.time_op(gd, [(g, kjt)], iters=iters),
+        "gradient_dist_ms": bench.time_op(gd, [(g, owner_out, kjt)], iters=iters),
         "backward_fused_update_ms": _time_stateful(
             bwd, (_copy(emb),), [(values, local_offsets, owner_grad)], iters
         ),
+        "input_dist_collective_bytes": _collective_bytes(ind, kjt),
+        "output_dist_collective_bytes": _collective_bytes(outd, owner_out, kjt),
+        "gradient_dist_collective_bytes": _collective_bytes(gd, g, owner_out, kjt),
+        "owner_ids_capacity": values.shape[0] // n,
+        "owner_ids_live": live.tolist(),
+        "owner_output_bytes": owner_out.nbytes // n,
         "ids_overflowing_ids_per_destination": int(overflow),
         "data_parallel_tables": list(layout.dp_tables),  # looked up inside the step only
+    }
+
+
+def _one_gpu_breakdown(model, emb, kjt, iters, owner_capacity) -> dict:
+    """The one-GPU counterparts of the owners' parts, on the one-GPU model's own tables and
+    batch: the embedding forward alone, the backward with the fused update alone (tables
+    donated), and the same backward on the batch padded to the owners' id capacity (what a
+    larger static capacity alone costs)."""
+    from jaxrec.modules import EmbeddingBagCollection
+    from jaxrec.ops.lookup import lookup
+    from jaxrec.ops.spec import LookupSpec
+
+    ebc = EmbeddingBagCollection(tables=model.tables, optimizer=model.optimizer)
+    plan = ebc.plan
+    spec = LookupSpec.create(
+        plan, tuple(kjt.keys()), batch_size=kjt.stride(), backend=model.backend,
+        optimizer=ebc.group_optimizers(),
+    )  # fmt: skip
+    rule = _fused_backward_rule()
+
+    def forward(p, v, o):
+        return lookup(spec, tuple(p[grp.name] for grp in plan.groups), v, o, None)[0]
+
+    def backward(p, v, o, g):
+        groups = tuple(p[grp.name] for grp in plan.groups)
+        new = _run_backward(rule, spec, (groups, v, o, None), g)
+        return ({grp.name: x for grp, x in zip(plan.groups, new, strict=True)},)
+
+    fwd = jax.jit(forward)
+    bwd = jax.jit(backward, donate_argnums=(0,))
+    values, offsets = kjt.values(), kjt.offsets()
+    out = fwd(emb, values, offsets)
+    g = jnp.ones_like(out) * 1e-3
+    padded = jnp.pad(values, (0, max(owner_capacity - values.shape[0], 0)))
+    return {
+        "embedding_forward_ms": bench.time_op(fwd, [(emb, values, offsets)], iters=iters),
+        "backward_fused_update_ms": _time_stateful(
+            bwd, (_copy(emb),), [(values, offsets, g)], iters
+        ),
+        "backward_fused_update_at_owner_capacity_ms": _time_stateful(
+            bwd, (_copy(emb),), [(padded, offsets, g)], iters
+        ),
+        "ids_capacity": int(values.shape[0]),
+        "ids_live": int(offsets[-1]),
+        "output_bytes": int(out.nbytes),
     }
 
 
@@ -332,25 +417,7 @@ def scaling(args, devices, record) -> None:
         table_gbytes=sum(t.num_embeddings for t in tables) * dim * 4 / 1e9,
     )  # fmt: skip
 
-    # one device: the plain model
-    one = devices[0]
-    whole = [jax.device_put(b[0], one) for b in per_device]
-    params = jax.jit(model.init, device=one)(jax.random.key(0), *whole[0][:2])["params"]
-    tx = _tx()
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def single_step(p, o, *b):
-        loss, grads = jax.value_and_grad(loss_fn)(p, *b)
-        updates, o = tx.update(grads, o, p)
-        return jaxrec.optim.apply_updates(p, updates), o, loss
-
-    record["one_gpu_step_ms"] = _time_stateful(
-        single_step, (params, tx.init(params)), whole, args.iters
-    )
-    del params, whole  # donated to the timed steps
-    record["one_gpu_dense_ms"] = _dense_ms(model, tables, dim, batch, args.iters)
-
-    # every device: the planner's plan, the input all-to-all sized from the pooling factors
+    # the planner's plan over every device, the input all-to-all sized from the pooling factors
     mesh = Mesh(np.array(devices), ("x",))
     link = record.get("all_to_all_gbytes_per_s")
     topology = Topology(
@@ -370,6 +437,30 @@ def scaling(args, devices, record) -> None:
     cap = destination_capacity(layout, pooling, batch, headroom=args.headroom)
     record["ids_per_destination"] = cap
     record["ids_per_destination_exact_bound"] = capacity * send_capacity(layout)
+
+    # one device: the plain model, its step and its parts
+    one = devices[0]
+    whole = [jax.device_put(b[0], one) for b in per_device]
+    params = jax.jit(model.init, device=one)(jax.random.key(0), *whole[0][:2])["params"]
+    tx = _tx()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def single_step(p, o, *b):
+        loss, grads = jax.value_and_grad(loss_fn)(p, *b)
+        updates, o = tx.update(grads, o, p)
+        return jaxrec.optim.apply_updates(p, updates), o, loss
+
+    one_parts = _one_gpu_breakdown(
+        model, params["sparse_arch"]["embedding_bags"], whole[0][1], args.iters, n * cap
+    )
+    record["one_gpu_step_ms"] = _time_stateful(
+        single_step, (params, tx.init(params)), whole, args.iters
+    )
+    del params, whole  # donated to the timed steps
+    record["one_gpu_dense_ms"] = _dense_ms(model, tables, dim, batch, args.iters)
+    one_parts["dense_and_optimizer_ms"] = record["one_gpu_dense_ms"]
+    record["one_gpu"] = one_parts
+
     dmp = DistributedModelParallel(model, mesh, plan=plan, ids_per_destination=cap)
     batches = [dmp.shard_batch(b) for b in per_device]
     variables = dmp.init(jax.random.key(0), *batches[0][:2])
@@ -389,13 +480,27 @@ def scaling(args, devices, record) -> None:
     timed = [k for k, v in parts.items() if k.endswith("_ms")]
     parts["parts_sum_ms"] = sum(parts[k] for k in timed)
     parts["step_over_parts_sum"] = record["sharded_step_ms"] / parts["parts_sum_ms"]
+    parts["share_of_parts_sum"] = {k: parts[k] / parts["parts_sum_ms"] for k in timed}
     comms = parts["input_dist_ms"] + parts["output_dist_ms"] + parts["gradient_dist_ms"]
-    parts["redistribution_ms"] = comms
+    parts["redistribution_ms"] = comms  # input + output + gradient distribution
     record["sharded"] = parts
     record["redistribution_share"] = comms / record["sharded_step_ms"]
     record["per_gpu_throughput_vs_one_gpu"] = record["one_gpu_step_ms"] / record["sharded_step_ms"]
     record["examples_per_s"] = n * batch / (record["sharded_step_ms"] * 1e-3)
     record["one_gpu_examples_per_s"] = batch / (record["one_gpu_step_ms"] * 1e-3)
+    record["owner_vs_one_gpu"] = {
+        "forward": parts["owner_lookup_forward_ms"] / one_parts["embedding_forward_ms"],
+        "backward_fused_update": parts["backward_fused_update_ms"]
+        / one_parts["backward_fused_update_ms"],
+        "live_ids": max(parts["owner_ids_live"]) / one_parts["ids_live"],
+        "ids_capacity": parts["owner_ids_capacity"] / one_parts["ids_capacity"],
+    }
+    gd, od = parts["gradient_dist_ms"], parts["output_dist_ms"]
+    record["gradient_over_output_dist"] = {
+        "time": gd / od,
+        "collective_bytes": parts["gradient_dist_collective_bytes"]
+        / max(parts["output_dist_collective_bytes"], 1),
+    }
 
 
 # ---- capacity -----------------------------------------------------------------------------

@@ -16,6 +16,21 @@ def test_cpu_mode_measures_scaling_and_capacity(tmp_path):
     assert all(parts[key] > 0 for key in timed)  # each measured, none derived
     assert parts["parts_sum_ms"] == sum(parts[key] for key in timed)
     assert parts["ids_overflowing_ids_per_destination"] == 0
+    assert abs(sum(parts["share_of_parts_sum"].values()) - 1) < 1e-9
+    assert parts["redistribution_ms"] == sum(
+        parts[key] for key in ("input_dist_ms", "output_dist_ms", "gradient_dist_ms")
+    )
+    # the gradient distribution hands its collectives the bytes the output distribution does
+    assert parts["gradient_dist_collective_bytes"] == parts["output_dist_collective_bytes"] > 0
+    assert parts["input_dist_collective_bytes"] > 0
+    assert max(parts["owner_ids_live"]) <= parts["owner_ids_capacity"]
+    one = record["one_gpu"]  # the single-GPU counterpart of each owner part, same run
+    for key in ("embedding_forward_ms", "backward_fused_update_ms", "dense_and_optimizer_ms"):
+        assert one[key] > 0
+    assert one["backward_fused_update_at_owner_capacity_ms"] > 0
+    assert 0 < one["ids_live"] <= one["ids_capacity"]
+    assert set(record["owner_vs_one_gpu"]) == {"forward", "backward_fused_update", "live_ids",
+                                                "ids_capacity"}  # fmt: skip
     assert record["ids_per_destination"] < record["ids_per_destination_exact_bound"]
     assert set(v[0] for v in record["plan"].values()) == {"table_wise"}
     assert record["all_to_all_gbytes_per_s"] > 0 and record["reduce_scatter_gbytes_per_s"] > 0
