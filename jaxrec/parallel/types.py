@@ -6,7 +6,10 @@ on the axis):
 - ``TABLE_WISE``: the whole table on one rank.
 - ``ROW_WISE``: rows split over every rank; pooled partial sums are reduce-scattered.
 - ``COLUMN_WISE``: columns split over ranks (each shard is a whole-row-range table of a
-  few columns); the shards' outputs are concatenated.
+  few columns); the shards' outputs are concatenated. With a row-wise optimizer (row-wise
+  Adagrad, partial row-wise Adam/LAMB) each shard keeps its own per-row state, computed
+  over its own columns, as TorchRec does: results differ from one device
+  (:class:`ShardingType` says how).
 - ``TABLE_ROW_WISE``: rows split over a subset of ranks (TorchRec: the ranks of one host).
 - ``TABLE_COLUMN_WISE``: columns split over a subset of ranks, each shard placed table-wise.
 - ``DATA_PARALLEL``: a replica on every rank; replicas combine their sparse gradients.
@@ -53,7 +56,16 @@ __all__ = [
 
 
 class ShardingType(enum.StrEnum):
-    """How a table is split across the devices of a mesh axis (TorchRec's values)."""
+    """How a table is split across the devices of a mesh axis (TorchRec's values).
+
+    ``COLUMN_WISE`` and ``TABLE_COLUMN_WISE`` with a row-wise optimizer: as TorchRec, each
+    column shard keeps per-shard row-wise state, so results differ from one device. Row-wise
+    Adagrad on a shard of columns ``C`` accumulates ``s += mean(g[C] ** 2)`` and updates
+    ``w[C] -= lr * g[C] / (sqrt(s) + eps)``, where one device uses the mean over all columns.
+    Every rule that reduces over a row does so over the shard's columns (LAMB's and LARS's
+    trust ratios, ``max_norm``). Element-wise rules (SGD, Adagrad, Adam) and plain tables
+    are unaffected: sharded numerics equal one device's.
+    """
 
     DATA_PARALLEL = "data_parallel"
     TABLE_WISE = "table_wise"
