@@ -107,8 +107,13 @@ ABOUT = {
         "words as 'default', so its gap to 'default' is the run-to-run spread of one kernel "
         "(no byte loads are involved)"
     ),
+    "rounds_ms": (
+        "in the INT8/INT4 timings of the default and the 3 fastest forms: the first median "
+        "and those of 2 more rounds, the finalists timed round-robin after the sweep"
+    ),
     "suggested_defaults": (
-        "per quantized precision: the fastest correct form, its time and the default's, "
+        "per quantized precision: the correct form with the least mean of rounds_ms, that "
+        "mean (best_ms) and the default's, "
         "and the one line of kernels/quantized_lookup.py (DEFAULT_LAUNCH) that makes it the "
         "default"
     ),
@@ -205,6 +210,7 @@ class Run:
         self.lookups, self.reps = lookups, reps
         self.other_bytes = 0  # ids, offsets and the float32 output of a jaxrec lookup
         self.correctness, self.timings, self.failed = [], [], []
+        self.forms = {}  # name -> (timed function, its arguments) of the forms being swept
 
     def check(self, name: str, got, bad, ref, dim: int, rtol: float = 1e-5) -> bool:
         report = compare(got, ref, int(bad), dim, rtol)
@@ -303,6 +309,29 @@ def run_variant(run: Run, name, variant: Variant, table, ids, offsets, ref, opts
     if run.check(name, got, bad, ref, dim):
         args = (table, ids, offsets)
         run.time(name, fwd, args, row_bytes(dim, wt), wt, PALLAS, variant.config, variant)
+        run.forms[name] = (fwd, args)
+
+
+FINALISTS, ROUNDS = 3, 2
+
+
+def retime_finalists(run: Run, wt: str) -> None:
+    """Time the default and the ``FINALISTS`` fastest forms of ``wt`` again, round-robin for
+    ``ROUNDS`` rounds, into each one's ``rounds_ms`` (its first median included): one
+    timing of a kernel moved by up to 13% in run A, so the pick rests on the mean of the
+    rounds."""
+    swept = [t for t in run.timings if t["precision"] == wt and t["name"] in run.forms]
+    swept.sort(key=lambda t: t["median_ms"])
+    finalists = swept[:FINALISTS] + [
+        t for t in swept[FINALISTS:] if t["name"] == f"{wt} jaxrec default"
+    ]
+    for t in finalists:
+        t["rounds_ms"] = [t["median_ms"]]
+    for _ in range(ROUNDS):
+        for t in finalists:
+            fwd, args = run.forms[t["name"]]
+            t["rounds_ms"].append(median_seconds(fwd, args, run.reps)[0] * 1e3)
+    run.forms.clear()
 
 
 def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: bool) -> None:
@@ -329,6 +358,7 @@ def run_quantized(run: Run, w, ids, offsets, feats, kw, interpret: bool, small: 
             name = f"{wt} jaxrec {label}"
             table = tables[variant.word_bytes]
             run_variant(run, name, variant, table, ids, offsets, ref, opts)
+        retime_finalists(run, wt)
         table = tables[default_view]
         # The cases below run the default form: only when it compiled and was right.
         default_ok = any(t["name"] == f"{wt} jaxrec default" for t in run.timings)
@@ -420,10 +450,14 @@ def suggested_defaults(result: dict) -> dict:
     out = {}
     dim = result["shape"]["dim"]
     for wt in ("int8", "int4"):
-        swept = [t for t in result["timings"] if t["precision"] == wt and "word_bytes" in t]
+        swept = [t for t in result["timings"] if t["precision"] == wt and "rounds_ms" in t]
         if not swept:
             continue
-        best = min(swept, key=lambda t: t["median_ms"])
+
+        def mean_ms(t):
+            return sum(t["rounds_ms"]) / len(t["rounds_ms"])
+
+        best = min(swept, key=mean_ms)
         default = next((t for t in swept if t["name"] == f"{wt} jaxrec default"), None)
         c, nbytes = best["config"], row_bytes(dim, wt)
         warps = c["num_warps"] // (1 if nbytes <= 256 else 2) or 1
@@ -435,11 +469,9 @@ def suggested_defaults(result: dict) -> dict:
         )
         out[wt] = {
             "best": best["name"],
-            "best_ms": best["median_ms"],
-            "default_ms": None if default is None else default["median_ms"],
-            "default_over_best": None
-            if default is None
-            else default["median_ms"] / best["median_ms"],
+            "best_ms": mean_ms(best),
+            "default_ms": None if default is None else mean_ms(default),
+            "default_over_best": None if default is None else mean_ms(default) / mean_ms(best),
             "line": line,
         }
     return out
