@@ -37,13 +37,14 @@ __all__ = ["PinnedStaging", "host_view", "pinned_staging"]
 
 def host_view(array: jax.Array) -> np.ndarray:
     """A writable NumPy view of the bytes of a single-device host-memory ``array`` (uint8,
-    same shape). The view is valid while ``array`` lives; keep a reference to it."""
+    same shape), once the array is ready. The view is valid while ``array`` lives; keep a
+    reference to it."""
     if array.dtype != np.uint8 or len(array.addressable_shards) != 1:
         raise ValueError(
             f"host_view needs a single-device uint8 array, got {array.dtype} on "
             f"{len(array.addressable_shards)} devices"
         )
-    pointer = array.addressable_data(0).unsafe_buffer_pointer()
+    pointer = jax.block_until_ready(array).addressable_data(0).unsafe_buffer_pointer()
     raw = (ctypes.c_uint8 * max(array.size, 1)).from_address(pointer)
     return np.frombuffer(raw, np.uint8, count=array.size).reshape(array.shape)
 
