@@ -16,6 +16,9 @@ features, one bag each (all single ids but ``genre``, a multi-hot bag of the mov
 
 Dense features (2): ``age / 100`` and ``(release year - 1900) / 100`` (0 when unknown).
 :attr:`MovieLens100K.num_embeddings` gives each feature's number of rows, to size the tables.
+:func:`add_user_history` adds a ninth sparse feature, ``history`` (the items the user rated in
+the training split), and :func:`add_rating_statistics` four dense ones, both read from the
+training split alone.
 
 The files are read from GroupLens' layout (``u.data``, ``u.user``, ``u.item``) or RecBole's
 atomic files (``ml-100k.inter``, ``ml-100k.user``, ``ml-100k.item``). Without a path, the copy
