@@ -162,9 +162,8 @@ def test_ignore_skips_the_rows_without_counting_them():
 def test_fatal_raises_on_a_skipped_row():
     ebc = _ebc("xla", "fatal")
     kjt = _kjt()
-    params = ebc.init(jax.random.key(0), kjt)[
-        "params"
-    ]  # eager: a jitted FATAL check needs checkify
+    # Eager: a jitted init's FATAL bounds check would need checkify.
+    params = ebc.init(jax.random.key(0), kjt)["params"]
     g = _cotangent([d for _, d, _ in TABLES])
     loss = lambda p: jnp.sum(ebc.apply({"params": p}, kjt).values() * g)  # noqa: E731
     err, _ = jax.jit(checkify.checkify(jax.grad(loss)))(params)
