@@ -347,6 +347,8 @@ def lookup(
       weights: per-sample weights [capacity] or None. They scale the rows. Pooled: their
         cotangent is ``<row_i, grad_bag>`` (divided by the bag length under MEAN; zero
         for padding and bad ids), as FBGEMM's; sequence lookups do not read them (zero).
+        The backward computes it only when JAX differentiates the weights; a step that
+        differentiates the tables alone does not read the rows again for it.
 
     Returns:
       ``(out, bad_count)``: pooled: out [B, sum of dims] in the
