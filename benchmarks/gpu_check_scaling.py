@@ -307,6 +307,11 @@ def _breakdown(dmp, spec, params, kjt, iters) -> dict:
     )
     n = dmp.num_devices
     live = np.asarray(local_offsets).reshape(n, -1)[:, -1]
+    # device 0's owner part alone, outside shard_map: its block, ids and gradient as
+    # one-device arrays (tells the owner's data from the sharded program around it)
+    first = lambda x: x.addressable_shards[0].data  # noqa: E731
+    alone = jax.jit(backward, donate_argnums=(0,))
+    alone_args = [tuple(first(x) for x in (values, local_offsets, owner_grad))]
     return {
         "input_dist_ms": bench.time_op(ind, [(kjt,)], iters=iters),
         "owner_lookup_forward_ms": bench.time_op(own, [(emb, values, local_offsets)], iters=iters),
@@ -314,6 +319,9 @@ def _breakdown(dmp, spec, params, kjt, iters) -> dict:
         "gradient_dist_ms": bench.time_op(gd, [(g, owner_out, kjt)], iters=iters),
         "backward_fused_update_ms": _time_stateful(
             bwd, (_copy(emb),), [(values, local_offsets, owner_grad)], iters
+        ),
+        "backward_fused_update_device0_alone_ms": _time_stateful(
+            alone, (_copy(jax.tree.map(first, emb)),), alone_args, iters
         ),
         "input_dist_collective_bytes": _collective_bytes(ind, kjt),
         "output_dist_collective_bytes": _collective_bytes(outd, owner_out, kjt),
@@ -477,7 +485,8 @@ def scaling(args, devices, record) -> None:
     parts = _breakdown(dmp, spec, state[0], batches[0][1], args.iters)
     parts["dense_and_optimizer_ms"] = _dense_ms(model, tables, dim, batch, args.iters, mesh)
     record["sharded_step_ms"] = _time_stateful(step, state, batches, args.iters)
-    timed = [k for k, v in parts.items() if k.endswith("_ms")]
+    timed = ["input_dist_ms", "owner_lookup_forward_ms", "output_dist_ms", "gradient_dist_ms"]
+    timed += ["backward_fused_update_ms", "dense_and_optimizer_ms"]  # the step's parts
     parts["parts_sum_ms"] = sum(parts[k] for k in timed)
     parts["step_over_parts_sum"] = record["sharded_step_ms"] / parts["parts_sum_ms"]
     parts["share_of_parts_sum"] = {k: parts[k] / parts["parts_sum_ms"] for k in timed}
@@ -491,6 +500,8 @@ def scaling(args, devices, record) -> None:
     record["owner_vs_one_gpu"] = {
         "forward": parts["owner_lookup_forward_ms"] / one_parts["embedding_forward_ms"],
         "backward_fused_update": parts["backward_fused_update_ms"]
+        / one_parts["backward_fused_update_ms"],
+        "backward_fused_update_device0_alone": parts["backward_fused_update_device0_alone_ms"]
         / one_parts["backward_fused_update_ms"],
         "live_ids": max(parts["owner_ids_live"]) / one_parts["ids_live"],
         "ids_capacity": parts["owner_ids_capacity"] / one_parts["ids_capacity"],

@@ -29,8 +29,10 @@ def test_cpu_mode_measures_scaling_and_capacity(tmp_path):
         assert one[key] > 0
     assert one["backward_fused_update_at_owner_capacity_ms"] > 0
     assert 0 < one["ids_live"] <= one["ids_capacity"]
+    assert parts["backward_fused_update_device0_alone_ms"] > 0  # not one of the step's parts
     assert set(record["owner_vs_one_gpu"]) == {"forward", "backward_fused_update", "live_ids",
-                                                "ids_capacity"}  # fmt: skip
+                                                "ids_capacity",
+                                                "backward_fused_update_device0_alone"}  # fmt: skip
     assert record["ids_per_destination"] < record["ids_per_destination_exact_bound"]
     assert set(v[0] for v in record["plan"].values()) == {"table_wise"}
     assert record["all_to_all_gbytes_per_s"] > 0 and record["reduce_scatter_gbytes_per_s"] > 0
