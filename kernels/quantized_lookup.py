@@ -107,12 +107,15 @@ class QuantizedLaunch(NamedTuple):
 
 #: The default launch per weight type: the line the GPU check
 #: (``python -m benchmarks.gpu_check_quantized``) prints its best measured shape as.
-#: INT8 and INT4 keep ~4 KB of rows in flight per warp and step (32 and 64 ids of dim 128)
-#: on one warp (a second warp splits a bag's ids and adds a cross-warp reduction), read in
-#: 4-byte words with the scale and bias in one load.
+#: INT8 and INT4 are the fastest forms of the H200 sweep (run D in BENCHMARKS.md): ~2 KB
+#: of rows in flight per warp and step (16 and 32 ids of dim 128) on one warp, read in
+#: 4-byte words; INT8 loads its scale and bias one at a time (the single load measured
+#: 2.6x slower there), INT4 in one load. INT2 keeps the unmeasured ~4 KB.
 DEFAULT_LAUNCH: dict[str, QuantizedLaunch] = {
-    "int8": QuantizedLaunch(row_bytes_per_warp=4096, num_warps=1, block_bags=1, word_bytes=4),
-    "int4": QuantizedLaunch(row_bytes_per_warp=4096, num_warps=1, block_bags=1, word_bytes=4),
+    "int8": QuantizedLaunch(
+        row_bytes_per_warp=2176, num_warps=1, block_bags=1, word_bytes=4, one_scale_bias_read=False
+    ),
+    "int4": QuantizedLaunch(row_bytes_per_warp=2176, num_warps=1, block_bags=1, word_bytes=4),
     "int2": QuantizedLaunch(row_bytes_per_warp=4096, num_warps=1, block_bags=1, word_bytes=4),
 }
 
@@ -125,11 +128,11 @@ def default_quantized_config(dim: int, weight_type: str) -> PooledConfig:
     memory latency.
 
     >>> default_quantized_config(128, "int8")                  # rows of 136 bytes
-    PooledConfig(block_bags=1, block_len=32, num_warps=1, num_stages=2, strategy='bags', eviction_policy=None)
+    PooledConfig(block_bags=1, block_len=16, num_warps=1, num_stages=2, strategy='bags', eviction_policy=None)
     >>> default_quantized_config(128, "int4").block_len        # rows of 68 bytes
-    64
+    32
     >>> default_quantized_config(512, "int8").num_warps, default_quantized_config(512, "int8").block_len
-    (2, 16)
+    (2, 8)
     """
     if weight_type not in DEFAULT_LAUNCH:
         raise ValueError(f"weight_type must be one of {tuple(DEFAULT_LAUNCH)}, got {weight_type!r}")

@@ -338,7 +338,7 @@ def test_a_word_view_the_lowering_cannot_address_is_refused():
 def test_the_default_launch_is_one_table_entry_per_precision(monkeypatch):
     from jaxrec_kernels import quantized_lookup as ql
 
-    assert ql.default_quantized_config(128, "int8").block_len == 32
+    assert ql.default_quantized_config(128, "int8").block_len == 16
     launch = ql.QuantizedLaunch(row_bytes_per_warp=8 * 136, num_warps=2, block_bags=4)
     monkeypatch.setitem(ql.DEFAULT_LAUNCH, "int8", launch._replace(word_bytes=1))
     cfg = ql.default_quantized_config(128, "int8")
