@@ -171,6 +171,53 @@ def _group_rows(layout: CacheLayout, ids, offsets, batch_size):
     return rows, valid, member
 
 
+def scatter_index(index: jax.Array, keep: jax.Array, size: int) -> jax.Array:
+    """``index`` where ``keep``, else a distinct out-of-range index ``size + i``.
+
+    Scatter targets for ``mode="drop"``: dropped entries land on distinct addresses past
+    the end rather than on one shared index (on a GPU, millions of updates of one address
+    serialize), so a scatter whose kept indices are distinct may say ``unique_indices``.
+
+    >>> scatter_index(jnp.array([4, 1, 2, 0]), jnp.array([True, False, True, False]), 5).tolist()
+    [4, 6, 2, 8]
+    """
+    n = index.shape[0]
+    if size + n > _BIG:
+        raise ValueError(f"scatter_index: size {size} + {n} entries overflows int32")
+    return jnp.where(keep, index, size + jnp.arange(n, dtype=index.dtype))
+
+
+def _run_heads(sorted_keys: jax.Array) -> jax.Array:
+    """True at the first element of each run of equal values of a sorted array."""
+    first = jnp.ones((min(1, sorted_keys.shape[0]),), bool)
+    return jnp.concatenate([first, sorted_keys[1:] != sorted_keys[:-1]])
+
+
+def sorted_unique(rows: jax.Array, fill: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``jnp.unique(rows, size=n, fill_value=fill, return_inverse=True)`` plus run lengths.
+
+    One stable sort and scatters onto distinct indices only (``jnp.unique``'s fixed-size
+    path bins every duplicate onto one counter). Returns ``(uniq, inverse, runs)``:
+    ``runs[k]`` is how many times ``uniq[k]`` occurs (0 for the fill).
+
+    >>> u, inv, runs = sorted_unique(jnp.array([5, 2, 5, 9]), fill=-1)
+    >>> u.tolist(), inv.tolist(), runs.tolist()
+    ([2, 5, 9, -1], [1, 0, 1, 2], [1, 2, 1, 0])
+    """
+    n = rows.shape[0]
+    pos = jnp.arange(n, dtype=jnp.int32)
+    sorted_rows, perm = jax.lax.sort((rows, pos), num_keys=1, is_stable=True)
+    head = _run_heads(sorted_rows)
+    group = jnp.cumsum(head.astype(jnp.int32)) - 1
+    at = scatter_index(group, head, n)
+    uniq = (
+        jnp.full((n,), fill, rows.dtype).at[at].set(sorted_rows, mode="drop", unique_indices=True)
+    )
+    starts = jnp.full((n + 1,), n, jnp.int32).at[at].set(pos, mode="drop", unique_indices=True)
+    inverse = jnp.zeros((n,), jnp.int32).at[perm].set(group, unique_indices=True)
+    return uniq, inverse, starts[1:] - starts[:-1]
+
+
 def _metrics(layout: CacheLayout, uniq, real, hit, miss, evicting):
     # A one-hot reduction over the few tables: a segment sum would be a scatter-add of N
     # updates onto a handful of counters (atomics all hitting the same addresses on a GPU).
@@ -200,8 +247,7 @@ def assign(
     n = ids.shape[0]
     sets, ways, sentinel = layout.sets, layout.ways, layout.num_rows
     rows, valid, member = _group_rows(layout, ids, offsets, batch_size)
-    uniq, inverse = jnp.unique(rows, size=n, fill_value=sentinel, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    uniq, inverse, runs = sorted_unique(rows, sentinel)
     real = uniq < sentinel
     set_u = jnp.where(real, set_of(uniq, sets), 0)
 
@@ -212,11 +258,15 @@ def assign(
     miss = real & ~hit
 
     # Ways that must stay: rows of this batch (hits) and the locked slots.
-    keep = jnp.zeros((sets, ways), bool)
-    keep = keep.at[jnp.where(hit, set_u, sets), hit_way].set(True, mode="drop")
-    locked = locked.reshape(-1)
-    lock_set = jnp.where(locked >= 0, locked // ways, sets)
-    keep = keep.at[lock_set, jnp.maximum(locked, 0) % ways].set(True, mode="drop")
+    # Every scatter below sends its dropped entries to distinct out-of-range indices
+    # (scatter_index); the kept ones are distinct (hit slots, deduplicated locked slots).
+    slots = layout.slots
+    keep = jnp.zeros((slots,), bool)
+    hit_slot = scatter_index(set_u * ways + hit_way, hit, slots)
+    keep = keep.at[hit_slot].set(True, mode="drop", unique_indices=True)
+    locked = jax.lax.sort(locked.reshape(-1).astype(jnp.int32))
+    lock_at = scatter_index(locked, _run_heads(locked) & (locked >= 0), slots)
+    keep = keep.at[lock_at].set(True, mode="drop", unique_indices=True).reshape(sets, ways)
     if layout.algorithm == "lru":
         use = state.stamps
     else:
@@ -228,8 +278,9 @@ def assign(
     sorted_set, perm = jax.lax.sort(
         (miss_set, jnp.arange(n, dtype=jnp.int32)), num_keys=1, is_stable=True
     )
-    first = jnp.searchsorted(sorted_set, sorted_set, side="left").astype(jnp.int32)
-    rank = jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32) - first)
+    position = jnp.arange(n, dtype=jnp.int32)
+    first = jax.lax.cummax(jnp.where(_run_heads(sorted_set), position, 0))
+    rank = jnp.zeros((n,), jnp.int32).at[perm].set(position - first, unique_indices=True)
     # Victim order per set, sorted once over the sets ([sets, ways]) rather than once per
     # unique row of the batch ([N, ways], N the padded batch capacity: several times more).
     order = jnp.argsort(priority, axis=1, stable=True).astype(jnp.int32)
@@ -241,22 +292,31 @@ def assign(
     old_tag = state.tags[set_u, victim_way]
     evicting = miss & (old_tag >= 0)
 
-    miss_target = jnp.where(miss, set_u, sets)
-    tags = state.tags.at[miss_target, victim_way].set(uniq, mode="drop")
-    stamps = state.stamps.at[jnp.where(real, set_u, sets), way].set(state.clock, mode="drop")
+    # Misses take distinct victims unless the set overflows (the batch is then refused):
+    # not declared unique, so an overflowing batch's state stays well defined.
+    miss_slot = scatter_index(set_u * ways + victim_way, miss, slots)
+    tags = state.tags.reshape(-1).at[miss_slot].set(uniq, mode="drop").reshape(sets, ways)
+    # Every entry writes the same clock, so a repeated slot (overflow) cannot matter.
+    use_slot = scatter_index(set_u * ways + way, real, slots)
+    stamps = (
+        state.stamps.reshape(-1).at[use_slot].set(state.clock, mode="drop", unique_indices=True)
+    )
+    stamps = stamps.reshape(sets, ways)
     counts = state.counts
     if layout.algorithm == "lfu":
-        reads = jax.ops.segment_sum(valid.astype(jnp.int32), inverse, n)
-        counts = counts.at[jnp.where(real, uniq, sentinel)].add(reads, mode="drop")
+        # A real row's positions are exactly its valid positions: its run in the sort.
+        row_at = scatter_index(uniq, real, sentinel)
+        counts = counts.at[row_at].add(runs, mode="drop", unique_indices=True)
 
     num_misses = jnp.sum(miss.astype(jnp.int32))
     compact = jnp.arange(n) < num_misses
     # Evictions compacted on their own: a warm cache under skewed ids evicts far fewer rows
     # than it loads, and only those records travel back to the host.
     num_evictions = jnp.sum(evicting.astype(jnp.int32))
-    evict_at = jnp.where(evicting, jnp.cumsum(evicting.astype(jnp.int32)) - 1, n)
-    evict_rows = jnp.full((n,), -1, jnp.int32).at[evict_at].set(old_tag, mode="drop")
-    evict_slots = jnp.full((n,), -1, jnp.int32).at[evict_at].set(slot_u, mode="drop")
+    evict_at = scatter_index(jnp.cumsum(evicting.astype(jnp.int32)) - 1, evicting, n)
+    no_evict = jnp.full((n,), -1, jnp.int32)
+    evict_rows = no_evict.at[evict_at].set(old_tag, mode="drop", unique_indices=True)
+    evict_slots = no_evict.at[evict_at].set(slot_u, mode="drop", unique_indices=True)
     last = _metrics(layout, uniq, real, hit, miss, evicting)
     new_state = CacheState(
         tags=tags,
