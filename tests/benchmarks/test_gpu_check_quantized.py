@@ -5,6 +5,7 @@ import json
 
 import jax.numpy as jnp
 import pytest
+from jaxrec_kernels.quantized_lookup import DEFAULT_LAUNCH, default_quantized_config
 
 from benchmarks import gpu_check_quantized
 from benchmarks.gpu_check_quantized import main
@@ -37,8 +38,13 @@ def test_cpu_mode_checks_times_and_writes_the_targets(tmp_path, capsys):
     int8 = next(t for t in written["timings"] if t["name"] == "int8 jaxrec default")
     shape = written["shape"]
     assert int8["bytes_read"] == shape["lookups"] * (shape["dim"] + 8)  # int8 row bytes
-    assert int8["config"]["block_len"] == 128 and int8["pct_of_copy"] > 0  # 4 KB of 24 B rows
-    assert (int8["word_bytes"], int8["one_scale_bias_read"]) == (4, True)
+    launch = DEFAULT_LAUNCH["int8"]  # the default form is the one the table names
+    expected = default_quantized_config(shape["dim"], "int8")
+    assert int8["config"]["block_len"] == expected.block_len and int8["pct_of_copy"] > 0
+    assert (int8["word_bytes"], int8["one_scale_bias_read"]) == (
+        launch.word_bytes,
+        launch.one_scale_bias_read,
+    )
     swept = {t["name"]: t for t in written["timings"] if "word_bytes" in t}
     assert swept["int8 jaxrec e1_2x16_w1"]["word_bytes"] == 1
     assert swept["int4 jaxrec e4_1x16_w1_2reads"]["one_scale_bias_read"] is False
