@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.tbe.cache import CacheLayout, assign, set_of
+from jaxrec.tbe.cache import CacheLayout, assign, scatter_index, set_of, sorted_unique
 
 
 def _layout(algorithm, ways=3, sets=1, rows=20):
@@ -141,3 +141,19 @@ def test_evictions_are_compacted_apart_from_the_misses():
     assert (int(plan.num_misses), int(plan.num_evictions)) == (2, 1)
     assert plan.evict_rows[:2].tolist() == [1, -1]
     assert plan.evict_slots[:2].tolist() == [int(first.slots[0]), -1]
+
+
+def test_scatter_index_sends_dropped_entries_to_distinct_out_of_range_indices():
+    keep = jnp.array([True, False, False, True, False])
+    at = np.asarray(scatter_index(jnp.array([3, 0, 0, 1, 0]), keep, 4))
+    assert at[[0, 3]].tolist() == [3, 1]
+    dropped = at[~np.asarray(keep)]
+    assert (dropped >= 4).all() and len(set(dropped.tolist())) == dropped.size
+
+
+def test_sorted_unique_matches_jnp_unique_and_counts_runs():
+    rows = jnp.array([7, 2, 7, 9, 2, 7, 11, 11], jnp.int32)
+    uniq, inverse, runs = sorted_unique(rows, 11)
+    ref, ref_inv = jnp.unique(rows, size=8, fill_value=11, return_inverse=True)
+    assert uniq.tolist() == ref.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
+    assert runs.tolist() == [2, 3, 1, 2, 0, 0, 0, 0]
