@@ -1,8 +1,9 @@
 """jaxrec: TorchRec's embedding collections and FBGEMM's table-batched embeddings for JAX.
 
 >>> import jaxrec
->>> sorted(n for n in jaxrec.__all__ if n.startswith("Embedding"))
-['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection', 'EmbeddingConfig']
+>>> sorted(n for n in jaxrec.__all__ if n.startswith("Embedding"))  # doctest: +NORMALIZE_WHITESPACE
+['EmbeddingBagCollection', 'EmbeddingBagConfig', 'EmbeddingCollection',
+ 'EmbeddingComputeKernel', 'EmbeddingConfig']
 """
 
 from jaxrec import metrics, optim, parallel, quant, tbe
