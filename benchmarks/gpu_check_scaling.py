@@ -516,7 +516,7 @@ def scaling(args, devices, record) -> None:
 
 # ---- capacity -----------------------------------------------------------------------------
 def capacity(args, devices, record) -> None:
-    dim, batch, n = args.dim, args.batch, len(devices)
+    dim, batch = args.dim, args.batch
     count = 26
     rows = int(args.capacity_gb * 1e9 / (count * dim * 4))
     tables = _tables([rows] * count, dim)
@@ -530,16 +530,7 @@ def capacity(args, devices, record) -> None:
         record["one_gpu_planner"] = "placed (the tables fit one device: raise --capacity-gb)"
     except ValueError as refused:
         record["one_gpu_planner"] = f"refused: {refused}"
-    # equal tables filling the devices: row-wise balances them exactly (a greedy table-wise
-    # packing strands a table's worth of free memory on each device)
-    rows_only = ParameterConstraints(sharding_types=(ShardingType.ROW_WISE,))
-    planner = _planner(
-        args,
-        Topology(num_devices=n, hbm_cap=args.hbm_cap),
-        constraints={t.name: rows_only for t in tables},
-    )
-    mesh = Mesh(np.array(devices), ("x",))
-    dmp = DistributedModelParallel(model, mesh, plan=planner)
+    planner, dmp = _row_wise(args, tables, model, devices)
     rng = np.random.default_rng(0)
     cap = _capacity(tables, batch)
     batches = [
@@ -560,6 +551,20 @@ def capacity(args, devices, record) -> None:
     record["ok"] = bool(np.all(np.isfinite(losses))) and record["one_gpu_planner"].startswith(
         "refused"
     )
+
+
+def _row_wise(args, tables, model, devices):
+    """``(planner, dmp)`` placing equal tables row-wise over ``devices``: row-wise balances
+    them exactly (a greedy table-wise packing strands a table's worth of free memory on each
+    device)."""
+    rows_only = ParameterConstraints(sharding_types=(ShardingType.ROW_WISE,))
+    planner = _planner(
+        args,
+        Topology(num_devices=len(devices), hbm_cap=args.hbm_cap),
+        constraints={t.name: rows_only for t in tables},
+    )
+    mesh = Mesh(np.array(devices), ("x",))
+    return planner, DistributedModelParallel(model, mesh, plan=planner)
 
 
 # ---- checkpoint ---------------------------------------------------------------------------
@@ -593,14 +598,8 @@ def checkpoint(args, devices, record) -> None:
     rows = int(args.checkpoint_gb * 1e9 / (count * dim * 4))
     tables = _tables([rows] * count, dim)
     model = _model(tables, dim, args.backend)
-    rows_only = ParameterConstraints(sharding_types=(ShardingType.ROW_WISE,))
-    planner = _planner(
-        args,
-        Topology(num_devices=n, hbm_cap=args.hbm_cap),
-        constraints={t.name: rows_only for t in tables},
-    )
-    mesh = Mesh(np.array(devices), ("x",))
-    dmp = DistributedModelParallel(model, mesh, plan=planner)
+    planner, dmp = _row_wise(args, tables, model, devices)
+    mesh = dmp.mesh
     rng = np.random.default_rng(0)
     batch = dmp.shard_batch(
         [_device_batch(tables, args.batch, _capacity(tables, args.batch), rng) for _ in devices]
