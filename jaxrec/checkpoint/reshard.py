@@ -1,12 +1,16 @@
 """Moving table rows between row-block arrays on a mesh axis, device to device.
 
 :func:`move` runs the :class:`~jaxrec.checkpoint.geometry.Copy` list of two placements
-inside one jitted ``jax.shard_map``: copies within a rank are local slices; copies from
-rank ``r`` to rank ``r + s`` travel in one ``jax.lax.ppermute`` per (shift ``s``, dtype),
-packed into a buffer as large as the most any rank sends at that shift. No
-rank ever holds more of a table than its blocks of the source and the destination plus
-one such buffer, so a whole table is never gathered onto one device (unless the
-destination is replicated, as data-parallel tables are).
+inside one jitted ``jax.shard_map``. The program is the same on every rank: which rows a
+rank sends and where it writes what it receives are read from small constant tables
+indexed by ``jax.lax.axis_index`` (no branch per rank). Copies within a rank are local;
+copies from rank ``r`` to rank ``r + s`` travel in one ``jax.lax.ppermute`` per shift
+``s``. Copies that agree in source, destination and columns share a *slot* per rank, so
+each slot moves as one contiguous block: a dynamic slice and update when every rank
+moves the same number of rows, else a row gather and a scatter that drops the padding.
+No rank ever holds more of a table than its blocks of the source and the destination plus
+one shift's pieces in flight, so a whole table is never gathered onto one device (unless
+the destination is replicated, as data-parallel tables are).
 
 >>> import jax, numpy as np
 >>> from jax.sharding import Mesh
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -69,46 +74,108 @@ def move(
     return dict(zip(sorted(targets), outs, strict=True))
 
 
-def _switch(rank, n: int, branch, *operands):
-    """``branch(r, *operands)`` for the static ``r`` equal to the traced ``rank``."""
-    if n == 1:
-        return branch(0, *operands)
-    return jax.lax.switch(rank, [functools.partial(branch, r) for r in range(n)], *operands)
+@dataclass(frozen=True)
+class _Slot:
+    """The ``j``-th copy of one kind (source, destination, columns) that each rank sends
+    at one shift: per sending rank its source row, destination row and row count (0: that
+    rank sends nothing in this slot); ``width`` rows travel."""
+
+    src: str
+    dst: str
+    src_col: int
+    dst_col: int
+    cols: int
+    src_row: tuple[int, ...]
+    dst_row: tuple[int, ...]
+    rows: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return max(self.rows)
+
+    @property
+    def even(self) -> bool:
+        """Every rank sends ``width`` rows: contiguous slices suffice."""
+        return min(self.rows) == self.width
+
+
+def _slots(copies: list[Copy], n: int) -> list[_Slot]:
+    kinds: dict[tuple, list[list[Copy]]] = {}
+    for c in copies:
+        key = (c.src, c.dst, c.src_col, c.dst_col, c.cols)
+        kinds.setdefault(key, [[] for _ in range(n)])[c.src_rank].append(c)
+    slots = []
+    for (src, dst, src_col, dst_col, cols), per_rank in sorted(kinds.items()):
+        for r in range(n):
+            per_rank[r].sort(key=lambda c: -c.rows)
+        for j in range(max(len(cs) for cs in per_rank)):
+            picked = [cs[j] if j < len(cs) else None for cs in per_rank]
+            slots.append(
+                _Slot(
+                    src,
+                    dst,
+                    src_col,
+                    dst_col,
+                    cols,
+                    tuple(c.src_row if c else 0 for c in picked),
+                    tuple(c.dst_row if c else 0 for c in picked),
+                    tuple(c.rows if c else 0 for c in picked),
+                )
+            )
+    return slots
+
+
+def _at(table: tuple[int, ...], rank) -> jax.Array:
+    """``table[rank]`` for a traced ``rank``: a constant lookup, not a branch."""
+    return jnp.asarray(np.asarray(table, np.int32))[rank]
+
+
+def _read(x: jax.Array, slot: _Slot, rank) -> jax.Array:
+    """The ``[width, cols]`` block ``rank`` sends in ``slot`` (rows past its count are
+    whatever the clamped read finds; the receiver drops them)."""
+    start = _at(slot.src_row, rank)
+    if slot.even:
+        return jax.lax.dynamic_slice(x, (start, slot.src_col), (slot.width, slot.cols))
+    rows = jnp.clip(start + jnp.arange(slot.width, dtype=jnp.int32), 0, x.shape[0] - 1)
+    return x[rows, slot.src_col : slot.src_col + slot.cols]
+
+
+def _write(buf: jax.Array, slot: _Slot, sender, piece: jax.Array) -> jax.Array:
+    """``buf`` with the first ``slot.rows[sender]`` rows of ``piece`` written in."""
+    start = _at(slot.dst_row, sender)
+    piece = piece.astype(buf.dtype)
+    if slot.even:
+        return jax.lax.dynamic_update_slice(buf, piece, (start, slot.dst_col))
+    offset = jnp.arange(slot.width, dtype=jnp.int32)
+    rows = jnp.where(offset < _at(slot.rows, sender), start + offset, buf.shape[0])
+    return buf.at[rows, slot.dst_col : slot.dst_col + slot.cols].set(piece, mode="drop")
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(copies, source_specs, target_items, mesh, axis):
     n = mesh.shape[axis]
     names = [name for name, _ in source_specs]
-    targets = dict(target_items)
-    # one exchange per (shift, dtype): every destination array of that dtype shares it
-    batches: dict[tuple[int, str], list[Copy]] = {}
+    by_shift: dict[int, list[Copy]] = {}
     for c in copies:
-        key = ((c.dst_rank - c.src_rank) % n, targets[c.dst].dtype)
-        batches.setdefault(key, []).append(c)
+        by_shift.setdefault((c.dst_rank - c.src_rank) % n, []).append(c)
+    plan = {shift: _slots(cs, n) for shift, cs in sorted(by_shift.items())}
 
     def body(*locals_):
         src = {
             name: x[:, None] if x.ndim == 1 else x for name, x in zip(names, locals_, strict=True)
         }
-        rank = jax.lax.axis_index(axis) if n > 1 else 0
+        rank = jax.lax.axis_index(axis) if n > 1 else jnp.int32(0)
         bufs = {name: jnp.zeros((t.rows, t.cols), t.dtype) for name, t in target_items}
-        for (shift, dtype), batch in sorted(batches.items()):
-            touched = tuple(dict.fromkeys(c.dst for c in batch))
-            cols = max(targets[name].cols for name in touched)
-            new = _exchange(
-                src,
-                tuple(bufs[t] for t in touched),
-                touched,
-                batch,
-                shift,
-                rank,
-                n,
-                axis,
-                dtype,
-                cols,
-            )
-            bufs.update(zip(touched, new, strict=True))
+        for shift, slots in plan.items():
+            pieces = tuple(_read(src[s.src], s, rank) for s in slots)
+            sender = rank
+            if shift:
+                senders = sorted({c.src_rank for c in by_shift[shift]})
+                pairs = [(r, (r + shift) % n) for r in senders]
+                pieces = jax.lax.ppermute(pieces, axis, pairs)
+                sender = (rank - shift) % n
+            for s, piece in zip(slots, pieces, strict=True):
+                bufs[s.dst] = _write(bufs[s.dst], s, sender, piece)
         return tuple(bufs[name][:, 0] if t.ndim == 1 else bufs[name] for name, t in target_items)
 
     def _spec(replicated):
@@ -118,58 +185,7 @@ def _compiled(copies, source_specs, target_items, mesh, axis):
         body,
         mesh=mesh,
         in_specs=tuple(_spec(rep) for _, rep in source_specs),
-        out_specs=tuple(_spec(targets[name].replicated) for name, _ in target_items),
+        out_specs=tuple(_spec(t.replicated) for _, t in target_items),
         check_vma=False,
     )
     return jax.jit(smap)
-
-
-def _piece(src, c: Copy):
-    return src[c.src][c.src_row : c.src_row + c.rows, c.src_col : c.src_col + c.cols]
-
-
-def _exchange(src, bufs, names, batch, shift, rank, n, axis, dtype, cols):
-    """``bufs`` (the arrays ``names``) with the copies of one shift written in: local
-    slices when the shift is 0, else one ``ppermute`` of a ``[width, cols]`` buffer."""
-    index = {name: i for i, name in enumerate(names)}
-
-    def write(b, c, piece):
-        i = index[c.dst]
-        rows = slice(c.dst_row, c.dst_row + c.rows)
-        b = list(b)
-        b[i] = b[i].at[rows, c.dst_col : c.dst_col + c.cols].set(piece.astype(b[i].dtype))
-        return tuple(b)
-
-    if shift == 0:
-
-        def local(r, b):
-            for c in (c for c in batch if c.dst_rank == r):
-                b = write(b, c, _piece(src, c))
-            return b
-
-        return _switch(rank, n, local, bufs)
-
-    sent = {r: [c for c in batch if c.src_rank == r] for r in range(n)}
-    width = max(sum(c.rows for c in cs) for cs in sent.values())
-
-    def pack(r):
-        out = jnp.zeros((width, cols), dtype)
-        top = 0
-        for c in sent[r]:
-            piece = _piece(src, c).astype(dtype)
-            out = out.at[top : top + c.rows, c.dst_col : c.dst_col + c.cols].set(piece)
-            top += c.rows
-        return out
-
-    send = _switch(rank, n, pack)
-    pairs = [(r, (r + shift) % n) for r in range(n) if sent[r]]
-    recv = jax.lax.ppermute(send, axis, pairs)
-
-    def unpack(d, b, got):
-        top = 0
-        for c in sent[(d - shift) % n]:
-            b = write(b, c, got[top : top + c.rows, c.dst_col : c.dst_col + c.cols])
-            top += c.rows
-        return b
-
-    return _switch(rank, n, unpack, bufs, recv)
