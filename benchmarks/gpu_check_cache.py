@@ -25,7 +25,9 @@ through a NumPy-to-``pinned_host`` put, from a ``pinned_host`` array written in 
 torch page-locked memory; back to the host into NumPy and into ``pinned_host``), reports
 per-step hits, misses, evictions and unique rows, the hit rate (hits / unique rows, steady
 state) and every median, to ``gpu_check_cache.json`` in ``--out`` (default ``$OUT``).
-``--dists zipf`` re-runs the skewed case alone (about a minute less).
+``--dists zipf`` re-runs the skewed case alone (about a minute less). ``--trace DIR`` runs
+the sequential steps under the profiler and adds the busiest kernels and host calls of
+each device stream and thread (``benchmarks.trace_summary``) to the report.
 
 ``--capacity-gb G`` instead trains tables totalling at least G GB of fp32 weights (tables of
 ``--rows x --dim``; 30 x 10M x 128 = 154 GB for G = 150) for ``--steps`` steps through the
@@ -38,6 +40,7 @@ and checks it bit for bit. Tiny flags run on a CPU (the tests do).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -52,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrec
+from benchmarks.trace_summary import summarize, traced
 from jaxrec import tbe
 from jaxrec.tbe.staging import pinned_staging
 
@@ -176,8 +180,9 @@ def _last(cached, caches) -> dict:
     return dict(zip(("hits", "misses", "evictions", "unique"), last, strict=True))
 
 
-def run_variant(cached, hosts, step, batches, g, warmup, steps, name) -> dict:
-    """Warm a fresh cache, then time ``steps`` sequential and ``steps`` pipelined steps."""
+def run_variant(cached, hosts, step, batches, g, warmup, steps, name, trace=None) -> dict:
+    """Warm a fresh cache, then time ``steps`` sequential and ``steps`` pipelined steps
+    (the sequential ones under the profiler when ``trace`` names a folder)."""
     state, caches = cached.init()
     cached.hosts = hosts
     start = time.perf_counter()
@@ -192,16 +197,22 @@ def run_variant(cached, hosts, step, batches, g, warmup, steps, name) -> dict:
         parts.clear()
     rows, prefetch_s, step_s = [], [], []
     cached.profile = True  # each stage waited for: device time lands in its stage
-    for ids, offsets in batches[warmup : warmup + steps]:
-        start = time.perf_counter()
-        ready = cached.prefetch(state, caches, ids, offsets)
-        jax.block_until_ready(ready.state)
-        prefetch_s.append(time.perf_counter() - start)
-        caches, offsets = ready.caches, jax.block_until_ready(jnp.asarray(offsets))
-        start = time.perf_counter()
-        state = jax.block_until_ready(step(ready.state, ready.indices, offsets, g))
-        step_s.append(time.perf_counter() - start)
-        rows.append(_last(cached, caches))
+
+    def sequential(state, caches):
+        for ids, offsets in batches[warmup : warmup + steps]:
+            start = time.perf_counter()
+            ready = cached.prefetch(state, caches, ids, offsets)
+            jax.block_until_ready(ready.state)
+            prefetch_s.append(time.perf_counter() - start)
+            caches, offsets = ready.caches, jax.block_until_ready(jnp.asarray(offsets))
+            start = time.perf_counter()
+            state = jax.block_until_ready(step(ready.state, ready.indices, offsets, g))
+            step_s.append(time.perf_counter() - start)
+            rows.append(_last(cached, caches))
+        return state, caches
+
+    run = functools.partial(sequential, state, caches)
+    state, caches = traced(run, trace) if trace else run()
     cached.profile = False
     result = {
         "sequential_ms": _ms([a + b for a, b in zip(prefetch_s, step_s, strict=True)]),
@@ -211,6 +222,8 @@ def run_variant(cached, hosts, step, batches, g, warmup, steps, name) -> dict:
         **stage_times(cached, prefetch_s),
         "per_step": rows,
     }
+    if trace:
+        result["trace"] = summarize(trace)
     hits = sum(r["hits"] for r in rows)
     result["hit_rate"] = hits / max(1, sum(r["unique"] for r in rows))
     log(f"{name} sequential: {json.dumps({k: v for k, v in result.items() if k != 'per_step'})}")
@@ -326,7 +339,10 @@ def run(args) -> dict:
             cap = UNIFORM_WARMUP_QUICK if args.quick else UNIFORM_WARMUP
             warmup = args.warmup if dist == "zipf" else min(args.warmup, cap)
             try:
-                out = run_variant(cached, hosts, step, batches[dist], g, warmup, args.steps, name)
+                trace = os.path.join(args.trace, f"{dist}_{variant}") if args.trace else None
+                out = run_variant(
+                    cached, hosts, step, batches[dist], g, warmup, args.steps, name, trace
+                )
             except ValueError as error:  # e.g. no in-place pinned_host staging on this device
                 log(f"{name}: skipped ({error})")
                 result[variant] = {"error": str(error)}
@@ -440,6 +456,10 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint-dir", default="/tmp/jaxrec_capacity_ckpt")
     parser.add_argument("--checkpoint-gb", type=float, default=40.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument(
+        "--trace", default=None,
+        help="profile the sequential steps into this folder and summarize their kernels",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for dist in args.dists.split(","):
         if dist not in ("zipf", "uniform"):

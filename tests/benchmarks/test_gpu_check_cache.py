@@ -93,3 +93,14 @@ def test_batches_have_a_fixed_capacity_and_ids_in_range():
             assert ids.min() >= 0 and ids.max() < 50 and offsets[-1] <= ids.shape[0]
             np.testing.assert_array_equal(ids, ids2)
             np.testing.assert_array_equal(offsets, offsets2)
+
+
+def test_trace_summarizes_the_kernels_of_the_sequential_steps(tmp_path):
+    argv = [*TINY.split(), "--dists", "zipf", "--variants", "numpy", "--out", str(tmp_path),
+            "--trace", str(tmp_path / "trace")]  # fmt: skip
+    assert gpu_check_cache.main(argv) == 0
+    report = json.loads((tmp_path / "gpu_check_cache.json").read_text())
+    trace = report["results"]["zipf"]["numpy"]["trace"]
+    names = [e["name"] for events in trace.values() for e in events]
+    assert any("sequential" in name for name in names)  # the traced loop on the host
+    assert all(e["ms"] >= 0 and e["count"] >= 1 for events in trace.values() for e in events)
