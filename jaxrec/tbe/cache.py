@@ -218,14 +218,19 @@ def sorted_unique(rows: jax.Array, fill: int) -> tuple[jax.Array, jax.Array, jax
     return uniq, inverse, starts[1:] - starts[:-1]
 
 
-def _metrics(layout: CacheLayout, uniq, real, hit, miss, evicting):
-    # A one-hot reduction over the few tables: a segment sum would be a scatter-add of N
-    # updates onto a handful of counters (atomics all hitting the same addresses on a GPU).
-    offsets = jnp.asarray(layout.table_offsets)
-    table = jnp.searchsorted(offsets, uniq, side="right") - 1
-    one_hot = (table[:, None] == jnp.arange(len(layout.table_offsets))) & real[:, None]
+def _metrics(layout: CacheLayout, uniq, hit, miss, evicting, real):
+    """Per table of the group: hits, misses, evictions and unique rows of this batch.
+
+    ``uniq`` is sorted, so each table's rows form one run: a table's counts are the
+    difference of the running sums at its run's ends. (No scatter-add of N updates onto a
+    handful of counters, which serializes on a GPU, and no integer matrix product, which
+    XLA's GPU backend runs as a slow loop: 67 ms for 2.6M positions on an H200.)
+    """
     columns = jnp.stack([hit, miss, evicting, real], axis=1).astype(jnp.int32)  # [N, 4]
-    return jnp.einsum("nt,nc->tc", one_hot.astype(jnp.int32), columns)
+    running = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), jnp.cumsum(columns, axis=0)])
+    starts = jnp.searchsorted(uniq, jnp.asarray(layout.table_offsets, uniq.dtype), side="left")
+    ends = jnp.concatenate([starts[1:], jnp.full((1,), uniq.shape[0], starts.dtype)])
+    return running[ends] - running[starts]
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "batch_size"))
@@ -317,7 +322,7 @@ def assign(
     no_evict = jnp.full((n,), -1, jnp.int32)
     evict_rows = no_evict.at[evict_at].set(old_tag, mode="drop", unique_indices=True)
     evict_slots = no_evict.at[evict_at].set(slot_u, mode="drop", unique_indices=True)
-    last = _metrics(layout, uniq, real, hit, miss, evicting)
+    last = _metrics(layout, uniq, hit, miss, evicting, real)
     new_state = CacheState(
         tags=tags,
         stamps=stamps,

@@ -157,3 +157,36 @@ def test_sorted_unique_matches_jnp_unique_and_counts_runs():
     ref, ref_inv = jnp.unique(rows, size=8, fill_value=11, return_inverse=True)
     assert uniq.tolist() == ref.tolist() and inverse.tolist() == ref_inv.reshape(-1).tolist()
     assert runs.tolist() == [2, 3, 1, 2, 0, 0, 0, 0]
+
+
+def test_per_table_metrics_match_a_numpy_count_over_many_tables():
+    """Six tables (one never read, one with bad ids), two batches: per table, unique rows
+    are NumPy's count of distinct valid ids, hits plus misses are the unique rows, and the
+    second batch hits exactly the rows the first one cached (the cache holds them all)."""
+    rows = (7, 30, 1, 12, 50, 9)
+    starts = tuple(int(x) for x in np.cumsum((0,) + rows[:-1]))
+    layout = CacheLayout(
+        num_rows=sum(rows),
+        sets=4,
+        ways=40,
+        features=tuple((t, starts[t], r) for t, r in enumerate(rows)),
+        table_offsets=starts,
+    )
+    rng = np.random.default_rng(3)
+    state, seen = layout.init(), [set() for _ in rows]
+    for _ in range(2):
+        lengths = [0 if t == 2 else int(rng.integers(1, 25)) for t in range(len(rows))]
+        ids = [rng.integers(-2 if t == 3 else 0, rows[t] + (3 if t == 3 else 0), n)
+               for t, n in enumerate(lengths)]  # fmt: skip
+        offsets = jnp.asarray(np.cumsum([0, *lengths]), jnp.int32)
+        state, _ = assign(
+            layout, state, jnp.asarray(np.concatenate(ids), jnp.int32), offsets,
+            jnp.full((1,), -1), batch_size=1,
+        )  # fmt: skip
+        last = np.asarray(state.last)
+        for t, table_ids in enumerate(ids):
+            valid = {int(i) for i in table_ids if 0 <= i < rows[t]}
+            hits, misses, evictions, unique = last[t]
+            assert (unique, hits + misses, evictions) == (len(valid), len(valid), 0), t
+            assert hits == len(valid & seen[t]), t
+            seen[t] |= valid
