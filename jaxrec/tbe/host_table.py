@@ -41,7 +41,7 @@ import numpy as np
 __all__ = ["HostTable", "Field"]
 
 Field = tuple[str, int, int, np.dtype, tuple[int, ...]]  # key, byte start, stop, dtype, tail
-_BLOCK_ROWS = 1 << 14  # rows per thread task of a gather or scatter
+_MIN_BLOCK_ROWS = 1 << 11  # fewest rows per thread task of a gather or scatter
 
 
 def _layout(dim: int, dtype: np.dtype, state: dict[str, tuple[tuple[int, ...], np.dtype]]):
@@ -63,7 +63,7 @@ class HostTable:
     Args:
       weight: the group's stacked table ``[R, D]`` (copied into the records).
       state: the optimizer's state arrays, each with leading dim ``R`` (``{}`` for SGD).
-      threads: threads of :meth:`gather` / :meth:`scatter` (default: up to 8 of the CPUs).
+      threads: threads of :meth:`gather` / :meth:`scatter` (default: up to 16 of the CPUs).
 
     :meth:`zeros` makes one without a source (zero-filled by the OS as pages are first
     touched, so a large table costs nothing until it is written).
@@ -118,7 +118,7 @@ class HostTable:
             views[key] = view[:, 0] if tail == () else view.reshape(rows, *tail)
         self.weight = views.pop("weight")
         self.state = views
-        self._threads = threads or min(8, os.cpu_count() or 1)
+        self._threads = threads or min(16, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -126,14 +126,17 @@ class HostTable:
         return int(self.packed.shape[0])
 
     def _blocks(self, count: int, work) -> None:
-        starts = range(0, count, _BLOCK_ROWS)
-        if self._threads == 1 or count <= _BLOCK_ROWS:
+        """``work(start, stop)`` over ``[0, count)`` in one equal block per thread (blocks of
+        at least ``_MIN_BLOCK_ROWS`` rows), so no thread is left with a second round."""
+        size = max(_MIN_BLOCK_ROWS, -(-count // self._threads))
+        starts = range(0, count, size)
+        if self._threads == 1 or count <= size:
             for start in starts:
-                work(start, min(start + _BLOCK_ROWS, count))
+                work(start, min(start + size, count))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads)
-        list(self._pool.map(lambda s: work(s, min(s + _BLOCK_ROWS, count)), starts))
+        list(self._pool.map(lambda s: work(s, min(s + size, count)), starts))
 
     def gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Copy the records of ``rows`` into ``out[:len(rows)]`` (``[>= n, row_bytes]`` uint8,

@@ -24,7 +24,7 @@ def test_records_are_aligned_views_of_weights_and_state():
 
 def test_threaded_gather_and_scatter_span_several_blocks():
     table, weight, state = _table()
-    rows = np.random.default_rng(1).permutation(40_000)[: 3 * host_table._BLOCK_ROWS + 5]
+    rows = np.random.default_rng(1).permutation(40_000)[: 3 * host_table._MIN_BLOCK_ROWS + 5]
     rows[7] = -1  # a placeholder: reads row 0
     out = np.empty((len(rows) + 3, table.row_bytes), np.uint8)
     table.gather(rows, out)
