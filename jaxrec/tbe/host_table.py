@@ -157,15 +157,24 @@ class HostTable:
         skipped."""
         rows = np.asarray(rows)
         records = np.asarray(records)
-        if records.shape != (len(rows), self.row_bytes):
+        if records.dtype != np.uint8 or records.shape != (len(rows), self.row_bytes):
             raise ValueError(
-                f"records must be [{len(rows)}, {self.row_bytes}] uint8, got {records.shape}"
+                f"records must be [{len(rows)}, {self.row_bytes}] uint8, got "
+                f"{records.dtype} {records.shape}"
             )
+
+        # One void item per record: np.put copies whole records, where a masked row
+        # assignment of the [n, row_bytes] uint8 arrays first copies the kept records.
+        target = self.packed.view(np.dtype((np.void, self.row_bytes))).reshape(-1)
+        source = np.ascontiguousarray(records).view(target.dtype).reshape(-1)
 
         def put(start: int, stop: int) -> None:
             block = rows[start:stop]
-            keep = block >= 0
-            self.packed[block[keep]] = records[start:stop][keep]
+            if block.size and block.min() >= 0:
+                np.put(target, block, source[start:stop])
+            else:
+                keep = block >= 0
+                np.put(target, block[keep], source[start:stop][keep])
 
         self._blocks(len(rows), put)
 

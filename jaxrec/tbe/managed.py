@@ -47,6 +47,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -161,8 +162,9 @@ class CachedTBE:
     counted, as device arrays updated by the prefetch (:meth:`cache_metrics`). ``timings``
     holds, per prefetch, the host seconds of each stage in :data:`TIMED_PARTS`: ``check``,
     ``assign`` (until the miss counts reach the host), ``victims``, ``d2h`` (waiting for the
-    victims' records), ``write_back``, ``gather``, ``h2d``, ``load`` and ``rewrite`` (device
-    stages are dispatch times unless ``profile``).
+    victims' records), ``write_back`` (run on a thread while the missing rows are gathered
+    and loaded, so only its wait unless ``profile``), ``gather``, ``h2d``, ``load`` and
+    ``rewrite`` (device stages are dispatch times unless ``profile``).
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class CachedTBE:
         self._memory_kind = None if staging is not None else staging_memory_kind
         self._pinned: PinnedStaging | None = None
         self.profile = bool(profile)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jaxrec-write-back")
         self._staging: dict[tuple[str, int], list[np.ndarray]] = {}
         self.timings: dict[str, list[float]] = {k: [] for k in TIMED_PARTS}
         plan = op.plan
@@ -472,6 +475,7 @@ class CachedTBE:
         groups = dict(state.groups)
         spent = dict.fromkeys(TIMED_PARTS[3:], 0.0)
         pinned = self._pinned_staging(state)
+        writes = []
         for name, (_, size, out) in pending.sizes.items():
             plan, host = pending.plans[name], self.hosts[name]
             start = time.perf_counter()
@@ -480,7 +484,10 @@ class CachedTBE:
             evicted = host_view(evicted) if pinned is not None else np.asarray(evicted)
             spent["d2h"] += time.perf_counter() - start
             start = time.perf_counter()
-            host.scatter(evict_rows, evicted)
+            if self.profile:
+                host.scatter(evict_rows, evicted)
+            else:  # evicted rows are never missing rows: the write-back overlaps the gather
+                writes.append(self._writer.submit(host.scatter, evict_rows, evicted))
             spent["write_back"] += time.perf_counter() - start
             start = time.perf_counter()
             staged = self._staging_buffer(name, size, host.row_bytes)
@@ -496,6 +503,10 @@ class CachedTBE:
             if self.profile:
                 jax.block_until_ready(groups[name])
             spent["load"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for write in writes:
+            write.result()
+        spent["write_back"] += time.perf_counter() - start
         start = time.perf_counter()
         pairs = tuple((p.slots, p.in_group) for p in pending.plans.values())
         indices = _rewrite(pending.indices, pairs)

@@ -44,5 +44,7 @@ def test_bad_buffers_are_refused():
         table.gather(np.arange(3), np.empty((2, 16), np.uint8))
     with pytest.raises(ValueError, match=r"records must be \[3, 16\]"):
         table.scatter(np.arange(3), np.empty((3, 12), np.uint8))
+    with pytest.raises(ValueError, match=r"records must be \[3, 16\] uint8, got float32"):
+        table.scatter(np.arange(3), np.empty((3, 16), np.float32))
     with pytest.raises(ValueError, match="leading dim must be the table's 10 rows"):
         HostTable(np.zeros((10, 2), np.float32), {"momentum1": np.zeros(9, np.float32)})
