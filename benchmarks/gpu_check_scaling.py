@@ -469,7 +469,10 @@ def scaling(args, devices, record) -> None:
     one_parts["dense_and_optimizer_ms"] = record["one_gpu_dense_ms"]
     record["one_gpu"] = one_parts
 
-    dmp = DistributedModelParallel(model, mesh, plan=plan, ids_per_destination=cap)
+    dmp = DistributedModelParallel(
+        model, mesh, plan=plan, ids_per_destination=cap, comm_dtype=args.comm_dtype
+    )
+    record["comm_dtype"] = args.comm_dtype
     batches = [dmp.shard_batch(b) for b in per_device]
     variables = dmp.init(jax.random.key(0), *batches[0][:2])
     record["plan"] = {name: [s.sharding_type.value, list(s.ranks)] for name, s in plan.items()}
@@ -478,7 +481,7 @@ def scaling(args, devices, record) -> None:
     record["planned_comm_ms"] = (report.comm_seconds * 1e3).tolist()
     spec = ShardedLookupSpec.create(
         layout, tuple(pooling), batch_size=batch, axis="x", backend=args.backend,
-        ids_per_destination=cap,
+        ids_per_destination=cap, comm_dtype=args.comm_dtype,
     )  # fmt: skip
     step = dmp.make_train_step(loss_fn, tx)
     state = (variables["params"], dmp.init_optimizer(tx, variables["params"]))
@@ -669,6 +672,10 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=None, help="devices to use (default: all)")
     parser.add_argument("--link-mbytes", type=float, default=256.0)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--comm-dtype", default=None, choices=("bfloat16", "float16"),
+        help="--mode scaling: pooled outputs and their gradients travel in 16 bits",
+    )  # fmt: skip
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument(
         "--headroom", type=float, default=1.1,

@@ -50,12 +50,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CollectionSharding:
-    """One collection's placement: its :class:`ShardedLayout` over mesh axis ``axis``, and
-    the input all-to-all's ``ids_per_destination`` (None: the exact bound)."""
+    """One collection's placement: its :class:`ShardedLayout` over mesh axis ``axis``, the
+    input all-to-all's ``ids_per_destination`` (None: the exact bound) and the dtype the
+    pooled outputs and their gradients travel in (``comm_dtype``, None: their own; see
+    :meth:`ShardedLookupSpec.create`)."""
 
     layout: ShardedLayout
     axis: str
     ids_per_destination: int | None = None
+    comm_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ def sharded_collection_lookup(module: Any, features: Any, weights: jax.Array | N
         backend=module.backend,
         bounds_check=mode,
         ids_per_destination=sharding.ids_per_destination,
+        comm_dtype=sharding.comm_dtype,
     )
     out, bad = sharded_lookup(spec, params, features.values(), features.offsets(), weights)
     if module.output_dtype is not None:

@@ -79,6 +79,7 @@ from jaxrec.parallel.convert import (
 )
 from jaxrec.parallel.layout import ShardedLayout
 from jaxrec.parallel.planner import EmbeddingShardingPlanner
+from jaxrec.parallel.sharded_lookup import COMM_DTYPES
 from jaxrec.parallel.types import ShardingPlan
 
 __all__ = ["DistributedModelParallel"]
@@ -133,6 +134,10 @@ class DistributedModelParallel:
         on a device, which moves mostly padding. Ids past it are dropped and counted as
         bad ids (FATAL raises); derive one with
         :func:`jaxrec.parallel.input_dist.destination_capacity`.
+      comm_dtype: ``"bfloat16"`` or ``"float16"``: the pooled outputs of sharded tables
+        and their gradients travel in 16 bits (TorchRec's quantized communication; half
+        the bytes of the output and gradient distribution, rounded to 16 bits). None
+        (default): in the lookup's dtype, equal to the single-device model.
 
     The collections are found on the first call that sees a batch (:meth:`init`,
     :meth:`place`); :attr:`plans` and :attr:`layouts` then hold what was chosen.
@@ -146,6 +151,7 @@ class DistributedModelParallel:
         plan: ShardingPlan | Mapping[str, ShardingPlan] | EmbeddingShardingPlanner,
         axis: str | None = None,
         ids_per_destination: int | Mapping[str, int] | None = None,
+        comm_dtype: str | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be a Flax module, got {type(module).__name__}")
@@ -167,6 +173,11 @@ class DistributedModelParallel:
             )
         self.module, self.mesh, self.axis, self._plan = module, mesh, axis, plan
         self._ids_per_destination = ids_per_destination
+        if comm_dtype is not None and str(comm_dtype) not in COMM_DTYPES:
+            raise ValueError(
+                f"comm_dtype must be None or one of {list(COMM_DTYPES)}, got {comm_dtype!r}"
+            )
+        self.comm_dtype = None if comm_dtype is None else str(comm_dtype)
         self.num_devices = int(mesh.shape[axis])
         self.shardings: dict[Path, CollectionSharding] = {}
         self.collections: dict[Path, nn.Module] = {}
@@ -223,7 +234,7 @@ class DistributedModelParallel:
                 table_optimizers=collection.table_optimizers,
             )
             self.shardings[path] = CollectionSharding(
-                layout, self.axis, self._capacity_for(path, record)
+                layout, self.axis, self._capacity_for(path, record), self.comm_dtype
             )
             keys = ("params", *path, collection.PARAMS_NAME)
             specs = _replace(specs, keys, partition_specs(layout, self.axis))

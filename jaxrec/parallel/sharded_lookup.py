@@ -66,12 +66,16 @@ from jaxrec.parallel.input_dist import bags_of_positions, compact, route, routin
 from jaxrec.parallel.layout import ShardedLayout
 
 __all__ = [
+    "COMM_DTYPES",
     "ShardedLookupSpec",
     "distribute_input",
     "distribute_output",
     "owner_lookup",
     "sharded_lookup",
 ]
+
+
+COMM_DTYPES = ("bfloat16", "float16")  # ShardedLookupSpec.create's comm_dtype
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class ShardedLookupSpec:
     backend: str
     bounds_check: str
     ids_per_destination: int | None = None  # None: the exact bound (see input_dist)
+    comm_dtype: str | None = None  # pooled outputs and their gradients travel in it
 
     @classmethod
     def create(
@@ -97,6 +102,7 @@ class ShardedLookupSpec:
         backend: str = "auto",
         bounds_check: BoundsCheckMode | str = BoundsCheckMode.WARNING,
         ids_per_destination: int | None = None,
+        comm_dtype: str | None = None,
     ) -> ShardedLookupSpec:
         """The spec of a lookup of ``layout`` for local KJTs with ``kjt_keys`` and stride
         ``batch_size``, inside ``shard_map`` over mesh axis ``axis``.
@@ -105,7 +111,13 @@ class ShardedLookupSpec:
         input all-to-all's buffers; :func:`jaxrec.parallel.input_dist.destination_capacity`
         derives one from pooling factors); ids past it are dropped and counted as bad ids
         (FATAL raises). ``None``: the exact bound, local capacity x the most shards of one
-        table on a device, which never drops an id."""
+        table on a device, which never drops an id.
+
+        ``comm_dtype``: ``"bfloat16"`` or ``"float16"`` to send the owners' pooled outputs
+        (and, in the backward, their gradients) in 16 bits, as TorchRec's quantized
+        communication does: half the bytes of the output and gradient distribution, with
+        16-bit rounding of what travels (row-split partial sums are also added in 16 bits).
+        ``None`` (default): the lookup's own dtype, the single-device numbers exactly."""
         keys = tuple(kjt_keys)
         missing = [name for name, _ in layout.features if name not in keys]
         if missing:
@@ -124,7 +136,13 @@ class ShardedLookupSpec:
                 f"ids_per_destination must be a positive int or None, got {ids_per_destination!r}"
             )
         cap = None if ids_per_destination is None else int(ids_per_destination)
-        return cls(layout, keys, int(batch_size), axis, backend, mode.value, cap)
+        if comm_dtype is not None:
+            comm_dtype = str(comm_dtype)
+            if comm_dtype not in COMM_DTYPES:
+                raise ValueError(
+                    f"comm_dtype must be None or one of {list(COMM_DTYPES)}, got {comm_dtype!r}"
+                )
+        return cls(layout, keys, int(batch_size), axis, backend, mode.value, cap, comm_dtype)
 
     # ---- static routing tables -----------------------------------------------------------
 
@@ -349,6 +367,8 @@ def distribute_output(spec: ShardedLookupSpec, owner_out, offsets, dp_out=None):
     if owner_out is not None:
         out = _take_columns(owner_out, perm).reshape(batch, layout.num_devices, width_a + width_r)
         out = out.transpose(1, 0, 2)
+        if spec.comm_dtype is not None:  # its transpose casts the gradients the same way
+            out = out.astype(spec.comm_dtype)
         if width_a:
             back = jax.lax.all_to_all(out[:, :, :width_a], axis, 0, 0)
             parts.append(back.transpose(1, 0, 2).reshape(batch, -1))
@@ -359,6 +379,8 @@ def distribute_output(spec: ShardedLookupSpec, owner_out, offsets, dp_out=None):
             f"dp_out must be given exactly when the layout has data-parallel tables "
             f"({list(layout.dp_tables)})"
         )
+    if spec.comm_dtype is not None:
+        parts = [part.astype(owner_out.dtype) for part in parts]
     if dp_out is not None:
         parts.append(dp_out)
     dtype = jnp.result_type(*parts)

@@ -3,12 +3,23 @@ capacity run (planner refusal on one device, three fused steps on two) and the c
 
 import json
 
+import pytest
+
 from benchmarks.gpu_check_scaling import main
 
 
-def test_cpu_mode_measures_scaling_and_capacity(tmp_path):
-    assert main(["--small", "--quick", "--out", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "gpu_check_scaling.json").read_text())
+def _scaling_run(out, *flags) -> dict:
+    assert main(["--small", "--quick", *flags, "--out", str(out)]) == 0
+    return json.loads((out / "gpu_check_scaling.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory):
+    return _scaling_run(tmp_path_factory.mktemp("float32"))
+
+
+def test_cpu_mode_measures_scaling_and_capacity(float32_run, tmp_path):
+    record = float32_run
     assert record["devices"] == 2 and len(record["plan"]) == 26
     parts = record["sharded"]
     timed = ("input_dist_ms", "owner_lookup_forward_ms", "output_dist_ms", "gradient_dist_ms")
@@ -54,3 +65,12 @@ def test_cpu_mode_saves_and_restores_a_sharded_checkpoint_bitwise(tmp_path):
     assert record["save_s"] > 0 and record["restore_s"] > 0
     assert record["checkpoint_gbytes_on_disk"] > 0.9 * record["table_gbytes"]
     assert not any(folder.iterdir())  # the checkpoint is removed after the check
+
+
+def test_16_bit_communication_halves_the_output_and_gradient_bytes(float32_run, tmp_path):
+    half = _scaling_run(tmp_path, "--comm-dtype", "float16")
+    assert half["comm_dtype"] == "float16" and float32_run["comm_dtype"] is None
+    for key in ("output_dist_collective_bytes", "gradient_dist_collective_bytes"):
+        assert 2 * half["sharded"][key] == float32_run["sharded"][key], key
+    key = "input_dist_collective_bytes"
+    assert half["sharded"][key] == float32_run["sharded"][key]

@@ -201,6 +201,23 @@ def test_forward_equals_one_device_and_outputs_follow_the_batch():
     np.testing.assert_allclose(got, model().apply(first, *whole[:2]), rtol=1e-6, atol=1e-7)
 
 
+def test_16_bit_communication_is_close_to_one_device_but_rounded():
+    """comm_dtype="bfloat16": the sharded model's output is the one-device output to
+    bfloat16 rounding of what travels (not bit-equal: the rounding happened)."""
+    local, whole = batches(7)
+    first = model().init(jax.random.key(0), *whole[:2])
+    want = np.asarray(model().apply(first, *whole[:2]))
+    dmp = DistributedModelParallel(
+        model(), mesh(), plan={"sparse_arch": HAND_PLAN}, comm_dtype="bfloat16"
+    )
+    dense, kjt, _ = dmp.shard_batch(local)
+    got = np.asarray(dmp.apply(dmp.place(first, dense, kjt), dense, kjt))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < err < 2.0**-6
+    with pytest.raises(ValueError, match="comm_dtype must be None or one of"):
+        DistributedModelParallel(model(), mesh(), plan=HAND_PLAN, comm_dtype="float8")
+
+
 def test_sequence_collection_rows_equal_one_device_per_device():
     configs = [
         EmbeddingConfig(name=name, embedding_dim=DIM, num_embeddings=rows, feature_names=[k])

@@ -76,3 +76,69 @@ def test_gradient_distribution_gathers_like_its_forward_and_is_the_exact_transpo
     lhs = jnp.vdot(g, fwd(owner, dp, offsets))
     rhs = jnp.vdot(gx, owner) + jnp.vdot(gd, dp)
     np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def _collective_types(jaxpr) -> set[str]:
+    """Dtypes of every all-to-all and reduce-scatter operand in a jaxpr and its sub-jaxprs
+    (the traced program: XLA's CPU compiler widens bfloat16 collectives afterwards)."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("all_to_all", "reduce_scatter"):
+            found |= {str(v.aval.dtype) for v in eqn.invars}
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= _collective_types(inner)
+    return found
+
+
+@pytest.mark.skipif(len(jax.devices()) < N, reason="needs 2 (forced host) devices")
+@pytest.mark.parametrize("comm_dtype", ["bfloat16", "float16"])
+def test_16_bit_communication_sends_outputs_and_gradients_in_16_bits(comm_dtype):
+    """comm_dtype: the all-to-alls and reduce-scatters of both directions carry 16-bit
+    values; the output stays float32 and matches the float32 distribution to 16-bit
+    rounding (and is not identical to it: the rounding happened)."""
+    layout = ShardedLayout.create(TABLES, ShardingPlan(PLAN), N)
+    specs = {
+        dtype: ShardedLookupSpec.create(
+            layout, KEYS, batch_size=B, axis="x", backend="xla", comm_dtype=dtype
+        )
+        for dtype in (None, comm_dtype)
+    }
+    mesh = Mesh(np.array(jax.devices()[:N]), ("x",))
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 4, (N, len(KEYS) * B))
+    offsets = np.concatenate([np.zeros((N, 1), int), np.cumsum(lengths, axis=1)], axis=1)
+    offsets = jnp.asarray(offsets.reshape(-1).astype(np.int32))
+    owner = jnp.asarray(rng.normal(size=(N * B, layout.local_plan.num_columns)), jnp.float32)
+    dp = jnp.asarray(rng.normal(size=(N * B, layout.dp_plan.num_columns)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(N * B, layout.single_plan.num_columns)), jnp.float32)
+    smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+    results = {}
+    for dtype, spec in specs.items():
+
+        def forward(x, d, o, spec=spec):
+            return distribute_output(spec, x, o, d)
+
+        def both(g, x, d, o, forward=forward):
+            out, vjp = jax.vjp(lambda x: forward(x, d, o), x)
+            return out, vjp(g)[0]
+
+        run = jax.jit(smap(both, in_specs=(P("x"),) * 4, out_specs=(P("x"), P("x"))))
+        jaxpr = jax.make_jaxpr(run)(g, owner, dp, offsets).jaxpr
+        results[dtype] = (*run(g, owner, dp, offsets), _collective_types(jaxpr))
+    out32, grad32, types32 = results[None]
+    out16, grad16, types16 = results[comm_dtype]
+    assert types32 == {"float32"} and types16 == {comm_dtype}
+    assert out16.dtype == jnp.float32 and grad16.dtype == jnp.float32
+    tol = 2.0**-7 if comm_dtype == "bfloat16" else 2.0**-10
+    for got, want in ((out16, out32), (grad16, grad32)):
+        err = np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max()
+        assert 0 < err < tol
+
+
+def test_an_unknown_comm_dtype_is_refused():
+    layout = ShardedLayout.create(TABLES, ShardingPlan(PLAN), N)
+    with pytest.raises(ValueError, match=r"comm_dtype must be None or one of \['bfloat16', "):
+        ShardedLookupSpec.create(layout, KEYS, batch_size=B, axis="x", comm_dtype="int8")
