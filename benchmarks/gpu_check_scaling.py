@@ -64,6 +64,7 @@ from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxrec  # noqa: E402
+from benchmarks.trace_summary import summarize, traced  # noqa: E402
 from jaxrec import EmbeddingBagConfig, KeyedJaggedTensor, bench, pad_to_capacity  # noqa: E402
 from jaxrec.models.dlrm import DLRM, MLP, dot_interactions  # noqa: E402
 from jaxrec.parallel import (  # noqa: E402
@@ -233,7 +234,8 @@ def _collective_bytes(jitted, *args) -> int:
     all-gather) in the compiled program of ``jitted(*args)``: the sum of their operands'
     sizes, read from the optimized HLO."""
     text = jitted.lower(*args).compile().as_text()
-    ops = ("all-to-all", "reduce-scatter", "all-reduce", "all-gather", "all-reduce-start")
+    ops = ("all-to-all", "reduce-scatter", "all-reduce", "all-gather", "collective-permute")
+    ops += tuple(f"{op}-start" for op in ops)  # the GPU's asynchronous forms
     total = 0
     for shape, op in re.findall(r"= (\S+(?: \S+)*?) ([a-z][\w-]*)\(", text):
         if op in ops:
@@ -247,7 +249,7 @@ _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16":
               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
 
 
-def _breakdown(dmp, spec, params, kjt, iters) -> dict:
+def _breakdown(dmp, spec, params, kjt, iters, trace=None) -> dict:
     """Each part of the sharded step timed on its own (ms), jitted over the mesh on one
     batch, each on the outputs of the part before: input distribution (route, all-to-alls,
     compact), the owners' forward lookups, the output distribution, the gradient
@@ -312,7 +314,12 @@ def _breakdown(dmp, spec, params, kjt, iters) -> dict:
     first = lambda x: x.addressable_shards[0].data  # noqa: E731
     alone = jax.jit(backward, donate_argnums=(0,))
     alone_args = [tuple(first(x) for x in (values, local_offsets, owner_grad))]
+    traces = {}
+    if trace:  # the input distribution's kernels, three calls under the profiler
+        traced(lambda: [jax.block_until_ready(ind(kjt)) for _ in range(3)], trace)
+        traces["input_dist_trace"] = summarize(trace)
     return {
+        **traces,
         "input_dist_ms": bench.time_op(ind, [(kjt,)], iters=iters),
         "owner_lookup_forward_ms": bench.time_op(own, [(emb, values, local_offsets)], iters=iters),
         "output_dist_ms": bench.time_op(outd, [(owner_out, kjt)], iters=iters),
@@ -485,7 +492,7 @@ def scaling(args, devices, record) -> None:
     )  # fmt: skip
     step = dmp.make_train_step(loss_fn, tx)
     state = (variables["params"], dmp.init_optimizer(tx, variables["params"]))
-    parts = _breakdown(dmp, spec, state[0], batches[0][1], args.iters)
+    parts = _breakdown(dmp, spec, state[0], batches[0][1], args.iters, args.trace)
     parts["dense_and_optimizer_ms"] = _dense_ms(model, tables, dim, batch, args.iters, mesh)
     record["sharded_step_ms"] = _time_stateful(step, state, batches, args.iters)
     timed = ["input_dist_ms", "owner_lookup_forward_ms", "output_dist_ms", "gradient_dist_ms"]
@@ -672,6 +679,11 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=None, help="devices to use (default: all)")
     parser.add_argument("--link-mbytes", type=float, default=256.0)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--trace", default=None,
+        help="--mode scaling: profile the input distribution into this folder and report "
+        "its busiest kernels",
+    )  # fmt: skip
     parser.add_argument(
         "--comm-dtype", default=None, choices=("bfloat16", "float16"),
         help="--mode scaling: pooled outputs and their gradients travel in 16 bits",

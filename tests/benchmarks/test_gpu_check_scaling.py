@@ -68,7 +68,10 @@ def test_cpu_mode_saves_and_restores_a_sharded_checkpoint_bitwise(tmp_path):
 
 
 def test_16_bit_communication_halves_the_output_and_gradient_bytes(float32_run, tmp_path):
-    half = _scaling_run(tmp_path, "--comm-dtype", "float16")
+    half = _scaling_run(tmp_path, "--comm-dtype", "float16", "--trace", str(tmp_path / "t"))
+    kernels = [e for events in half["sharded"]["input_dist_trace"].values() for e in events]
+    assert kernels and all(e["ms"] >= 0 and e["count"] >= 1 for e in kernels)
+    assert "input_dist_trace" not in float32_run["sharded"]
     assert half["comm_dtype"] == "float16" and float32_run["comm_dtype"] is None
     for key in ("output_dist_collective_bytes", "gradient_dist_collective_bytes"):
         assert 2 * half["sharded"][key] == float32_run["sharded"][key], key
