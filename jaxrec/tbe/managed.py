@@ -67,7 +67,7 @@ from jaxrec.tbe.records import gather_records, load_records
 from jaxrec.tbe.staging import PinnedStaging, host_view, pinned_staging
 from jaxrec.tbe.state import TBEState
 
-__all__ = ["CachedTBE", "Prefetched", "PendingPrefetch"]
+__all__ = ["CachedTBE", "CheckedBatch", "Prefetched", "PendingPrefetch"]
 
 DEFAULT_WAYS = 32  # FBGEMM's associativity on NVIDIA GPUs
 # Stages of a prefetch, in order (CachedTBE.timings): input checks, the cache assignment (up
@@ -101,6 +101,15 @@ class Prefetched(NamedTuple):
     caches: dict[str, CacheState]
     indices: jax.Array
     slots: dict[str, jax.Array]
+
+
+class CheckedBatch(NamedTuple):
+    """A batch's checked inputs on the device (:meth:`CachedTBE.check_inputs`): int32
+    ``indices``, ``offsets`` as the lookup reads them, and the batch ``size``."""
+
+    indices: jax.Array
+    offsets: jax.Array
+    size: int
 
 
 @dataclasses.dataclass
@@ -392,22 +401,10 @@ class CachedTBE:
         return out
 
     # Prefetch ---------------------------------------------------------------------------
-    def begin_prefetch(
-        self,
-        state: TBEState,
-        caches: dict[str, CacheState],
-        indices: Any,
-        offsets: Any,
-        locked: dict[str, jax.Array] | None = None,
-    ) -> PendingPrefetch:
-        """Map the batch onto the caches and read the victims' rows (device work only).
-
-        Waits only for the (small) miss counts. A set with more missing rows than free ways
-        raises a ValueError before anything changes. ``locked``: slots per group that must
-        not be evicted (a pipeline's previous batch).
-        """
-        spent = dict.fromkeys(TIMED_PARTS[:3], 0.0)
-        start = time.perf_counter()
+    def check_inputs(self, indices: Any, offsets: Any) -> CheckedBatch:
+        """A batch's inputs checked (bad ids and offsets raise a ValueError naming them) and
+        on the device: the first stage of :meth:`begin_prefetch`, which a pipeline may run
+        ahead of time on another thread (it touches no cache state)."""
         rows = tuple(self.op.embedding_specs[t][0] for t in self.op.feature_table_map)
         inputs = TBEInputs.check(
             indices,
@@ -421,13 +418,36 @@ class CachedTBE:
         checked = _checked(inputs.offsets, inputs.indices.shape[0])
         if self.profile:
             jax.block_until_ready((inputs.indices, checked))
+        return CheckedBatch(inputs.indices, checked, inputs.batch_size)
+
+    def begin_prefetch(
+        self,
+        state: TBEState,
+        caches: dict[str, CacheState],
+        indices: Any,
+        offsets: Any,
+        locked: dict[str, jax.Array] | None = None,
+        *,
+        checked: CheckedBatch | None = None,
+    ) -> PendingPrefetch:
+        """Map the batch onto the caches and read the victims' rows (device work only).
+
+        Waits only for the (small) miss counts. A set with more missing rows than free ways
+        raises a ValueError before anything changes. ``locked``: slots per group that must
+        not be evicted (a pipeline's previous batch). ``checked``: this batch's
+        :meth:`check_inputs`, when already done (``indices`` and ``offsets`` are then not
+        read again).
+        """
+        spent = dict.fromkeys(TIMED_PARTS[:3], 0.0)
+        start = time.perf_counter()
+        batch = self.check_inputs(indices, offsets) if checked is None else checked
         spent["check"] = time.perf_counter() - start
         start = time.perf_counter()
         new_caches, plans, evicted, sizes = dict(caches), {}, {}, {}
         for name, layout in self.layouts.items():
             lock = _NO_LOCK if not locked else locked[name]
             new_caches[name], plans[name] = assign(
-                layout, caches[name], inputs.indices, checked, lock, batch_size=inputs.batch_size
+                layout, caches[name], batch.indices, batch.offsets, lock, batch_size=batch.size
             )
         counts = jax.device_get(
             {n: (p.num_misses, p.num_evictions, p.overflow, p.worst_set) for n, p in plans.items()}
@@ -444,8 +464,8 @@ class CachedTBE:
                     f"{int(worst)}), every way holding a row of this batch or of the batch in "
                     "flight. Raise cache_load_factor or the ways, or split the batch"
                 )
-            size = _bucket(int(misses), inputs.indices.shape[0])
-            out = _bucket(int(evictions), inputs.indices.shape[0])
+            size = _bucket(int(misses), batch.indices.shape[0])
+            out = _bucket(int(evictions), batch.indices.shape[0])
             sizes[name] = (int(misses), size, out)
             host = self.hosts[name]
             records = gather_records(
@@ -466,7 +486,7 @@ class CachedTBE:
         spent["victims"] = time.perf_counter() - start
         for key, seconds in spent.items():
             self.timings[key].append(seconds)
-        return PendingPrefetch(new_caches, inputs.indices, plans, evicted, sizes)
+        return PendingPrefetch(new_caches, batch.indices, plans, evicted, sizes)
 
     def finish_prefetch(self, state: TBEState, pending: PendingPrefetch) -> Prefetched:
         """Write the victims back to host memory, load the missing rows into ``state``'s

@@ -1,7 +1,8 @@
 """A training loop that prefetches the next batch's rows while the current step runs.
 
 :func:`prefetch_pipeline` drives :class:`~jaxrec.tbe.CachedTBE` as TorchRec's prefetch
-pipeline drives FBGEMM's cache: for batch ``n + 1`` it maps the ids onto the caches and
+pipeline drives FBGEMM's cache: batch ``n + 2``'s inputs are checked on a thread while
+step ``n`` runs; for batch ``n + 1`` it maps the ids onto the caches and
 reads the victims' rows *before* dispatching step ``n`` (the victims are never slots of
 batch ``n``: those are locked, as FBGEMM locks them), then, while step ``n`` runs (JAX
 dispatches it asynchronously), writes the victims back to host memory and gathers the
@@ -26,6 +27,7 @@ nothing recompiles per batch, and the tables equal the sequential run's bit for 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jaxrec.tbe.cache import CacheState
@@ -64,17 +66,29 @@ def prefetch_pipeline(
         return state, caches, outputs
     ready = cached.prefetch(state, caches, *indices_and_offsets(current))
     state, caches = ready.state, ready.caches
-    while current is not None:
-        following = next(iterator, None)
-        pending = None
-        if following is not None:
-            pending = cached.begin_prefetch(
-                state, caches, *indices_and_offsets(following), locked=ready.slots
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxrec-input-checks") as checker:
+
+        def check(batch):  # on the thread, while the main thread runs a step and a prefetch
+            return (
+                None
+                if batch is None
+                else checker.submit(cached.check_inputs, *indices_and_offsets(batch))
             )
-        state, output = step(state, ready.indices, current)
-        outputs.append(output)
-        if pending is not None:
-            ready = cached.finish_prefetch(state, pending)
-            state, caches = ready.state, pending.caches
-        current = following
+
+        following = next(iterator, None)
+        checking = check(following)
+        while current is not None:
+            pending = None
+            if following is not None:
+                pending = cached.begin_prefetch(
+                    state, caches, None, None, locked=ready.slots, checked=checking.result()
+                )
+            after = next(iterator, None)
+            checking = check(after)
+            state, output = step(state, ready.indices, current)
+            outputs.append(output)
+            if pending is not None:
+                ready = cached.finish_prefetch(state, pending)
+                state, caches = ready.state, pending.caches
+            current, following = following, after
     return state, caches, outputs

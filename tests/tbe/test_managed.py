@@ -112,6 +112,29 @@ def test_prefetch_pipeline_equals_the_sequential_run():
     _assert_tables_equal(*results)
 
 
+def test_prefetch_pipeline_stops_at_a_bad_batch_after_the_steps_before_it():
+    """Batch 3 holds an id past its table: its inputs are checked ahead on a thread, and
+    the error surfaces when batch 3's prefetch begins, after the steps of batches 0 and 1
+    (as in the one-thread pipeline: the step of batch 2 would come after it)."""
+    host_op, _ = _ops(OptimType.EXACT_ROWWISE_ADAGRAD, cache_load_factor=0.6)
+    batches = _batches(5, seed=5)
+    ids, offsets = batches[3]
+    ids = ids.copy()
+    ids[offsets[B] - 1 if offsets[B] > 0 else 0] = 10_000  # feature 0's last id (or the first)
+    batches[3] = (ids, offsets)
+    cached = tbe.CachedTBE(host_op, ways=10)
+    state, caches = cached.init(seed=0)
+    stepped = []
+
+    def step(state, indices, batch):
+        stepped.append(len(stepped))
+        return state, None
+
+    with pytest.raises(ValueError, match=r"index 10000 at position \d+ is outside \[0, "):
+        tbe.prefetch_pipeline(cached, step, state, caches, batches)
+    assert stepped == [0, 1]
+
+
 def test_flush_and_write_back_lose_nothing():
     host_op, _ = _ops(OptimType.EXACT_SGD, cache_load_factor=0.5)
     cached = tbe.CachedTBE(host_op, ways=10)
