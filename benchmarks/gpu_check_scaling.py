@@ -78,6 +78,7 @@ from jaxrec.parallel import (  # noqa: E402
 )
 from jaxrec.parallel.input_dist import destination_capacity, send_capacity  # noqa: E402
 from jaxrec.parallel.sharded_lookup import (  # noqa: E402
+    COMM_DTYPES,
     distribute_input,
     distribute_output,
     owner_lookup,
@@ -685,7 +686,7 @@ def main(argv=None) -> int:
         "its busiest kernels",
     )  # fmt: skip
     parser.add_argument(
-        "--comm-dtype", default=None, choices=("bfloat16", "float16"),
+        "--comm-dtype", default=None, choices=COMM_DTYPES,
         help="--mode scaling: pooled outputs and their gradients travel in 16 bits",
     )  # fmt: skip
     parser.add_argument("--iters", type=int, default=10)

@@ -79,7 +79,7 @@ from jaxrec.parallel.convert import (
 )
 from jaxrec.parallel.layout import ShardedLayout
 from jaxrec.parallel.planner import EmbeddingShardingPlanner
-from jaxrec.parallel.sharded_lookup import COMM_DTYPES
+from jaxrec.parallel.sharded_lookup import checked_comm_dtype
 from jaxrec.parallel.types import ShardingPlan
 
 __all__ = ["DistributedModelParallel"]
@@ -173,11 +173,7 @@ class DistributedModelParallel:
             )
         self.module, self.mesh, self.axis, self._plan = module, mesh, axis, plan
         self._ids_per_destination = ids_per_destination
-        if comm_dtype is not None and str(comm_dtype) not in COMM_DTYPES:
-            raise ValueError(
-                f"comm_dtype must be None or one of {list(COMM_DTYPES)}, got {comm_dtype!r}"
-            )
-        self.comm_dtype = None if comm_dtype is None else str(comm_dtype)
+        self.comm_dtype = checked_comm_dtype(comm_dtype)
         self.num_devices = int(mesh.shape[axis])
         self.shardings: dict[Path, CollectionSharding] = {}
         self.collections: dict[Path, nn.Module] = {}

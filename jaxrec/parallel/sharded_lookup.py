@@ -68,6 +68,7 @@ from jaxrec.parallel.layout import ShardedLayout
 __all__ = [
     "COMM_DTYPES",
     "ShardedLookupSpec",
+    "checked_comm_dtype",
     "distribute_input",
     "distribute_output",
     "owner_lookup",
@@ -76,6 +77,18 @@ __all__ = [
 
 
 COMM_DTYPES = ("bfloat16", "float16")  # ShardedLookupSpec.create's comm_dtype
+
+
+def checked_comm_dtype(comm_dtype: str | None) -> str | None:
+    """``comm_dtype`` as a dtype name, or a ValueError when it is not None or one of
+    :data:`COMM_DTYPES`."""
+    if comm_dtype is None:
+        return None
+    if str(comm_dtype) not in COMM_DTYPES:
+        raise ValueError(
+            f"comm_dtype must be None or one of {list(COMM_DTYPES)}, got {comm_dtype!r}"
+        )
+    return str(comm_dtype)
 
 
 @dataclass(frozen=True)
@@ -136,13 +149,8 @@ class ShardedLookupSpec:
                 f"ids_per_destination must be a positive int or None, got {ids_per_destination!r}"
             )
         cap = None if ids_per_destination is None else int(ids_per_destination)
-        if comm_dtype is not None:
-            comm_dtype = str(comm_dtype)
-            if comm_dtype not in COMM_DTYPES:
-                raise ValueError(
-                    f"comm_dtype must be None or one of {list(COMM_DTYPES)}, got {comm_dtype!r}"
-                )
-        return cls(layout, keys, int(batch_size), axis, backend, mode.value, cap, comm_dtype)
+        comm = checked_comm_dtype(comm_dtype)
+        return cls(layout, keys, int(batch_size), axis, backend, mode.value, cap, comm)
 
     # ---- static routing tables -----------------------------------------------------------
 

@@ -163,18 +163,17 @@ class HostTable:
                 f"{records.dtype} {records.shape}"
             )
 
-        # One void item per record: np.put copies whole records, where a masked row
-        # assignment of the [n, row_bytes] uint8 arrays first copies the kept records.
+        # One void item per record: np.put copies whole records, and a block without
+        # placeholders goes straight from the buffer (no masked copy of it first).
         target = self.packed.view(np.dtype((np.void, self.row_bytes))).reshape(-1)
         source = np.ascontiguousarray(records).view(target.dtype).reshape(-1)
 
         def put(start: int, stop: int) -> None:
-            block = rows[start:stop]
-            if block.size and block.min() >= 0:
-                np.put(target, block, source[start:stop])
-            else:
-                keep = block >= 0
-                np.put(target, block[keep], source[start:stop][keep])
+            block, records = rows[start:stop], source[start:stop]
+            keep = block >= 0
+            if not keep.all():  # placeholders: copy out only the kept records
+                block, records = block[keep], records[keep]
+            np.put(target, block, records)
 
         self._blocks(len(rows), put)
 
